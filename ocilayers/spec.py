@@ -1,0 +1,394 @@
+"""Pure data of the OCI image spec and Docker's schema 2: digests, descriptors, manifests, configs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ocilayers.errors import ImageError
+
+# --- media types (image-spec media-types.md; Docker registry manifest-v2-2.md) ---
+
+MEDIA_TYPE_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_TYPE_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_TYPE_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_TYPE_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_TYPE_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+# Deprecated since image-spec 1.1, still found in the wild.
+MEDIA_TYPE_OCI_LAYER_ND = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+MEDIA_TYPE_OCI_LAYER_ND_GZIP = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+MEDIA_TYPE_OCI_LAYER_ND_ZSTD = "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+
+MEDIA_TYPE_DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MEDIA_TYPE_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_TYPE_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MEDIA_TYPE_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+MEDIA_TYPE_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+MEDIA_TYPE_DOCKER_LAYER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+
+INDEX_MEDIA_TYPES = frozenset({MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_MANIFEST_LIST})
+MANIFEST_MEDIA_TYPES = frozenset({MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST})
+CONFIG_MEDIA_TYPES = frozenset({MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_DOCKER_CONFIG})
+LAYER_MEDIA_TYPES = frozenset({
+    MEDIA_TYPE_OCI_LAYER, MEDIA_TYPE_OCI_LAYER_GZIP, MEDIA_TYPE_OCI_LAYER_ZSTD,
+    MEDIA_TYPE_OCI_LAYER_ND, MEDIA_TYPE_OCI_LAYER_ND_GZIP, MEDIA_TYPE_OCI_LAYER_ND_ZSTD,
+    MEDIA_TYPE_DOCKER_LAYER, MEDIA_TYPE_DOCKER_LAYER_GZIP, MEDIA_TYPE_DOCKER_LAYER_FOREIGN,
+})
+
+ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
+
+# DiffID of an empty layer: a tar of just the two 512-byte end-of-archive blocks.
+EMPTY_LAYER_DIFF_ID = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
+
+
+# --- digests (image-spec descriptor.md "Digests") ---
+
+_HEX_LEN = {"sha256": 64, "sha512": 128}
+_DIGEST_RE = re.compile(r"^(sha256|sha512):([0-9a-f]+)$")
+
+
+@dataclass(frozen=True, order=True)
+class Digest:
+    """A validated `algorithm:hex` content digest."""
+
+    algorithm: str
+    hex: str
+
+    @classmethod
+    def parse(cls, value: object) -> Digest:
+        if not isinstance(value, str):
+            raise ImageError(f"digest must be a string, got {type(value).__name__}")
+        m = _DIGEST_RE.match(value)
+        if m is None or len(m.group(2)) != _HEX_LEN[m.group(1)]:
+            raise ImageError(f"invalid digest {value!r}")
+        return cls(m.group(1), m.group(2))
+
+    @classmethod
+    def of_bytes(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+    def hasher(self) -> Any:
+        return hashlib.new(self.algorithm)
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+    @property
+    def short(self) -> str:
+        return f"{self.algorithm}:{self.hex[:12]}"
+
+
+def sha256_digest(data: bytes) -> Digest:
+    return Digest.of_bytes(data, "sha256")
+
+
+def chain_ids(diff_ids: Iterable[Digest | str]) -> list[Digest]:
+    """ChainIDs per image-spec config.md: ChainID(L0)=DiffID(L0), ChainID(Ln)=sha256("C(n-1) D(n)")."""
+    out: list[Digest] = []
+    for d in diff_ids:
+        diff = d if isinstance(d, Digest) else Digest.parse(d)
+        if not out:
+            out.append(diff)
+        else:
+            out.append(sha256_digest(f"{out[-1]} {diff}".encode()))
+    return out
+
+
+# --- descriptors, manifests, indexes ---
+
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        parts = text.split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ImageError(f"invalid platform {text!r} (want os/arch[/variant])")
+        return cls(*parts)
+
+    @classmethod
+    def from_json(cls, obj: object) -> Platform | None:
+        if obj is None:
+            return None
+        if not isinstance(obj, dict):
+            raise ImageError("platform must be an object")
+        return cls(str(obj.get("os", "")), str(obj.get("architecture", "")),
+                   str(obj.get("variant", "") or ""))
+
+    def matches(self, other: Platform) -> bool:
+        """Does `other` (what an image declares) satisfy this wanted platform?"""
+        if (self.os, self.architecture) != (other.os, other.architecture):
+            return False
+        return not self.variant or normalize_variant(self) == normalize_variant(other)
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+def normalize_variant(p: Platform) -> str:
+    # containerd's platforms.Normalize: arm64 without a variant means v8.
+    if p.architecture == "arm64" and not p.variant:
+        return "v8"
+    return p.variant
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: Digest
+    size: int
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    platform: Platform | None = None
+    urls: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, obj: object, what: str = "descriptor") -> Descriptor:
+        if not isinstance(obj, dict):
+            raise ImageError(f"{what} must be an object")
+        size = obj.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ImageError(f"{what}: invalid size {size!r}")
+        media_type = obj.get("mediaType", "")
+        if not isinstance(media_type, str):
+            raise ImageError(f"{what}: invalid mediaType")
+        ann = obj.get("annotations") or {}
+        if not isinstance(ann, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in ann.items()
+        ):
+            raise ImageError(f"{what}: annotations must map strings to strings")
+        urls = obj.get("urls") or []
+        return cls(media_type, Digest.parse(obj.get("digest")), size, dict(ann),
+                   Platform.from_json(obj.get("platform")), tuple(str(u) for u in urls))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mediaType": self.media_type, "digest": str(self.digest),
+                               "size": self.size}
+        if self.urls:
+            out["urls"] = list(self.urls)
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        if self.platform is not None:
+            p: dict[str, str] = {"architecture": self.platform.architecture,
+                                 "os": self.platform.os}
+            if self.platform.variant:
+                p["variant"] = self.platform.variant
+            out["platform"] = p
+        return out
+
+
+def load_json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ImageError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ImageError(f"{what} must be a JSON object")
+    return obj
+
+
+def dump_json(obj: object) -> bytes:
+    """Canonical-ish JSON for files we write: sorted keys, no spaces (deterministic)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class Index:
+    media_type: str
+    manifests: tuple[Descriptor, ...]
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data: bytes, what: str = "index") -> Index:
+        obj = load_json(data, what)
+        if obj.get("schemaVersion") != 2:
+            raise ImageError(f"{what}: unsupported schemaVersion {obj.get('schemaVersion')!r}")
+        media_type = obj.get("mediaType") or MEDIA_TYPE_OCI_INDEX
+        if media_type not in INDEX_MEDIA_TYPES:
+            raise ImageError(f"{what}: unexpected mediaType {media_type!r}")
+        items = obj.get("manifests")
+        if not isinstance(items, list):
+            raise ImageError(f"{what}: 'manifests' must be a list")
+        return cls(media_type, tuple(Descriptor.from_json(d, f"{what} entry") for d in items),
+                   dict(obj.get("annotations") or {}))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    media_type: str
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data: bytes, what: str = "manifest") -> Manifest:
+        obj = load_json(data, what)
+        if obj.get("schemaVersion") != 2:
+            raise ImageError(f"{what}: unsupported schemaVersion {obj.get('schemaVersion')!r}")
+        media_type = obj.get("mediaType") or MEDIA_TYPE_OCI_MANIFEST
+        if media_type not in MANIFEST_MEDIA_TYPES:
+            raise ImageError(f"{what}: unexpected mediaType {media_type!r}")
+        layers = obj.get("layers")
+        if not isinstance(layers, list):
+            raise ImageError(f"{what}: 'layers' must be a list")
+        config = Descriptor.from_json(obj.get("config"), f"{what} config")
+        parsed = tuple(Descriptor.from_json(d, f"{what} layer") for d in layers)
+        for d in parsed:
+            if d.media_type not in LAYER_MEDIA_TYPES:
+                raise ImageError(f"{what}: unsupported layer mediaType {d.media_type!r}")
+        return cls(media_type, config, parsed, dict(obj.get("annotations") or {}))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"schemaVersion": 2, "mediaType": self.media_type,
+                               "config": self.config.to_json(),
+                               "layers": [d.to_json() for d in self.layers]}
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        return out
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    created: str | None = None
+    created_by: str | None = None
+    comment: str | None = None
+    author: str | None = None
+    empty_layer: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("created", "created_by", "author", "comment"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.empty_layer:
+            out["empty_layer"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """An image config; `raw` keeps the exact bytes, since the image ID is their digest."""
+
+    raw: bytes
+    data: Mapping[str, Any]
+    diff_ids: tuple[Digest, ...]
+    history: tuple[HistoryEntry, ...]
+
+    @classmethod
+    def parse(cls, raw: bytes, what: str = "image config") -> ImageConfig:
+        obj = load_json(raw, what)
+        rootfs = obj.get("rootfs")
+        if not isinstance(rootfs, dict) or rootfs.get("type") != "layers":
+            raise ImageError(f"{what}: rootfs.type must be 'layers'")
+        ids = rootfs.get("diff_ids")
+        if not isinstance(ids, list):
+            raise ImageError(f"{what}: rootfs.diff_ids must be a list")
+        history_raw = obj.get("history") or []
+        if not isinstance(history_raw, list):
+            raise ImageError(f"{what}: history must be a list")
+        history = []
+        for h in history_raw:
+            if not isinstance(h, dict):
+                raise ImageError(f"{what}: history entries must be objects")
+            history.append(HistoryEntry(
+                created=h.get("created"), created_by=h.get("created_by"),
+                comment=h.get("comment"), author=h.get("author"),
+                empty_layer=bool(h.get("empty_layer", False))))
+        return cls(raw, obj, tuple(Digest.parse(d) for d in ids), tuple(history))
+
+    @property
+    def image_id(self) -> Digest:
+        return sha256_digest(self.raw)
+
+    @property
+    def platform(self) -> Platform:
+        return Platform(str(self.data.get("os", "")), str(self.data.get("architecture", "")),
+                        str(self.data.get("variant", "") or ""))
+
+
+def layer_compression(media_type: str) -> str:
+    """What a layer media type claims; the bytes are sniffed anyway (streams.sniff)."""
+    if media_type.endswith("+gzip") or media_type.endswith(".gzip"):
+        return "gzip"
+    if media_type.endswith("+zstd"):
+        return "zstd"
+    return "none"
+
+
+def oci_layer_media_type(compression: str) -> str:
+    return {"gzip": MEDIA_TYPE_OCI_LAYER_GZIP, "zstd": MEDIA_TYPE_OCI_LAYER_ZSTD,
+            "none": MEDIA_TYPE_OCI_LAYER}[compression]
+
+
+# --- image references (Docker's reference normalisation, distribution/reference) ---
+
+_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+_DIGEST_REF_RE = re.compile(r"@[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[0-9a-fA-F]{32,}$")
+
+
+def is_bare_tag(name: str) -> bool:
+    """An OCI ref.name like `latest` or `l5`: a tag that names no repository."""
+    return "/" not in name and ":" not in name and "@" not in name and bool(_TAG_RE.match(name))
+
+
+def normalize_reference(name: str) -> str:
+    """`docker.io/library/foo:latest` -> `foo:latest`; a missing tag means `:latest`.
+
+    Returns the familiar form Docker prints and stores in repositories.json.
+    """
+    if not name or name != name.strip() or any(c.isspace() for c in name):
+        raise ImageError(f"invalid image reference {name!r}")
+    digest = ""
+    m = _DIGEST_REF_RE.search(name)
+    if m:
+        digest, name = m.group(0), name[: m.start()]
+    repo, tag = name, ""
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        repo, tag = name[:colon], name[colon + 1:]
+        if not _TAG_RE.match(tag):
+            raise ImageError(f"invalid tag in reference {name!r}")
+    if not repo:
+        raise ImageError(f"invalid repository name in reference {name!r}")
+    first, _, rest = repo.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        domain, path = first, rest
+    else:
+        domain, path = "docker.io", repo
+    if domain in ("docker.io", "index.docker.io"):
+        domain = "docker.io"
+        if path.startswith("library/") and path.count("/") == 1:
+            path = path[len("library/"):]
+        familiar = path
+    else:
+        familiar = f"{domain}/{path}"
+    if any(c.isupper() for c in path):
+        raise ImageError(f"repository name must be lowercase in {name!r}")
+    if not tag and not digest:
+        tag = "latest"
+    return familiar + (f":{tag}" if tag else "") + digest
+
+
+def split_reference(ref: str) -> tuple[str, str]:
+    """Normalised `repo:tag` -> (`repo`, `repo:tag`), as repositories.json keys them."""
+    norm = normalize_reference(ref)
+    repo = norm.split("@", 1)[0]
+    slash = repo.rfind("/")
+    colon = repo.rfind(":")
+    if colon > slash:
+        repo = repo[:colon]
+    return repo, norm
+
+
+def sorted_unique(items: Sequence[str]) -> list[str]:
+    return sorted(set(items))

@@ -1,0 +1,272 @@
+"""Byte streams: compression sniffing, (de)compression, and digest-checking readers and writers."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from types import TracebackType
+from typing import IO, Any, BinaryIO, Protocol
+
+import zstandard
+from isal import igzip
+
+from ocilayers.errors import DigestMismatchError, ImageError
+from ocilayers.spec import Digest
+
+CHUNK = 1 << 20  # the unit every stream is read and capped in
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+COMPRESSIONS = ("gzip", "zstd", "none")
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+def sniff(head: bytes) -> str:
+    """Compression of a stream from its first bytes; media types lie (FACTS.md: skopeo)."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    # A zstd stream may begin with skippable frames (magic 0x184D2A5?, little endian).
+    if len(head) >= 4 and head[0] & 0xF0 == 0x50 and head[1:4] == b"\x2a\x4d\x18":
+        return "zstd"
+    return "none"
+
+
+class HashingReader(io.RawIOBase):
+    """Reads through `raw`, counting bytes and hashing them on the way."""
+
+    def __init__(self, raw: Readable, algorithm: str = "sha256", limit: int | None = None,
+                 what: str = "stream") -> None:
+        self._raw = raw
+        self.hash: Any = hashlib.new(algorithm)
+        self.count = 0
+        self._limit = limit
+        self._what = what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self._raw.read(len(b))
+        n = len(data)
+        if n:
+            self.count += n
+            if self._limit is not None and self.count > self._limit:
+                raise DigestMismatchError(
+                    f"{self._what}: size mismatch: expected {self._limit} bytes, got more")
+            self.hash.update(data)
+            b[:n] = data
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            chunks = []
+            while chunk := self.read(CHUNK):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        data = self._raw.read(size)
+        if data:
+            self.count += len(data)
+            if self._limit is not None and self.count > self._limit:
+                raise DigestMismatchError(
+                    f"{self._what}: size mismatch: expected {self._limit} bytes, got more")
+            self.hash.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+def check_digest(what: str, expected: Digest, actual_hex: str) -> None:
+    if expected.hex != actual_hex:
+        raise DigestMismatchError(
+            f"{what}: digest mismatch: expected {expected}, got {expected.algorithm}:{actual_hex}")
+
+
+def check_size(what: str, expected: int, actual: int) -> None:
+    if expected != actual:
+        raise DigestMismatchError(
+            f"{what}: size mismatch: expected {expected} bytes, got {actual}")
+
+
+def read_verified(raw: Readable, digest: Digest, size: int, what: str,
+                  max_size: int = 64 << 20) -> bytes:
+    """Read a small blob (manifest, config) whole, checking size and digest."""
+    if size > max_size:
+        raise ImageError(f"{what}: {size} bytes is too large for a JSON document")
+    reader = HashingReader(raw, digest.algorithm, limit=size, what=what)
+    data = reader.read()
+    check_size(what, size, len(data))
+    check_digest(what, digest, reader.hash.hexdigest())
+    return data
+
+
+class _Prefixed(io.RawIOBase):
+    """`head` followed by the rest of `raw`, so sniffed bytes are not lost."""
+
+    def __init__(self, head: bytes, raw: Readable) -> None:
+        self._head = head
+        self._raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._head:
+            n = min(len(b), len(self._head))
+            b[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._raw.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _read_head(raw: Readable, n: int) -> bytes:
+    head = b""
+    while len(head) < n:
+        chunk = raw.read(n - len(head))
+        if not chunk:
+            break
+        head += chunk
+    return head
+
+
+def decompressor(raw: Readable) -> tuple[str, Readable]:
+    """Sniff `raw` and return (compression, a reader of the decompressed bytes)."""
+    head = _read_head(raw, 4)
+    kind = sniff(head)
+    src = _Prefixed(head, raw)
+    if kind == "gzip":
+        return kind, igzip.GzipFile(fileobj=src, mode="rb")  # type: ignore[arg-type]
+    if kind == "zstd":
+        dctx = zstandard.ZstdDecompressor()
+        return kind, dctx.stream_reader(src, read_size=CHUNK, read_across_frames=True,
+                                        closefd=False)
+    return kind, src
+
+
+class LayerReader(io.RawIOBase):
+    """A layer blob, decompressed; checks blob size+digest and DiffID over every byte.
+
+    Call `finish()` after the consumer stops reading: it drains whatever is left (bytes after
+    the tar's end marker count towards the DiffID) and raises on any mismatch.
+    """
+
+    def __init__(self, blob: Readable, what: str, digest: Digest | None, size: int | None,
+                 diff_id: Digest | None) -> None:
+        self.what = what
+        self._digest = digest
+        self._size = size
+        self._diff_id = diff_id
+        self.compressed = HashingReader(blob, digest.algorithm if digest else "sha256",
+                                        limit=size, what=what)
+        self.compression, plain = decompressor(self.compressed)
+        self.plain = HashingReader(plain, diff_id.algorithm if diff_id else "sha256",
+                                   what=what)
+        self.diff_id: Digest | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        return self.plain.readinto(b)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.plain.read(size)
+
+    def finish(self) -> Digest:
+        try:
+            self.plain.drain()
+        except (EOFError, OSError, zstandard.ZstdError) as exc:
+            raise ImageError(f"{self.what}: corrupt {self.compression} stream: {exc}") from None
+        self.compressed.drain()  # bytes after the compressed stream still count for the digest
+        if self._size is not None:
+            check_size(self.what, self._size, self.compressed.count)
+        if self._digest is not None:
+            check_digest(self.what, self._digest, self.compressed.hash.hexdigest())
+        actual = Digest(self.plain.hash.name, self.plain.hash.hexdigest())
+        if self._diff_id is not None and actual != self._diff_id:
+            raise DigestMismatchError(
+                f"{self.what}: diff_id mismatch: expected {self._diff_id}, got {actual}")
+        self.diff_id = actual
+        return actual
+
+
+class HashingWriter:
+    """Writes through to `out`, counting and hashing (sha256) every byte."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.hash.update(data)
+        self.count += len(data)
+        self._out.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    @property
+    def digest(self) -> Digest:
+        return Digest("sha256", self.hash.hexdigest())
+
+
+class Compressor:
+    """A writable that compresses into `out` (not closing it): gzip, zstd or none.
+
+    Output is deterministic: the gzip header carries no name and mtime 0.
+    """
+
+    def __init__(self, out: Any, compression: str, level: int | None = None,
+                 threads: int = 0) -> None:
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {compression!r}")
+        self.compression = compression
+        self._out = out
+        self._inner: Any
+        if compression == "gzip":
+            # filename="" keeps the FNAME field out of the header, even for a named `out`.
+            self._inner = igzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0,
+                                         compresslevel=2 if level is None else level)
+        elif compression == "zstd":
+            cctx = zstandard.ZstdCompressor(level=3 if level is None else level,
+                                            threads=threads)
+            self._inner = cctx.stream_writer(out, closefd=False)
+        else:
+            self._inner = out
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._inner.write(data)
+        return len(data)
+
+    def close(self) -> None:
+        if self.compression == "gzip":
+            self._inner.close()
+        elif self.compression == "zstd":
+            self._inner.flush(zstandard.FLUSH_FRAME)
+            self._inner.close()
+
+    def __enter__(self) -> Compressor:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if t is None:
+            self.close()
+
+
+def copy_stream(src: Readable, dst: Any, chunk: int = CHUNK) -> int:
+    total = 0
+    while data := src.read(chunk):
+        dst.write(data)
+        total += len(data)
+    return total
