@@ -1,12 +1,14 @@
-"""Orchestration: the library's entry points, composed from sources, streams, writers and the store."""
+"""Orchestration: the library's entry points, composed from sources, writers and the store."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
-from ocilayers.sources import Image, ImageSource, open_source
+from ocilayers.sources import Image, ImageSource, Layer, open_source
 from ocilayers.spec import Platform
+from ocilayers.streams import Readable
 from ocilayers.writer import LayerInput, ProgressFn, WrittenImage, verified_layer, write_image
 
 
@@ -40,9 +42,10 @@ def inspect_source(source: str, *, ref: str | None = None,
 
 def source_layers(src: ImageSource, image: Image) -> list[LayerInput]:
     """The image's layers as writer inputs, each verified (digest, size, DiffID) as it is read."""
-    return [LayerInput(layer.diff_id,
-                       lambda layer=layer: verified_layer(lambda: src.open_layer(layer)))
-            for layer in image.layers]
+    def opener(layer: Layer) -> Callable[[], AbstractContextManager[Readable]]:
+        return lambda: verified_layer(lambda: src.open_layer(layer))
+
+    return [LayerInput(layer.diff_id, opener(layer)) for layer in image.layers]
 
 
 def convert_image(source: str, out: str, *, ref: str | None = None,

@@ -421,7 +421,8 @@ class ImageSource:
         chains = chain_ids(config.diff_ids)
         layers = tuple(
             Layer(d, diff, chain, paths[i] if paths else _blob_path(d.digest))
-            for i, (d, diff, chain) in enumerate(zip(manifest.layers, config.diff_ids, chains))
+            for i, (d, diff, chain) in enumerate(
+                zip(manifest.layers, config.diff_ids, chains, strict=True))
         )
         return Image(self.name, self.kind, manifest, manifest_digest, config, cfg_desc.digest,
                      layers, cand.names if cand else (),
@@ -453,12 +454,12 @@ class ImageSource:
             raise ImageError(f"config {cfg_digest}: {len(config.diff_ids)} diff_ids for "
                              f"{len(layer_paths)} layers")
         descs = []
-        for path, diff_id in zip(layer_paths, config.diff_ids):
+        for path, diff_id in zip(layer_paths, config.diff_ids, strict=True):
             descs.append(self._docker_layer_descriptor(path, diff_id))
         manifest = Manifest(MEDIA_TYPE_DOCKER_MANIFEST, cfg_desc, tuple(descs))
         chains = chain_ids(config.diff_ids)
         layers = tuple(Layer(d, diff, c, p) for d, diff, c, p in
-                       zip(descs, config.diff_ids, chains, layer_paths))
+                       zip(descs, config.diff_ids, chains, layer_paths, strict=True))
         return Image(self.name, self.kind, manifest, None, config, cfg_digest, layers,
                      cand.names, tuple(str(t) for t in (e.get("RepoTags") or [])), {})
 
@@ -563,7 +564,7 @@ def _spool(raw: IO[bytes], name: str) -> Iterator[IO[bytes]]:
     try:
         kind, plain = decompressor(raw)
         try:
-            shutil.copyfileobj(plain, tmp, CHUNK)  # type: ignore[misc]
+            shutil.copyfileobj(plain, tmp, CHUNK)
         except (EOFError, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise

@@ -1,4 +1,4 @@
-"""Pure data of the OCI image spec and Docker's schema 2: digests, descriptors, manifests, configs."""
+"""Pure data of the OCI image spec and Docker schema 2: digests, descriptors, manifests, configs."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def sha256_digest(data: bytes) -> Digest:
 
 
 def chain_ids(diff_ids: Iterable[Digest | str]) -> list[Digest]:
-    """ChainIDs per image-spec config.md: ChainID(L0)=DiffID(L0), ChainID(Ln)=sha256("C(n-1) D(n)")."""
+    """ChainIDs (image-spec config.md): C(L0) = D(L0); C(Ln) = sha256("C(Ln-1) D(Ln)")."""
     out: list[Digest] = []
     for d in diff_ids:
         diff = d if isinstance(d, Digest) else Digest.parse(d)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 from types import TracebackType
-from typing import IO, Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 import zstandard
 from isal import igzip
@@ -143,11 +143,13 @@ def decompressor(raw: Readable) -> tuple[str, Readable]:
     kind = sniff(head)
     src = _Prefixed(head, raw)
     if kind == "gzip":
-        return kind, igzip.GzipFile(fileobj=src, mode="rb")  # type: ignore[arg-type]
+        gz: Readable = igzip.GzipFile(fileobj=src, mode="rb")  # type: ignore[no-untyped-call]
+        return kind, gz
     if kind == "zstd":
         dctx = zstandard.ZstdDecompressor()
-        return kind, dctx.stream_reader(src, read_size=CHUNK, read_across_frames=True,
-                                        closefd=False)
+        zs: Readable = dctx.stream_reader(
+            src, read_size=CHUNK, read_across_frames=True, closefd=False)  # type: ignore[arg-type]
+        return kind, zs
     return kind, src
 
 
@@ -235,7 +237,8 @@ class Compressor:
         self._inner: Any
         if compression == "gzip":
             # filename="" keeps the FNAME field out of the header, even for a named `out`.
-            self._inner = igzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0,
+            self._inner = igzip.GzipFile(  # type: ignore[no-untyped-call]
+                filename="", fileobj=out, mode="wb", mtime=0,
                                          compresslevel=2 if level is None else level)
         elif compression == "zstd":
             cctx = zstandard.ZstdCompressor(level=3 if level is None else level,

@@ -1,4 +1,4 @@
-"""Image writers: OCI layout dir, oci-archive and docker-save tarballs, byte-for-byte deterministic."""
+"""Image writers: OCI layout dir, oci-archive and docker-save tarball, deterministic bytes."""
 
 from __future__ import annotations
 
@@ -129,9 +129,8 @@ def write_image(out: str, config_raw: bytes, layers: Sequence[LayerInput], *,
         raise ImageError(f"unknown compression {compression!r}")
     tags = [normalize_reference(t) for t in tags]
     parent = os.path.dirname(os.path.abspath(out))
-    if format == "oci":
-        if os.path.lexists(out) and (not os.path.isdir(out) or os.listdir(out)):
-            raise ImageError(f"{out}: exists and is not an empty directory")
+    if format == "oci" and os.path.lexists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ImageError(f"{out}: exists and is not an empty directory")
     with tempfile.TemporaryDirectory(dir=parent, prefix=".ocilayers-") as stage:
         sink = _BlobSink(stage)
         descs = []
@@ -145,7 +144,7 @@ def write_image(out: str, config_raw: bytes, layers: Sequence[LayerInput], *,
         mdesc = Descriptor(MEDIA_TYPE_OCI_MANIFEST, sink.put_bytes(manifest_raw),
                            len(manifest_raw))
         entries = []
-        for t in tags or [None]:
+        for t in tags or [None]:  # type: ignore[list-item]
             d = mdesc.to_json()
             if t is not None:
                 d["annotations"] = {ANNOTATION_CONTAINERD_NAME: full_reference(t),
