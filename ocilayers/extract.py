@@ -1,0 +1,544 @@
+"""`apply_layer`: a layer tar stream into a directory, confined, order-independent, full fidelity.
+
+Two strategies share one loop:
+- overlay mode writes the layer's own diff dir: `.wh.X` becomes a char 0/0 device, an opaque
+  marker becomes the `<ns>.overlay.opaque=y` xattr (overlayfs.rst "whiteouts and opaque dirs");
+- delete mode applies the layer onto a plain rootfs: `.wh.X` deletes lower X, an opaque marker
+  clears the lower children of its dir (image-spec layer.md "Whiteouts").
+
+Whiteouts act only on lower content, never on entries of the same layer, whatever the order.
+Every path is resolved component by component from a directory fd with O_NOFOLLOW, so nothing
+is ever created, changed or deleted outside the target, and no symlink is written through.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ocilayers.errors import ImageError, UnsafeEntryError
+from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, SYM, TarEntry, TarReader
+from ocilayers.whiteout import NAMESPACES, classify, escape_xattr, is_whiteout_stat, opaque_xattr
+
+MODES = ("overlay", "delete")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# on_entry(entry) may return a callable that then receives each chunk of the entry's data.
+DataSink = Callable[[bytes], None]
+EntryHook = Callable[[TarEntry], DataSink | None]
+
+
+@dataclass
+class LayerStats:
+    entries: int = 0
+    bytes: int = 0
+    whiteouts: int = 0
+    opaques: int = 0
+    hardlinks: int = 0
+    skipped: int = 0  # AUFS metadata; devices, owners and xattrs a rootless run cannot make
+
+
+def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
+                xattr_namespace: str = "trusted", on_entry: EntryHook | None = None,
+                on_raw: Callable[[bytes], None] | None = None,
+                lowers: Sequence[str | bytes] | None = None,
+                rootless: bool | None = None) -> LayerStats:
+    """Apply the (decompressed) layer tar `stream` to `target_dir`, which must exist.
+
+    `lowers` (top-most first) are the lower layers' diff dirs; overlay mode needs them only to
+    expand an opaque marker on the layer root (overlayfs ignores opaque on a layer's root dir),
+    which is refused without them. `rootless` (default: not euid 0) skips what an unprivileged
+    user cannot make (device nodes, foreign owners, trusted.* xattrs) and counts it in `skipped`.
+    Raises UnsafeEntryError for entries that would escape the target; OSErrors carry a note
+    naming the entry. The caller owns the partial dir on failure. Reads the stream only up to
+    the end-of-archive marker.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    if xattr_namespace not in NAMESPACES:
+        raise ValueError(f"xattr_namespace must be one of {NAMESPACES}")
+    applier = _Applier(target_dir, mode, xattr_namespace, lowers,
+                       os.geteuid() != 0 if rootless is None else rootless)
+    try:
+        reader = TarReader(stream, on_raw)
+        for entry in reader:
+            applier.stats.entries += 1
+            sink = on_entry(entry) if on_entry is not None else None
+            try:
+                applier.apply(entry, reader, sink)
+            except OSError as exc:
+                exc.add_note(f"apply entry '{entry.display_name}'")
+                raise
+        applier.finish()
+    finally:
+        applier.close()
+    return applier.stats
+
+
+def _join(parts: Sequence[bytes]) -> bytes:
+    return b"/".join(parts)
+
+
+def _split(name: bytes) -> list[bytes]:
+    """Path components; absolute names are taken relative to the root, `..` is refused."""
+    parts = []
+    for p in name.split(b"/"):
+        if p in (b"", b"."):
+            continue
+        if p == b"..":
+            raise UnsafeEntryError(
+                f"'{name.decode('utf-8', 'backslashreplace')}': path escapes root ('..')")
+        parts.append(p)
+    return parts
+
+
+def _lstat(name: bytes, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+class _Applier:
+    def __init__(self, target: str | bytes, mode: str, namespace: str,
+                 lowers: Sequence[str | bytes] | None, rootless: bool) -> None:
+        self.root_fd = os.open(target, _DIR_FLAGS)
+        self.mode = mode
+        self.namespace = namespace
+        self.opaque_name = opaque_xattr(namespace)
+        self.lowers = lowers
+        self.rootless = rootless
+        self.stats = LayerStats()
+        self.created: set[bytes] = set()  # paths this layer made (entries and implicit parents)
+        self.whited: set[bytes] = set()  # paths this layer whited out (overlay mode)
+        self.opaque_dirs: set[bytes] = set()  # dirs this layer made opaque
+        self.whiteout_devs: dict[bytes, set[bytes]] = {}  # overlay: dir -> whiteouts made in it
+        self.dir_meta: dict[bytes, TarEntry] = {}  # dir mode/times, applied after the children
+        self.deferred_links: list[TarEntry] = []
+        self.root_opaque = False
+        self._cache: tuple[bytes, int] | None = None
+
+    def close(self) -> None:
+        self._drop_cache()
+        os.close(self.root_fd)
+
+    # -- confined path resolution --
+
+    def _drop_cache(self) -> None:
+        if self._cache is not None:
+            os.close(self._cache[1])
+            self._cache = None
+
+    def _dirfd(self, parts: Sequence[bytes], display: str, create: bool,
+               cache: bool = True) -> int:
+        """fd of the directory `parts` inside the root, never following a symlink.
+
+        With `cache`, the fd stays owned by the one-entry cache (do not close it)."""
+        key = _join(parts)
+        if cache and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        fd = self.root_fd
+        try:
+            for i, comp in enumerate(parts):
+                try:
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    nfd = self._make_parent(fd, parts[: i + 1])
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    nfd = self._replace_parent(fd, parts[: i + 1], display, create)
+                if fd != self.root_fd:
+                    os.close(fd)
+                fd = nfd
+        except BaseException:
+            if fd != self.root_fd:
+                os.close(fd)
+            raise
+        if fd == self.root_fd:
+            fd = os.dup(self.root_fd)
+        if cache:
+            self._drop_cache()
+            self._cache = (key, fd)
+        return fd
+
+    def _make_parent(self, fd: int, parts: Sequence[bytes]) -> int:
+        comp = parts[-1]
+        os.mkdir(comp, 0o755, dir_fd=fd)
+        os.chmod(comp, 0o755, dir_fd=fd)  # implicit parents are 0755 whatever the umask
+        path = _join(parts)
+        self.created.add(path)
+        if path in self.whited and self.mode == "overlay":
+            self._set_opaque_at(fd, comp, path)
+        return os.open(comp, _DIR_FLAGS, dir_fd=fd)
+
+    def _replace_parent(self, fd: int, parts: Sequence[bytes], display: str,
+                        create: bool) -> int:
+        comp = parts[-1]
+        st = os.stat(comp, dir_fd=fd, follow_symlinks=False)
+        where = _join(parts).decode("utf-8", "backslashreplace")
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafeEntryError(f"'{display}': parent '{where}' is a symlink; "
+                                   "refusing to write through it")
+        if create and is_whiteout_stat(st) and _join(parts) in self.whited:
+            # `.wh.X` then `X/child` in one layer: X comes back as a new (opaque) directory.
+            os.unlink(comp, dir_fd=fd)
+            return self._make_parent(fd, parts)
+        if not create:  # a non-directory parent: the path does not exist
+            raise FileNotFoundError(errno.ENOENT, "parent is not a directory", where)
+        raise ImageError(f"'{display}': parent '{where}' is not a directory")
+
+    # -- the loop body --
+
+    def apply(self, entry: TarEntry, reader: TarReader, sink: DataSink | None) -> None:
+        display = entry.display_name
+        parts = _split(entry.name)
+        if not parts:
+            if not entry.is_dir:
+                raise UnsafeEntryError(f"'{display}': the root entry must be a directory")
+            self._meta_now(self.root_fd, entry, is_dir=True, path=b"")
+            return
+        kind, target = classify(parts[-1], display)
+        if kind == "meta":
+            self.stats.skipped += 1
+        elif kind == "opaque":
+            self.stats.opaques += 1
+            self._opaque(parts[:-1], display)
+        elif kind == "whiteout":
+            self.stats.whiteouts += 1
+            self._whiteout(parts[:-1], target, entry, display)
+        else:
+            self._entry(parts, entry, reader, sink, display)
+
+    def _entry(self, parts: list[bytes], entry: TarEntry, reader: TarReader,
+               sink: DataSink | None, display: str) -> None:
+        path = _join(parts)
+        base = parts[-1]
+        if entry.type == LNK:
+            self.stats.hardlinks += 1  # counted here: LNK is the only kind with its own method
+            if not self._link(parts, entry, display):
+                self.deferred_links.append(entry)
+            return
+        if not (entry.is_file or entry.type in (DIR, SYM, CHR, BLK, FIFO)):
+            raise ImageError(f"'{display}': unsupported entry type {entry.type!r}")
+        pfd = self._dirfd(parts[:-1], display, create=True)
+        existing = _lstat(base, pfd)
+        if existing is not None:
+            if entry.is_dir and stat.S_ISDIR(existing.st_mode):
+                self.created.add(path)
+                self._dir_entry(pfd, base, path, entry)
+                return
+            self._remove(pfd, base, existing, path)
+        self.created.add(path)
+        if entry.is_dir:
+            os.mkdir(base, 0o700, dir_fd=pfd)
+            self._dir_entry(pfd, base, path, entry)
+        elif entry.is_file:
+            self._file(pfd, base, entry, reader, sink)
+        elif entry.type == SYM:
+            os.symlink(entry.linkname, base, dir_fd=pfd)
+            self._meta_at(pfd, base, entry, is_link=True)
+        else:
+            fmt = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}[entry.type]
+            dev = os.makedev(entry.devmajor, entry.devminor) if entry.type != FIFO else 0
+            try:
+                os.mknod(base, fmt | 0o600, dev, dir_fd=pfd)
+            except PermissionError:
+                if not self.rootless or entry.type == FIFO:
+                    raise
+                self.stats.skipped += 1
+                self.created.discard(path)
+                return
+            self._meta_at(pfd, base, entry, is_link=False)
+
+    def _dir_entry(self, pfd: int, base: bytes, path: bytes, entry: TarEntry) -> None:
+        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            self._meta_now(fd, entry, is_dir=True, path=path)
+        finally:
+            os.close(fd)
+        if self.mode == "overlay" and path in self.whited:
+            self._set_opaque_at(pfd, base, path)
+
+    def _file(self, pfd: int, base: bytes, entry: TarEntry, reader: TarReader,
+              sink: DataSink | None) -> None:
+        fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
+        try:
+            while data := reader.read_data():
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                if sink is not None:
+                    sink(data)
+                self.stats.bytes += len(data)
+            self._meta_now(fd, entry, is_dir=False, path=None)
+        finally:
+            os.close(fd)
+
+    # -- metadata --
+
+    def _chown(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except PermissionError:
+            if not self.rootless:
+                raise
+            self.stats.skipped += 1
+
+    def _xattrs(self, entry: TarEntry, setter: Callable[[str, bytes], None],
+                regular: bool) -> None:
+        for name, value in entry.xattrs.items():
+            # An image must never forge overlay metadata: escape it (see whiteout.escape_xattr).
+            name = escape_xattr(name)
+            try:
+                setter(name, value)
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.ENOTSUP) and (
+                    self.rootless or (not regular and name.startswith("user."))
+                ):
+                    self.stats.skipped += 1  # e.g. user.* is not allowed on symlinks
+                    continue
+                exc.add_note(f"set xattr {name}")
+                raise
+
+    def _meta_now(self, fd: int, entry: TarEntry, *, is_dir: bool, path: bytes | None) -> None:
+        """Owner, mode, xattrs (and times, or defer them for dirs) through an open fd."""
+        self._chown(lambda: os.fchown(fd, entry.uid, entry.gid))
+        self._xattrs(entry, lambda n, v: os.setxattr(fd, n, v), regular=True)
+        if is_dir:
+            assert path is not None
+            self.dir_meta[path] = entry  # mode and times after the children (rootless: 0555)
+        else:
+            os.fchmod(fd, entry.mode)  # after chown, which clears setuid/setgid
+            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+
+    def _meta_at(self, pfd: int, base: bytes, entry: TarEntry, *, is_link: bool) -> None:
+        """Owner, mode, xattrs and times of a symlink or node, never following a symlink."""
+        self._chown(lambda: os.chown(base, entry.uid, entry.gid, dir_fd=pfd,
+                                     follow_symlinks=False))
+        proc = f"/proc/self/fd/{pfd}/".encode() + base
+        self._xattrs(entry, lambda n, v: os.setxattr(proc, n, v, follow_symlinks=False),
+                     regular=False)
+        if not is_link:  # a node we just made: chmod cannot be redirected
+            os.chmod(base, entry.mode, dir_fd=pfd)
+        os.utime(base, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+    # -- removal --
+
+    def _remove(self, pfd: int, base: bytes, st: os.stat_result, path: bytes) -> None:
+        """Remove `base` (at `path`) from `pfd`; `pfd` itself stays valid."""
+        if stat.S_ISDIR(st.st_mode):
+            if self._cache is not None and (self._cache[0] == path
+                                            or self._cache[0].startswith(path + b"/")):
+                self._drop_cache()
+            fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+            try:
+                _rmtree_fd(fd)
+            finally:
+                os.close(fd)
+            os.rmdir(base, dir_fd=pfd)
+        else:
+            os.unlink(base, dir_fd=pfd)
+
+    # -- hardlinks --
+
+    def _link(self, parts: list[bytes], entry: TarEntry, display: str) -> bool:
+        """Make the link; False when its target does not exist yet (retried at the end)."""
+        tparts = _split(entry.linkname)
+        if not tparts:
+            raise UnsafeEntryError(f"'{display}': hardlink to the root directory")
+        if tparts == parts:
+            raise UnsafeEntryError(f"'{display}': hardlink to itself")
+        try:
+            tfd = self._dirfd(tparts[:-1], display, create=False, cache=False)
+        except FileNotFoundError:
+            return False
+        try:
+            tst = _lstat(tparts[-1], tfd)
+            if tst is None:
+                return False
+            if stat.S_ISDIR(tst.st_mode):
+                raise UnsafeEntryError(f"'{display}': hardlink to a directory")
+            pfd = self._dirfd(parts[:-1], display, create=True)
+            existing = _lstat(parts[-1], pfd)
+            if existing is not None:
+                self._remove(pfd, parts[-1], existing, _join(parts))
+            # follow_symlinks=False: a hardlink to a symlink links the symlink itself.
+            os.link(tparts[-1], parts[-1], src_dir_fd=tfd, dst_dir_fd=pfd,
+                    follow_symlinks=False)
+            self.created.add(_join(parts))
+            return True
+        finally:
+            os.close(tfd)
+
+    # -- whiteouts --
+
+    def _inside_opaque(self, parent: Sequence[bytes]) -> bool:
+        return any(_join(parent[:i]) in self.opaque_dirs for i in range(len(parent) + 1))
+
+    def _whiteout(self, parent: list[bytes], target: bytes, entry: TarEntry,
+                  display: str) -> None:
+        path = _join([*parent, target])
+        if path in self.created:
+            # `.wh.X` beside a same-layer X: X stays; it hides the lower X, so a dir is opaque.
+            self.whited.add(path)
+            self._same_layer_dir_hides_lower(parent, target, path, display)
+            return
+        if self.mode == "overlay":
+            if self._inside_opaque(parent) or (not parent and self.root_opaque):
+                return  # redundant: an opaque dir of this layer already hides everything below
+            self.whited.add(path)
+            pfd = self._dirfd(parent, display, create=True)
+            existing = _lstat(target, pfd)
+            if existing is not None:
+                self._remove(pfd, target, existing, path)
+            os.mknod(target, stat.S_IFCHR, os.makedev(0, 0), dir_fd=pfd)
+            self._chown(lambda: os.chown(target, entry.uid, entry.gid, dir_fd=pfd,
+                                         follow_symlinks=False))
+            self.whiteout_devs.setdefault(_join(parent), set()).add(target)
+            return
+        try:
+            pfd = self._dirfd(parent, display, create=False)
+        except FileNotFoundError:
+            return  # nothing below to hide
+        existing = _lstat(target, pfd)
+        if existing is not None:
+            self._remove(pfd, target, existing, path)
+
+    def _same_layer_dir_hides_lower(self, parent: list[bytes], target: bytes, path: bytes,
+                                    display: str) -> None:
+        pfd = self._dirfd(parent, display, create=False)
+        st = _lstat(target, pfd)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            return
+        if self.mode == "overlay":
+            self._set_opaque_at(pfd, target, path)
+        else:
+            self._clear_lower(list(path.split(b"/")), display)
+
+    def _set_opaque_at(self, pfd: int, base: bytes, path: bytes) -> None:
+        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            os.setxattr(fd, self.opaque_name, b"y")
+        finally:
+            os.close(fd)
+        if path not in self.opaque_dirs:
+            self.opaque_dirs.add(path)
+            self._drop_redundant_whiteouts(path)
+
+    def _drop_redundant_whiteouts(self, path: bytes) -> None:
+        """Whiteouts this layer made below a dir it has now made opaque hide nothing more."""
+        prefix = path + b"/"
+        for d in [d for d in self.whiteout_devs if d == path or d.startswith(prefix)]:
+            names = self.whiteout_devs.pop(d)
+            parts = d.split(b"/") if d else []
+            try:
+                dfd = self._dirfd(parts, d.decode("utf-8", "backslashreplace"), create=False)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                st = _lstat(name, dfd)
+                if st is not None and is_whiteout_stat(st):
+                    os.unlink(name, dir_fd=dfd)
+
+    def _opaque(self, parent: list[bytes], display: str) -> None:
+        path = _join(parent)
+        if not parent:
+            if self.mode == "overlay":
+                self.root_opaque = True  # expanded in finish(), where lowers are known
+                self._drop_redundant_whiteouts(b"")
+            else:
+                self._clear_lower([], display)
+            return
+        if self.mode == "overlay":
+            gfd = self._dirfd(parent[:-1], display, create=True)
+            if _lstat(parent[-1], gfd) is None:
+                self._dirfd(parent, display, create=True)
+                gfd = self._dirfd(parent[:-1], display, create=True)
+            self._set_opaque_at(gfd, parent[-1], path)
+        else:
+            self._clear_lower(parent, display)
+
+    def _clear_lower(self, parts: list[bytes], display: str) -> None:
+        """Delete mode: remove everything under `parts` that this layer did not make."""
+        try:
+            dfd = self._dirfd(parts, display, create=False, cache=False)
+        except FileNotFoundError:
+            return
+        try:
+            names = os.listdir(dfd)
+        finally:
+            os.close(dfd)
+        prefix = _join(parts)
+        for name in names:
+            bname = os.fsencode(name)
+            child = prefix + b"/" + bname if prefix else bname
+            dfd = self._dirfd(parts, display, create=False)
+            st = _lstat(bname, dfd)
+            if st is None:
+                continue
+            if child not in self.created:
+                self._remove(dfd, bname, st, child)
+            elif stat.S_ISDIR(st.st_mode):
+                self._clear_lower([*parts, bname], display)
+
+    # -- the end --
+
+    def finish(self) -> None:
+        for entry in self.deferred_links:
+            parts = _split(entry.name)
+            if not self._link(parts, entry, entry.display_name):
+                raise ImageError(f"'{entry.display_name}': hardlink target "
+                                 f"'{entry.linkname.decode('utf-8', 'backslashreplace')}' "
+                                 "is not in the layer or below it")
+        if self.root_opaque:
+            self._expand_root_opaque()
+        self._drop_cache()
+        # Directory modes and times last: making children changes a dir's mtime.
+        for path, entry in sorted(self.dir_meta.items(), key=lambda kv: -kv[0].count(b"/")):
+            parts = path.split(b"/") if path else []
+            fd = self._dirfd(parts, path.decode("utf-8", "backslashreplace"), create=False,
+                             cache=False)
+            try:
+                os.fchmod(fd, entry.mode)
+                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            finally:
+                os.close(fd)
+
+    def _expand_root_opaque(self) -> None:
+        """overlayfs ignores opaque on a layer's root: whiteout every lower root entry instead."""
+        if self.lowers is None:
+            raise ImageError("opaque marker on the layer root ('.wh..wh..opq'): overlayfs "
+                             "ignores it there; the lower layers are needed to expand it")
+        names: set[bytes] = set()
+        for lower in self.lowers:
+            names.update(os.listdir(os.fsencode(lower)))
+        for name in sorted(names):
+            st = _lstat(name, self.root_fd)
+            if st is None:
+                os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=self.root_fd)
+            elif stat.S_ISDIR(st.st_mode) and name not in self.opaque_dirs:
+                self._set_opaque_at(self.root_fd, name, name)
+
+
+def _rmtree_fd(dfd: int) -> None:
+    """Remove the contents of the directory open at `dfd`, never following symlinks."""
+    for name in os.listdir(dfd):
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+            try:
+                _rmtree_fd(sub)
+            finally:
+                os.close(sub)
+            os.rmdir(name, dir_fd=dfd)
+        else:
+            os.unlink(name, dir_fd=dfd)

@@ -1,0 +1,331 @@
+"""Tar entries read from a stream with their raw header bytes kept (tar-split), and written back.
+
+Every byte of the archive passes either through `on_raw` (header blocks, extension headers,
+padding, the end-of-archive blocks) or through the entry's data; nothing is buffered beyond one
+chunk, so memory does not depend on layer size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from ocilayers.errors import ImageError
+
+BLOCK = 512
+_CHUNK = 1 << 20
+_MAX_EXT = 16 << 20  # cap on one PAX / GNU long-name payload: hostile input must not balloon memory
+
+REG = b"0"
+AREG = b"\0"
+LNK = b"1"
+SYM = b"2"
+CHR = b"3"
+BLK = b"4"
+DIR = b"5"
+FIFO = b"6"
+CONT = b"7"
+PAX = b"x"
+PAX_GLOBAL = b"g"
+GNU_LONGNAME = b"L"
+GNU_LONGLINK = b"K"
+GNU_SPARSE = b"S"
+GNU_VOLHDR = b"V"
+GNU_MULTIVOL = b"M"
+
+TYPE_NAMES = {REG: "file", AREG: "file", CONT: "file", LNK: "hardlink", SYM: "symlink",
+              CHR: "char device", BLK: "block device", DIR: "directory", FIFO: "fifo"}
+
+
+class TarError(ImageError):
+    """The layer is not a well-formed tar archive."""
+
+
+@dataclass(slots=True)
+class TarEntry:
+    """One archive member, as its headers describe it. Names are raw bytes (not always UTF-8)."""
+
+    name: bytes
+    type: bytes
+    mode: int = 0o644  # permission bits incl. setuid/setgid/sticky, without type bits
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    linkname: bytes = b""
+    devmajor: int = 0
+    devminor: int = 0
+    uname: str = ""
+    gname: str = ""
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    pax: dict[bytes, bytes] = field(default_factory=dict)
+    raw: bytes = b""  # every header block of this entry, extension headers included
+
+    @property
+    def is_file(self) -> bool:
+        return self.type in (REG, AREG, CONT)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type == DIR
+
+    @property
+    def mtime(self) -> float:
+        return self.mtime_ns / 1e9
+
+    @property
+    def type_name(self) -> str:
+        return TYPE_NAMES.get(self.type, f"type {self.type!r}")
+
+    @property
+    def display_name(self) -> str:
+        return self.name.decode("utf-8", "backslashreplace")
+
+
+def parse_number(field_bytes: bytes, what: str = "number") -> int:
+    """Octal (NUL/space padded), or base-256 when the top bit of the first byte is set."""
+    if field_bytes and field_bytes[0] & 0x80:
+        value = int.from_bytes(field_bytes[1:], "big")
+        if field_bytes[0] == 0xFF:  # negative, two's complement
+            value -= 1 << (8 * (len(field_bytes) - 1))
+        elif field_bytes[0] != 0x80:
+            value |= (field_bytes[0] & 0x7F) << (8 * (len(field_bytes) - 1))
+        return value
+    text = field_bytes.split(b"\0", 1)[0].strip(b" \0")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise TarError(f"invalid {what} field {field_bytes!r} in tar header") from None
+
+
+def _cstr(b: bytes) -> bytes:
+    i = b.find(b"\0")
+    return b if i < 0 else b[:i]
+
+
+def _checksum_ok(block: bytes) -> bool:
+    stored = parse_number(block[148:156], "checksum")
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    if stored == unsigned:
+        return True
+    signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
+    return stored == signed
+
+
+def parse_pax(data: bytes) -> dict[bytes, bytes]:
+    """PAX extended header records: `"%d %s=%s\\n"`, the length counting the whole record."""
+    out: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:  # some writers pad the payload with NULs
+            break
+        sp = data.find(b" ", pos)
+        if sp < 0:
+            raise TarError("invalid PAX record")
+        try:
+            length = int(data[pos:sp])
+        except ValueError:
+            raise TarError("invalid PAX record length") from None
+        end = pos + length
+        if length <= 0 or end > len(data) or data[end - 1:end] != b"\n":
+            raise TarError("invalid PAX record")
+        record = data[sp + 1:end - 1]
+        key, eq, value = record.partition(b"=")
+        if not eq:
+            raise TarError("invalid PAX record (no '=')")
+        out[key] = value
+        pos = end
+    return out
+
+
+class TarReader:
+    """Iterates a tar stream. Read an entry's data (if any) before asking for the next entry.
+
+    `on_raw(bytes)` receives every byte that is not entry data, in order. Iteration stops at the
+    end-of-archive marker (or a clean EOF at an entry boundary); the stream is not read further.
+    """
+
+    def __init__(self, stream: object, on_raw: Callable[[bytes], None] | None = None) -> None:
+        self._read: Callable[[int], bytes] = stream.read  # type: ignore[attr-defined]
+        self._on_raw = on_raw
+        self._left = 0  # data bytes of the current entry not yet consumed
+        self._pad = 0  # padding after them
+        self.ended_cleanly = False  # saw the end-of-archive blocks
+
+    # -- low level --
+
+    def _exact(self, n: int, what: str) -> bytes:
+        data = self._read(n)
+        if len(data) == n:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < n:
+            more = self._read(n - got)
+            if not more:
+                raise TarError(f"archive is truncated ({what})")
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def _raw(self, data: bytes) -> None:
+        if self._on_raw is not None:
+            self._on_raw(data)
+
+    def read_data(self, n: int = _CHUNK) -> bytes:
+        """Up to `n` bytes of the current entry's data; b"" once it is all read."""
+        if self._left <= 0:
+            return b""
+        data = self._read(min(n, self._left))
+        if not data:
+            raise TarError("archive is truncated (entry data)")
+        self._left -= len(data)
+        return data
+
+    def skip_data(self) -> None:
+        while self._left > 0:
+            self.read_data()
+
+    def _finish_entry(self) -> None:
+        self.skip_data()
+        if self._pad:
+            self._raw(self._exact(self._pad, "padding"))
+            self._pad = 0
+
+    def _payload(self, size: int, raw: list[bytes], what: str) -> bytes:
+        if size > _MAX_EXT:
+            raise TarError(f"{what} of {size} bytes is too large")
+        padded = -(-size // BLOCK) * BLOCK
+        data = self._exact(padded, what)
+        raw.append(data)
+        return data[:size]
+
+    # -- entries --
+
+    def __iter__(self) -> Iterator[TarEntry]:
+        while True:
+            self._finish_entry()
+            entry = self._next_header()
+            if entry is None:
+                return
+            self._left = entry.size if entry.type not in (LNK, SYM, DIR, CHR, BLK, FIFO) else 0
+            self._pad = (-self._left) % BLOCK
+            yield entry
+
+    def _next_header(self) -> TarEntry | None:
+        raw: list[bytes] = []
+        pax: dict[bytes, bytes] = {}
+        long_name: bytes | None = None
+        long_link: bytes | None = None
+        while True:
+            block = self._read(BLOCK)
+            if len(block) < BLOCK:
+                if not block:
+                    if raw:
+                        raise TarError("archive is truncated (extension header without entry)")
+                    return None  # clean EOF at an entry boundary: accepted, as dockerd does
+                block += self._exact(BLOCK - len(block), "header")
+            if block.count(0) == BLOCK:
+                if raw:
+                    raise TarError("archive is truncated (extension header without entry)")
+                self._raw(block)
+                second = self._read(BLOCK)
+                if second:
+                    if len(second) < BLOCK:
+                        second += self._exact(BLOCK - len(second), "end-of-archive")
+                    self._raw(second)
+                self.ended_cleanly = True
+                return None
+            if not _checksum_ok(block):
+                raise TarError("invalid tar header checksum")
+            raw.append(block)
+            typeflag = block[156:157]
+            size = parse_number(block[124:136], "size")
+            if size < 0:
+                raise TarError("negative size in tar header")
+            if typeflag == PAX:
+                pax.update(parse_pax(self._payload(size, raw, "PAX header")))
+                continue
+            if typeflag == PAX_GLOBAL:
+                self._payload(size, raw, "PAX global header")  # ignored, as Docker does
+                continue
+            if typeflag == GNU_LONGNAME:
+                long_name = _cstr(self._payload(size, raw, "GNU long name"))
+                continue
+            if typeflag == GNU_LONGLINK:
+                long_link = _cstr(self._payload(size, raw, "GNU long link name"))
+                continue
+            if typeflag == GNU_VOLHDR:
+                self._payload(size, raw, "volume header")
+                raw_bytes = b"".join(raw)
+                raw.clear()
+                self._raw(raw_bytes)
+                pax.clear()
+                continue
+            return self._make_entry(block, typeflag, size, pax, long_name, long_link, raw)
+
+    def _make_entry(self, block: bytes, typeflag: bytes, size: int, pax: dict[bytes, bytes],
+                    long_name: bytes | None, long_link: bytes | None,
+                    raw: list[bytes]) -> TarEntry:
+        if typeflag in (GNU_SPARSE, GNU_MULTIVOL) or any(k.startswith(b"GNU.sparse.")
+                                                          for k in pax):
+            raise TarError("sparse and multi-volume tar entries are not supported")
+        magic = block[257:265]
+        name = _cstr(block[0:100])
+        if magic[:6] == b"ustar\0":  # POSIX ustar: the prefix field extends the name
+            prefix = _cstr(block[345:500])
+            if prefix:
+                name = prefix + b"/" + name
+        if long_name is not None:
+            name = long_name
+        linkname = long_link if long_link is not None else _cstr(block[157:257])
+        mode = parse_number(block[100:108], "mode") & 0o7777
+        uid = parse_number(block[108:116], "uid")
+        gid = parse_number(block[116:124], "gid")
+        mtime_ns = parse_number(block[136:148], "mtime") * 1_000_000_000
+        devmajor = parse_number(block[329:337], "devmajor")
+        devminor = parse_number(block[337:345], "devminor")
+        uname = _cstr(block[265:297]).decode("utf-8", "replace")
+        gname = _cstr(block[297:329]).decode("utf-8", "replace")
+        xattrs: dict[str, bytes] = {}
+        if pax:
+            name = pax.get(b"path", name)
+            linkname = pax.get(b"linkpath", linkname)
+            try:
+                if b"size" in pax:
+                    size = int(pax[b"size"])
+                if b"uid" in pax:
+                    uid = int(pax[b"uid"])
+                if b"gid" in pax:
+                    gid = int(pax[b"gid"])
+                if b"mtime" in pax:
+                    mtime_ns = _pax_time_ns(pax[b"mtime"])
+            except ValueError:
+                raise TarError("invalid numeric PAX record") from None
+            if size < 0 or uid < 0 or gid < 0:
+                raise TarError("negative size or id in PAX header")
+            for key, value in pax.items():
+                if key.startswith(b"SCHILY.xattr."):
+                    xattrs[key[13:].decode("utf-8", "surrogateescape")] = value
+        if not name:
+            raise TarError("tar entry with an empty name")
+        raw_bytes = b"".join(raw)
+        self._raw(raw_bytes)
+        return TarEntry(name=name, type=typeflag, mode=mode, uid=uid, gid=gid, size=size,
+                        mtime_ns=mtime_ns, linkname=linkname, devmajor=devmajor,
+                        devminor=devminor, uname=uname, gname=gname, xattrs=xattrs, pax=pax,
+                        raw=raw_bytes)
+
+
+def _pax_time_ns(value: bytes) -> int:
+    text = value.decode("ascii")
+    neg = text.startswith("-")
+    if neg:
+        text = text[1:]
+    whole, _, frac = text.partition(".")
+    if not whole.isdigit() or (frac and not frac.isdigit()):
+        raise ValueError(text)
+    ns = int(whole) * 1_000_000_000 + int((frac + "000000000")[:9] or 0)
+    return -ns if neg else ns
