@@ -12,6 +12,7 @@ from typing import Any
 
 from ocilayers import __version__, api
 from ocilayers.errors import OCILayersError
+from ocilayers.store import Store
 from ocilayers.streams import COMPRESSIONS
 from ocilayers.writer import FORMATS
 
@@ -54,12 +55,71 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                        help="platform to pick from a multi-platform index (default: host)")
 
-    p = add("inspect", "show an image's config digest, layers, DiffIDs and ChainIDs")
-    p.add_argument("source", metavar="SOURCE",
-                   help="OCI layout dir, oci-archive, docker-save tarball, transport:path, or -")
+    p = add("inspect", "show an image (from a source, or from the store): layers, DiffIDs, "
+                       "ChainIDs")
+    p.add_argument("source", metavar="SOURCE|IMAGE",
+                   help="OCI layout dir, oci-archive, docker-save tarball, transport:path, -; "
+                        "or a tag / image ID in the store")
     pick(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
+
+    p = add("unpack", "unpack an image into the overlay2 store")
+    p.add_argument("source", metavar="SOURCE")
+    pick(p)
+    p.add_argument("--tag", action="append", metavar="REPO:TAG",
+                   help="tag to give the image (repeatable; default: the source's tags)")
+    p.add_argument("--jobs", "-j", type=int, metavar="N",
+                   help="layers built in parallel (default: CPU count)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_unpack)
+
+    p = add("images", "list the store's images")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_images)
+
+    p = add("tag", "tag a store image")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("ref", metavar="REPO:TAG")
+    p.set_defaults(func=cmd_tag)
+
+    p = add("untag", "remove a tag (the image stays)")
+    p.add_argument("ref", metavar="REPO:TAG")
+    p.set_defaults(func=cmd_untag)
+
+    p = add("rmi", "remove an image and the layers nothing else uses")
+    p.add_argument("image", metavar="IMAGE")
+    p.set_defaults(func=cmd_rmi)
+
+    p = add("prune", "remove layers no image references")
+    p.set_defaults(func=cmd_prune)
+
+    p = add("verify", "check layers against their tar-split records and the store format")
+    p.add_argument("image", metavar="IMAGE", nargs="?")
+    p.set_defaults(func=cmd_verify)
+
+    p = add("mount", "mount a read-only merged view of an image")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("target", metavar="TARGET")
+    p.set_defaults(func=cmd_mount)
+
+    p = add("umount", "unmount a view made by `mount`")
+    p.add_argument("target", metavar="TARGET")
+    p.set_defaults(func=cmd_umount)
+
+    p = add("flatten", "apply all layers (whiteouts as deletions) into a plain rootfs dir")
+    p.add_argument("source", metavar="SOURCE|IMAGE")
+    p.add_argument("dest", metavar="DEST")
+    pick(p)
+    p.set_defaults(func=cmd_flatten)
+
+    p = add("export", "write a store image out, rebuilding each layer byte for byte")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("--format", choices=FORMATS, default="oci-archive")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = add("convert", "copy an image into an OCI layout, oci-archive or docker-save tarball")
     p.add_argument("source", metavar="SOURCE")
@@ -111,7 +171,26 @@ class Progress:
 
 # --- commands ---
 
+def _store(args: argparse.Namespace) -> Store:
+    return Store(args.root)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if api.source_or_image(store, args.source) == "image":
+        img = api.load_image(store, api.find_image(store, args.source))
+        summary = api.store_image_summary(img)
+        if args.json:
+            _print_json(summary)
+            return 0
+        print(f"Image ID:  {img.image_id}")
+        if img.tags:
+            print(f"Tags:      {', '.join(img.tags)}")
+        print(f"Layers:    {len(img.layers)}")
+        for i, r in enumerate(img.layers, 1):
+            print(f"  {i:>3}  {r.chain_id}  {r.size:>12}  cache-id {r.cache_id}")
+            print(f"       diff_id  {r.diff_id}")
+        return 0
     info = api.inspect_source(args.source, ref=args.ref, platform=args.platform)
     if args.json:
         _print_json(info)
@@ -145,6 +224,161 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         print(written.manifest.digest)
     return 0
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    bars = UnpackBars(args)
+    try:
+        result = api.unpack(args.source, root=args.root, ref=args.ref, platform=args.platform,
+                            tags=args.tag, jobs=args.jobs, progress=bars.update)
+    finally:
+        bars.close()
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        print(result.image_id)
+    reused = sum(1 for x in result.layers if x.reused)
+    tagged = f", tagged {', '.join(result.tags)}" if result.tags else ""
+    _msg(args, f"unpacked {len(result.layers)} layers ({reused} reused) into "
+               f"{Store(args.root).root}{tagged}")
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    store = _store(args)
+    store.require()
+    rows = api.list_images(store)
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(f"{'REPOSITORY:TAG':<40} {'IMAGE ID':<14} {'CREATED':<22} SIZE")
+    for row in rows:
+        for t in row["tags"] or ["<none>"]:
+            print(f"{t:<40} {row['image_id'][7:19]:<14} {str(row['created'] or '')[:20]:<22} "
+                  f"{row['size']}")
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    store = _store(args)
+    store.require()
+    with store.lock():
+        image_id = api.find_image(store, args.image)
+        store.set_tag(args.ref, image_id)
+    return 0
+
+
+def cmd_untag(args: argparse.Namespace) -> int:
+    store = _store(args)
+    store.require()
+    with store.lock():
+        store.remove_tag(args.ref)
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    store = _store(args)
+    store.require()
+    for line in api.remove_image(store, args.image):
+        print(line)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    store = _store(args)
+    store.require()
+    for line in api.prune(store):
+        print(line)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = _store(args)
+    store.require()
+    problems = api.verify(store, args.image)
+    if problems:
+        for p in problems[1:]:
+            print(p, file=sys.stderr)
+        raise OCILayersError(f"verify: {len(problems)} problem(s); first: {problems[0]}")
+    print("ok")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    store = _store(args)
+    store.require()
+    api.mount(store, args.image, args.target)
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    api.umount(args.target)
+    return 0
+
+
+def cmd_flatten(args: argparse.Namespace) -> int:
+    n = api.flatten(args.source, args.dest, root=args.root, ref=args.ref,
+                    platform=args.platform)
+    _msg(args, f"flattened {n} layers into {args.dest}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = _store(args)
+    store.require()
+    progress = Progress(args)
+    try:
+        written = api.export(store, args.image, args.output, format=args.format,
+                             compression=args.compression, progress=progress.layer_callback())
+    finally:
+        progress.close()
+    if args.json:
+        _print_json({"manifest_digest": str(written.manifest.digest),
+                     "config_digest": str(written.config.digest),
+                     "layers": [{"digest": str(d.digest), "size": d.size,
+                                 "media_type": d.media_type} for d in written.layers]})
+    else:
+        print(written.manifest.digest)
+    return 0
+
+
+def _msg(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr)
+
+
+class UnpackBars:
+    """Per-layer bars (compressed bytes read of the blob size) and an overall bar."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.enabled = not args.quiet and sys.stderr.isatty()
+        self._bars: dict[int, Any] = {}
+        self._seen: dict[int, int] = {}
+        self._total: Any = None
+
+    def update(self, i: int, done: int, size: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if i not in self._bars:
+            self._bars[i] = tqdm(total=size, unit="B", unit_scale=True, desc=f"layer {i + 1}",
+                                 leave=False, file=sys.stderr, position=len(self._bars) + 1)
+            self._seen[i] = 0
+        step = done - self._seen[i]
+        if step > 0:
+            self._bars[i].update(step)
+            self._seen[i] = done
+            if self._total is None:
+                self._total = tqdm(unit="B", unit_scale=True, desc="total", leave=False,
+                                   file=sys.stderr, position=0)
+            self._total.update(step)
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        if self._total is not None:
+            self._total.close()
 
 
 # --- entry point ---

@@ -41,19 +41,23 @@ class LayerStats:
     opaques: int = 0
     hardlinks: int = 0
     skipped: int = 0  # AUFS metadata; devices, owners and xattrs a rootless run cannot make
+    root_opaque: bool = False  # a `.wh..wh..opq` on the layer root, left to the caller
 
 
 def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
                 xattr_namespace: str = "trusted", on_entry: EntryHook | None = None,
                 on_raw: Callable[[bytes], None] | None = None,
                 lowers: Sequence[str | bytes] | None = None,
+                defer_root_opaque: bool = False,
                 rootless: bool | None = None) -> LayerStats:
     """Apply the (decompressed) layer tar `stream` to `target_dir`, which must exist.
 
     `lowers` (top-most first) are the lower layers' diff dirs; overlay mode needs them only to
-    expand an opaque marker on the layer root (overlayfs ignores opaque on a layer's root dir),
-    which is refused without them. `rootless` (default: not euid 0) skips what an unprivileged
-    user cannot make (device nodes, foreign owners, trusted.* xattrs) and counts it in `skipped`.
+    expand an opaque marker on the layer root (overlayfs ignores opaque on a layer's root dir)
+    with `expand_root_opaque`. Without them it is refused, unless `defer_root_opaque`: then
+    `stats.root_opaque` tells the caller to expand it once the lowers are known.
+    `rootless` (default: not euid 0) skips what an unprivileged user cannot make (device
+    nodes, foreign owners, trusted.* xattrs) and counts it in `skipped`.
     Raises UnsafeEntryError for entries that would escape the target; OSErrors carry a note
     naming the entry. The caller owns the partial dir on failure. Reads the stream only up to
     the end-of-archive marker.
@@ -62,7 +66,7 @@ def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
         raise ValueError(f"mode must be one of {MODES}")
     if xattr_namespace not in NAMESPACES:
         raise ValueError(f"xattr_namespace must be one of {NAMESPACES}")
-    applier = _Applier(target_dir, mode, xattr_namespace, lowers,
+    applier = _Applier(target_dir, mode, xattr_namespace, lowers, defer_root_opaque,
                        os.geteuid() != 0 if rootless is None else rootless)
     try:
         reader = TarReader(stream, on_raw)
@@ -106,12 +110,14 @@ def _lstat(name: bytes, dir_fd: int) -> os.stat_result | None:
 
 class _Applier:
     def __init__(self, target: str | bytes, mode: str, namespace: str,
-                 lowers: Sequence[str | bytes] | None, rootless: bool) -> None:
+                 lowers: Sequence[str | bytes] | None, defer_root_opaque: bool,
+                 rootless: bool) -> None:
         self.root_fd = os.open(target, _DIR_FLAGS)
         self.mode = mode
         self.namespace = namespace
         self.opaque_name = opaque_xattr(namespace)
         self.lowers = lowers
+        self.defer_root_opaque = defer_root_opaque
         self.rootless = rootless
         self.stats = LayerStats()
         self.created: set[bytes] = set()  # paths this layer made (entries and implicit parents)
@@ -500,7 +506,14 @@ class _Applier:
                                  f"'{entry.linkname.decode('utf-8', 'backslashreplace')}' "
                                  "is not in the layer or below it")
         if self.root_opaque:
-            self._expand_root_opaque()
+            if self.lowers is not None:
+                self._drop_cache()
+                expand_root_opaque(self.root_fd, self.lowers, self.namespace)
+            elif self.defer_root_opaque:
+                self.stats.root_opaque = True
+            else:
+                raise ImageError("opaque marker on the layer root ('.wh..wh..opq'): overlayfs "
+                                 "ignores it there; the lower layers are needed to expand it")
         self._drop_cache()
         # Directory modes and times last: making children changes a dir's mtime.
         for path, entry in sorted(self.dir_meta.items(), key=lambda kv: -kv[0].count(b"/")):
@@ -513,20 +526,31 @@ class _Applier:
             finally:
                 os.close(fd)
 
-    def _expand_root_opaque(self) -> None:
-        """overlayfs ignores opaque on a layer's root: whiteout every lower root entry instead."""
-        if self.lowers is None:
-            raise ImageError("opaque marker on the layer root ('.wh..wh..opq'): overlayfs "
-                             "ignores it there; the lower layers are needed to expand it")
+
+def expand_root_opaque(diff: int | str | bytes, lowers: Sequence[str | bytes],
+                       namespace: str = "trusted") -> None:
+    """overlayfs ignores opaque on a layer's root, so hide the lowers' root entries explicitly:
+    a whiteout for each lower root name the layer lacks, opaque for each dir it has."""
+    root_fd = diff if isinstance(diff, int) else os.open(diff, _DIR_FLAGS)
+    try:
+        before = os.fstat(root_fd)
         names: set[bytes] = set()
-        for lower in self.lowers:
+        for lower in lowers:
             names.update(os.listdir(os.fsencode(lower)))
         for name in sorted(names):
-            st = _lstat(name, self.root_fd)
+            st = _lstat(name, root_fd)
             if st is None:
-                os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=self.root_fd)
-            elif stat.S_ISDIR(st.st_mode) and name not in self.opaque_dirs:
-                self._set_opaque_at(self.root_fd, name, name)
+                os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=root_fd)
+            elif stat.S_ISDIR(st.st_mode):
+                fd = os.open(name, _DIR_FLAGS, dir_fd=root_fd)
+                try:
+                    os.setxattr(fd, opaque_xattr(namespace), b"y")
+                finally:
+                    os.close(fd)
+        os.utime(root_fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+    finally:
+        if not isinstance(diff, int):
+            os.close(root_fd)
 
 
 def _rmtree_fd(dfd: int) -> None:

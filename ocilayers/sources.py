@@ -11,7 +11,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -270,12 +270,14 @@ class ImageSource:
             raise ImageError(f"layer {layer.descriptor.digest}: size mismatch: expected "
                              f"{layer.descriptor.size} bytes, got {size}")
 
-    def open_layer(self, layer: Layer) -> LayerReader:
-        """The decompressed layer; call `.finish()` at the end to verify digest and DiffID."""
+    def open_layer(self, layer: Layer,
+                   progress: Callable[[int], None] | None = None) -> LayerReader:
+        """The decompressed layer; call `.finish()` at the end to verify digest and DiffID.
+        `progress(n)` is told of every n compressed bytes read."""
         self.check_layer_present(layer)
         blob = self._store.open(layer.path)
         return LayerReader(blob, f"layer {layer.descriptor.digest}", layer.descriptor.digest,
-                           layer.descriptor.size, layer.diff_id)
+                           layer.descriptor.size, layer.diff_id, progress)
 
     def open_blob_raw(self, layer: Layer) -> Any:
         """The layer blob's raw bytes, unchecked (callers verify)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -40,8 +41,9 @@ class HashingReader(io.RawIOBase):
     """Reads through `raw`, counting bytes and hashing them on the way."""
 
     def __init__(self, raw: Readable, algorithm: str = "sha256", limit: int | None = None,
-                 what: str = "stream") -> None:
+                 what: str = "stream", progress: Callable[[int], None] | None = None) -> None:
         self._raw = raw
+        self._progress = progress
         self.hash: Any = hashlib.new(algorithm)
         self.count = 0
         self._limit = limit
@@ -60,6 +62,8 @@ class HashingReader(io.RawIOBase):
                     f"{self._what}: size mismatch: expected {self._limit} bytes, got more")
             self.hash.update(data)
             b[:n] = data
+            if self._progress is not None:
+                self._progress(n)
         return n
 
     def read(self, size: int = -1) -> bytes:
@@ -75,6 +79,8 @@ class HashingReader(io.RawIOBase):
                 raise DigestMismatchError(
                     f"{self._what}: size mismatch: expected {self._limit} bytes, got more")
             self.hash.update(data)
+            if self._progress is not None:
+                self._progress(len(data))
         return data
 
     def drain(self) -> None:
@@ -161,13 +167,13 @@ class LayerReader(io.RawIOBase):
     """
 
     def __init__(self, blob: Readable, what: str, digest: Digest | None, size: int | None,
-                 diff_id: Digest | None) -> None:
+                 diff_id: Digest | None, progress: Callable[[int], None] | None = None) -> None:
         self.what = what
         self._digest = digest
         self._size = size
         self._diff_id = diff_id
         self.compressed = HashingReader(blob, digest.algorithm if digest else "sha256",
-                                        limit=size, what=what)
+                                        limit=size, what=what, progress=progress)
         self.compression, plain = decompressor(self.compressed)
         self.plain = HashingReader(plain, diff_id.algorithm if diff_id else "sha256",
                                    what=what)
@@ -265,6 +271,28 @@ class Compressor:
                  tb: TracebackType | None) -> None:
         if t is None:
             self.close()
+
+
+class IterReader(io.RawIOBase):
+    """A readable over an iterator of byte chunks (e.g. a tar rebuilt from tar-split)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._it = chunks
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            nxt = next(self._it, None)
+            if nxt is None:
+                return 0
+            self._buf = nxt
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
 
 
 def copy_stream(src: Readable, dst: Any, chunk: int = CHUNK) -> int:

@@ -1,0 +1,577 @@
+"""The on-disk store in Docker's overlay2 layout, byte for byte (STORE.md): layers, images, tags."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from ocilayers.errors import StoreError
+from ocilayers.spec import Digest, chain_ids, split_reference
+
+MAX_DEPTH = 125  # Docker's overlay2 maxDepth: lowers + init + rw layer stay within 128
+STAGING_PREFIX = ".staging-"
+LOCK_NAME = "ocilayers.lock"
+
+
+def default_root() -> str:
+    """$OCILAYERS_ROOT; /var/lib/ocilayers as root; else the XDG data dir."""
+    env = os.environ.get("OCILAYERS_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/ocilayers"
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                           "share")
+    return os.path.join(xdg, "ocilayers")
+
+
+def new_cache_id() -> str:
+    return secrets.token_hex(32)
+
+
+def new_link_id() -> str:
+    """Docker's short link name: 17 random bytes, base32 (A-Z, 2-7), cut to 26 characters."""
+    return base64.b32encode(secrets.token_bytes(17)).decode()[:26]
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write to a temp name beside `path`, then rename: readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_new(path: str, data: bytes, mode: int) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def diff_size(diff_dir: str) -> int:
+    """layerdb `size`: st_size of every non-directory below `diff_dir`, each inode once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    stack = [os.fsencode(diff_dir)]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(e.path)
+                    continue
+                if st.st_nlink > 1:
+                    key = (st.st_dev, st.st_ino)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                total += st.st_size
+    return total
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    chain_id: Digest
+    diff_id: Digest
+    cache_id: str
+    parent: Digest | None
+    size: int
+
+
+@dataclass
+class Staging:
+    """A layer being built: `overlay2/.staging-<cache id>/`, flock-held by its builder."""
+
+    path: str
+    cache_id: str
+    fd: int
+
+    @property
+    def diff(self) -> str:
+        return os.path.join(self.path, "diff")
+
+    @property
+    def tar_split(self) -> str:
+        return os.path.join(self.path, "tar-split.json.gz")
+
+
+class Store:
+    def __init__(self, root: str | None = None) -> None:
+        self.root = os.path.abspath(root or default_root())
+        self.overlay = os.path.join(self.root, "overlay2")
+        self.links = os.path.join(self.overlay, "l")
+        self.image_root = os.path.join(self.root, "image", "overlay2")
+        self.layerdb = os.path.join(self.image_root, "layerdb")
+        self.imagedb = os.path.join(self.image_root, "imagedb")
+        self.repositories_path = os.path.join(self.image_root, "repositories.json")
+
+    # -- set-up and locking --
+
+    def init(self) -> None:
+        for path, mode in ((self.root, 0o711), (self.overlay, 0o710), (self.links, 0o700),
+                           (os.path.join(self.root, "image"), 0o700), (self.image_root, 0o700),
+                           (self.layerdb, 0o700), (os.path.join(self.layerdb, "sha256"), 0o700),
+                           (os.path.join(self.layerdb, "tmp"), 0o700),
+                           (self.imagedb, 0o700),
+                           (os.path.join(self.imagedb, "content"), 0o700),
+                           (os.path.join(self.imagedb, "content", "sha256"), 0o700),
+                           (os.path.join(self.imagedb, "metadata"), 0o700),
+                           (os.path.join(self.imagedb, "metadata", "sha256"), 0o700)):
+            try:
+                os.mkdir(path, mode)
+                os.chmod(path, mode)
+            except FileExistsError:
+                if not os.path.isdir(path):
+                    raise StoreError(f"{path}: exists and is not a directory") from None
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.layerdb) and os.path.isdir(self.overlay)
+
+    def require(self) -> None:
+        if not self.exists():
+            raise StoreError(f"{self.root}: no store here (run `ocilayers unpack` first, or "
+                             "pass --root)")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Serialise registration and removal across processes (flock on a file in the root)."""
+        fd = os.open(os.path.join(self.root, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- staging --
+
+    def begin_layer(self) -> Staging:
+        cache_id = new_cache_id()
+        path = os.path.join(self.overlay, STAGING_PREFIX + cache_id)
+        os.mkdir(path, 0o700)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until registered or discarded (or we die)
+        os.mkdir(os.path.join(path, "diff"), 0o755)
+        os.chmod(os.path.join(path, "diff"), 0o755)
+        return Staging(path, cache_id, fd)
+
+    def discard(self, staging: Staging) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            _rmtree(staging.path)
+        with contextlib.suppress(OSError):
+            os.close(staging.fd)
+
+    def clean_stale(self) -> list[str]:
+        """Remove staging dirs no live process holds (left by a crash or kill -9)."""
+        removed = []
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.overlay):
+                if not name.startswith(STAGING_PREFIX):
+                    continue
+                path = os.path.join(self.overlay, name)
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live builder holds it
+                finally:
+                    os.close(fd)
+                _rmtree(path)
+                removed.append(path)
+        tmp = os.path.join(self.layerdb, "tmp")
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(tmp):  # write-sets are only made under the store lock
+                _rmtree(os.path.join(tmp, name))
+        return removed
+
+    # -- layers --
+
+    def _layer_dir(self, chain_id: Digest) -> str:
+        return os.path.join(self.layerdb, chain_id.algorithm, chain_id.hex)
+
+    def layer(self, chain_id: Digest) -> LayerRecord | None:
+        d = self._layer_dir(chain_id)
+        try:
+            diff = _read_text(os.path.join(d, "diff"))
+            cache_id = _read_text(os.path.join(d, "cache-id"))
+            size = int(_read_text(os.path.join(d, "size")))
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise StoreError(f"layer {chain_id}: corrupt size file: {exc}") from None
+        parent_path = os.path.join(d, "parent")
+        parent = (Digest.parse(_read_text(parent_path)) if os.path.exists(parent_path)
+                  else None)
+        return LayerRecord(chain_id, Digest.parse(diff), cache_id, parent, size)
+
+    def layers(self) -> list[LayerRecord]:
+        base = os.path.join(self.layerdb, "sha256")
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(base)):
+                rec = self.layer(Digest("sha256", name))
+                if rec is not None:
+                    out.append(rec)
+        return out
+
+    def layer_path(self, cache_id: str) -> str:
+        return os.path.join(self.overlay, cache_id)
+
+    def lower_of(self, cache_id: str) -> str:
+        try:
+            return _read_text(os.path.join(self.layer_path(cache_id), "lower"))
+        except FileNotFoundError:
+            return ""
+
+    def link_of(self, cache_id: str) -> str:
+        return _read_text(os.path.join(self.layer_path(cache_id), "link"))
+
+    def chain(self, top: Digest) -> list[LayerRecord]:
+        """The layer `top` and its parents, base first."""
+        out: list[LayerRecord] = []
+        cur: Digest | None = top
+        while cur is not None:
+            rec = self.layer(cur)
+            if rec is None:
+                raise StoreError(f"layer {cur} is missing from the store")
+            out.append(rec)
+            cur = rec.parent
+            if len(out) > MAX_DEPTH + 2:
+                raise StoreError(f"layer {top}: parent chain too deep or cyclic")
+        out.reverse()
+        return out
+
+    def register_layer(self, staging: Staging, diff_id: Digest, parent: Digest | None,
+                       size: int) -> tuple[LayerRecord, bool]:
+        """Move a finished staging dir into place and write its layerdb entry (call under
+        `lock()`). Returns (record, reused): an already registered ChainID is reused and the
+        staging dir discarded, never written twice."""
+        chain_id = chain_ids([parent, diff_id])[1] if parent else diff_id
+        existing = self.layer(chain_id)
+        if existing is not None:
+            self.discard(staging)
+            return existing, True
+        lower = ""
+        prec = None
+        if parent is not None:
+            prec = self.layer(parent)
+            if prec is None:
+                raise StoreError(f"parent layer {parent} is not in the store")
+            plink = self.link_of(prec.cache_id)
+            plower = self.lower_of(prec.cache_id)
+            lower = f"l/{plink}" + (f":{plower}" if plower else "")
+            if lower.count(":") + 1 > MAX_DEPTH:
+                raise StoreError(f"layer {chain_id}: more than {MAX_DEPTH} layers")
+        link = new_link_id()
+        _write_new(os.path.join(staging.path, "link"), link.encode(), 0o644)
+        if prec is not None:
+            _write_new(os.path.join(staging.path, "lower"), lower.encode(), 0o644)
+            os.mkdir(os.path.join(staging.path, "work"), 0o700)
+            committed = os.path.join(self.layer_path(prec.cache_id), "committed")
+            if not os.path.exists(committed):
+                _write_new(committed, b"", 0o600)
+        os.chmod(staging.path, 0o710)
+        os.symlink(f"../{staging.cache_id}/diff", os.path.join(self.links, link))
+        final = self.layer_path(staging.cache_id)
+        os.rename(staging.path, final)
+        os.close(staging.fd)
+        # layerdb: staged in tmp/ and renamed into place, as dockerd's fileMetadataTransaction.
+        ws = tempfile.mkdtemp(dir=os.path.join(self.layerdb, "tmp"), prefix="write-set-")
+        _write_new(os.path.join(ws, "diff"), str(diff_id).encode(), 0o644)
+        _write_new(os.path.join(ws, "size"), str(size).encode(), 0o644)
+        _write_new(os.path.join(ws, "cache-id"), staging.cache_id.encode(), 0o644)
+        if parent is not None:
+            _write_new(os.path.join(ws, "parent"), str(parent).encode(), 0o644)
+        os.rename(os.path.join(final, "tar-split.json.gz"), os.path.join(ws, "tar-split.json.gz"))
+        os.chmod(ws, 0o700)
+        os.rename(ws, self._layer_dir(chain_id))
+        rec = self.layer(chain_id)
+        assert rec is not None
+        return rec, False
+
+    def tar_split_path(self, chain_id: Digest) -> str:
+        return os.path.join(self._layer_dir(chain_id), "tar-split.json.gz")
+
+    def remove_layer(self, rec: LayerRecord) -> None:
+        """Unregister first (layerdb), then delete the dir: a crash leaves an orphan, never a
+        registered layer without its files."""
+        ld = self._layer_dir(rec.chain_id)
+        gone = os.path.join(self.layerdb, "tmp", f"remove-{rec.chain_id.hex}")
+        os.rename(ld, gone)
+        path = self.layer_path(rec.cache_id)
+        with contextlib.suppress(FileNotFoundError):
+            link = self.link_of(rec.cache_id)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.links, link))
+        with contextlib.suppress(FileNotFoundError):
+            _rmtree(path)
+        _rmtree(gone)
+
+    # -- images and tags --
+
+    def _content(self, image_id: Digest) -> str:
+        return os.path.join(self.imagedb, "content", image_id.algorithm, image_id.hex)
+
+    def put_image(self, config_raw: bytes) -> Digest:
+        image_id = Digest.of_bytes(config_raw)
+        path = self._content(image_id)
+        if not os.path.exists(path):
+            write_atomic(path, config_raw, 0o600)
+        return image_id
+
+    def image_config(self, image_id: Digest) -> bytes:
+        try:
+            with open(self._content(image_id), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise StoreError(f"image {image_id} is not in the store") from None
+
+    def image_ids(self) -> list[Digest]:
+        base = os.path.join(self.imagedb, "content", "sha256")
+        with contextlib.suppress(FileNotFoundError):
+            return [Digest("sha256", n) for n in sorted(os.listdir(base))
+                    if not n.startswith(".")]
+        return []
+
+    def remove_image(self, image_id: Digest) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._content(image_id))
+        meta = os.path.join(self.imagedb, "metadata", image_id.algorithm, image_id.hex)
+        with contextlib.suppress(FileNotFoundError):
+            _rmtree(meta)
+
+    def set_metadata(self, image_id: Digest, name: str, value: bytes) -> None:
+        d = os.path.join(self.imagedb, "metadata", image_id.algorithm, image_id.hex)
+        os.makedirs(d, 0o700, exist_ok=True)
+        write_atomic(os.path.join(d, name), value, 0o600)
+
+    def repositories(self) -> dict[str, dict[str, str]]:
+        try:
+            with open(self.repositories_path, "rb") as f:
+                obj = json.loads(f.read())
+        except FileNotFoundError:
+            return {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{self.repositories_path}: corrupt: {exc}") from None
+        repos = obj.get("Repositories") if isinstance(obj, dict) else None
+        if not isinstance(repos, dict):
+            raise StoreError(f"{self.repositories_path}: no Repositories object")
+        return repos
+
+    def _write_repositories(self, repos: dict[str, dict[str, str]]) -> None:
+        repos = {k: v for k, v in repos.items() if v}
+        data = json.dumps({"Repositories": repos}, sort_keys=True, separators=(",", ":"))
+        write_atomic(self.repositories_path, data.encode(), 0o600)
+
+    def tags(self) -> dict[str, Digest]:
+        """Normalised `repo:tag` -> image ID."""
+        out = {}
+        for refs in self.repositories().values():
+            for ref, image_id in refs.items():
+                out[ref] = Digest.parse(image_id)
+        return out
+
+    def set_tag(self, ref: str, image_id: Digest) -> str:
+        repo, norm = split_reference(ref)
+        repos = self.repositories()
+        repos.setdefault(repo, {})[norm] = str(image_id)
+        self._write_repositories(repos)
+        return norm
+
+    def remove_tag(self, ref: str) -> Digest:
+        repo, norm = split_reference(ref)
+        repos = self.repositories()
+        if norm not in repos.get(repo, {}):
+            raise StoreError(f"no such tag: {norm}")
+        image_id = Digest.parse(repos[repo].pop(norm))
+        self._write_repositories(repos)
+        return image_id
+
+    def containers_using(self, image_top: Digest | None) -> list[str]:
+        """Containers whose parent is this chain. (Containers come with the commit issue; this
+        is the one place that blocks removing an image in use.)"""
+        base = os.path.join(self.layerdb, "mounts")
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(base)):
+                try:
+                    parent = _read_text(os.path.join(base, name, "parent"))
+                except FileNotFoundError:
+                    continue
+                if image_top is not None and parent == str(image_top):
+                    out.append(name)
+        return out
+
+    def referenced_chains(self) -> set[Digest]:
+        """Every layer some image or container still needs."""
+        needed: set[Digest] = set()
+        for image_id in self.image_ids():
+            top = image_top_chain(self.image_config(image_id))
+            if top is not None:
+                needed.update(r.chain_id for r in self.chain(top))
+        base = os.path.join(self.layerdb, "mounts")
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(base):
+                with contextlib.suppress(FileNotFoundError):
+                    parent = Digest.parse(_read_text(os.path.join(base, name, "parent")))
+                    needed.update(r.chain_id for r in self.chain(parent))
+        return needed
+
+
+    # -- maintenance --
+
+    def _known_cache_ids(self) -> set[str]:
+        ids = {r.cache_id for r in self.layers()}
+        base = os.path.join(self.layerdb, "mounts")
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(base):
+                for f in ("mount-id", "init-id"):
+                    with contextlib.suppress(FileNotFoundError):
+                        ids.add(_read_text(os.path.join(base, name, f)))
+        return ids
+
+    def remove_orphans(self) -> list[str]:
+        """Layer dirs no layerdb entry or container names (a crash between the rename and the
+        layerdb write), and `l/` links that point nowhere. Call under `lock()`."""
+        removed = []
+        known = self._known_cache_ids()
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(self.overlay)):
+                if name == "l" or name.startswith(STAGING_PREFIX) or name in known:
+                    continue
+                _rmtree(os.path.join(self.overlay, name))
+                removed.append(f"deleted orphan overlay2/{name}")
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(self.links)):
+                if not os.path.exists(os.path.join(self.links, name)):
+                    os.unlink(os.path.join(self.links, name))
+                    removed.append(f"deleted dangling l/{name}")
+        return removed
+
+    def check_format(self) -> list[str]:
+        """Every store file against the overlay2 format (STORE.md); problems as text."""
+        problems: list[str] = []
+        link_re = re.compile(r"^[A-Z2-7]{26}$")
+
+        def mode_is(path: str, want: int) -> None:
+            have = stat.S_IMODE(os.lstat(path).st_mode)
+            if have != want:
+                problems.append(f"{os.path.relpath(path, self.root)}: mode {oct(have)}, "
+                                f"want {oct(want)}")
+
+        for rec in self.layers():
+            d = self._layer_dir(rec.chain_id)
+            where = f"layer {rec.chain_id.short}"
+            mode_is(d, 0o700)
+            for f in ("diff", "size", "cache-id", "tar-split.json.gz"):
+                if not os.path.exists(os.path.join(d, f)):
+                    problems.append(f"{where}: layerdb {f} is missing")
+                else:
+                    mode_is(os.path.join(d, f), 0o644)
+            want = chain_ids([rec.parent, rec.diff_id])[1] if rec.parent else rec.diff_id
+            if want != rec.chain_id:
+                problems.append(f"{where}: ChainID does not match its parent and diff")
+            if rec.parent is not None and self.layer(rec.parent) is None:
+                problems.append(f"{where}: parent {rec.parent} is missing")
+            ld = self.layer_path(rec.cache_id)
+            if not re.fullmatch(r"[0-9a-f]{64}", rec.cache_id):
+                problems.append(f"{where}: cache-id {rec.cache_id!r} is not 64 hex digits")
+            if not os.path.isdir(os.path.join(ld, "diff")):
+                problems.append(f"{where}: overlay2/{rec.cache_id}/diff is missing")
+                continue
+            mode_is(ld, 0o710)
+            try:
+                link = self.link_of(rec.cache_id)
+            except FileNotFoundError:
+                problems.append(f"{where}: link file is missing")
+                continue
+            mode_is(os.path.join(ld, "link"), 0o644)
+            if not link_re.match(link):
+                problems.append(f"{where}: link {link!r} is not 26 base32 characters")
+            lpath = os.path.join(self.links, link)
+            if not os.path.islink(lpath) or os.readlink(lpath) != f"../{rec.cache_id}/diff":
+                problems.append(f"{where}: l/{link} does not point to ../{rec.cache_id}/diff")
+            lower = self.lower_of(rec.cache_id)
+            if rec.parent is None:
+                if lower:
+                    problems.append(f"{where}: a base layer must have no lower file")
+            else:
+                prec = self.layer(rec.parent)
+                if prec is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        plower = self.lower_of(prec.cache_id)
+                        want_lower = f"l/{self.link_of(prec.cache_id)}" + (
+                            f":{plower}" if plower else "")
+                        if lower != want_lower:
+                            problems.append(f"{where}: lower is {lower!r}, want {want_lower!r}")
+                if not os.path.isdir(os.path.join(ld, "work")):
+                    problems.append(f"{where}: work/ is missing")
+        for image_id in self.image_ids():
+            content = self._content(image_id)
+            with open(content, "rb") as cf:
+                if Digest.of_bytes(cf.read()) != image_id:
+                    problems.append(f"image {image_id.short}: config does not match its ID")
+            mode_is(content, 0o600)
+        known = set(self.image_ids())
+        try:
+            tags = self.tags()
+        except (StoreError, ValueError) as exc:
+            problems.append(str(exc))
+            tags = {}
+        for t, image_id in tags.items():
+            if image_id not in known:
+                problems.append(f"tag {t} names missing image {image_id}")
+        return problems
+
+
+def image_top_chain(config_raw: bytes) -> Digest | None:
+    obj = json.loads(config_raw)
+    ids = obj.get("rootfs", {}).get("diff_ids") or []
+    chains = chain_ids(ids)
+    return chains[-1] if chains else None
+
+
+def now_rfc3339() -> str:
+    """RFC 3339 with nanoseconds, as dockerd writes lastUpdated."""
+    t = datetime.now(UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond * 1000:09d}Z"
+
+
+def _rmtree(path: str) -> None:
+    def onerror(func: object, p: str, exc: object) -> None:
+        # A read-only dir inside a layer (mode 0555) must still be removable.
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+
+    shutil.rmtree(path, onerror=onerror)
+

@@ -1,0 +1,217 @@
+"""tar-split records (`tar-split.json.gz`): written while a layer is applied, read to rebuild it.
+
+The format is vbatts/tar-split's `storage` package, as dockerd writes it: one JSON object per line,
+`position` counting from 0. Type 2 segments carry raw bytes (headers, padding, end-of-archive);
+type 1 file records carry the entry name, its size and the CRC-64 (Go's crc64.ISO) of its data.
+With the records and the layer's diff dir, the original tar is rebuilt byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anycrc
+from isal import igzip
+
+from ocilayers.errors import StoreError
+from ocilayers.tarstream import TarEntry
+
+SEGMENT = 2
+FILE = 1
+
+
+def _crc_model() -> Any:
+    model = anycrc.Model("CRC64-GO-ISO")
+    if model.calc(b"123456789") != 0xB90956C775A41001:  # the catalogue's check value
+        raise RuntimeError("anycrc's CRC64-GO-ISO does not match Go's crc64.ISO")
+    return model
+
+
+_CRC = _crc_model()
+
+
+def crc64(data: bytes | memoryview, crc: int = 0) -> int:
+    """Go's crc64.Checksum(data, crc64.MakeTable(crc64.ISO)); pass the last result to go on
+    (the CRC of nothing is 0, so 0 starts afresh)."""
+    return int(_CRC.calc(data, crc))
+
+
+# Go's encoding/json escapes these in strings by default (HTML-safe output).
+_GO_ESCAPES = re.compile("[<>&\u2028\u2029]")
+
+
+def _go_string(s: str) -> str:
+    out = json.dumps(s, ensure_ascii=False)
+    return _GO_ESCAPES.sub(lambda m: f"\\u{ord(m.group(0)):04x}", out)
+
+
+class TarSplitWriter:
+    """Feeds on apply_layer's `on_raw` and `on_entry` hooks; writes records to `out` as they come.
+
+    Call `end_of_archive()` when apply_layer returns, `trailing()` with each chunk read after
+    that, then `close()`. Memory stays bounded: records are written at entry boundaries, and
+    extension headers are capped by the tar reader.
+    """
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+        self._pos = 0
+        self._raw = bytearray()
+        self._entry: TarEntry | None = None
+        self._crc = 0
+        self._ended = False
+
+    def _emit(self, line: str) -> None:
+        self._out.write(line.encode() + b"\n")
+        self._pos += 1
+
+    def _flush_raw(self) -> None:
+        if self._raw:
+            payload = base64.b64encode(self._raw).decode()
+            self._emit(f'{{"type":2,"payload":"{payload}","position":{self._pos}}}')
+            self._raw.clear()
+
+    def _flush_file(self) -> None:
+        e = self._entry
+        if e is None:
+            return
+        self._entry = None
+        try:
+            name = e.name.decode("utf-8")
+            name_field = f'"name":{_go_string(name)},'
+        except UnicodeDecodeError:
+            name_field = f'"name_raw":"{base64.b64encode(e.name).decode()}",'
+        size = f'"size":{e.size},' if e.size else ""
+        if e.size > 0:
+            crc = self._crc.to_bytes(8, "big")
+            payload = '"' + base64.b64encode(crc).decode() + '"'
+        else:
+            payload = "null"
+        self._emit(f'{{"type":1,{name_field}{size}"payload":{payload},"position":{self._pos}}}')
+
+    def on_raw(self, data: bytes) -> None:
+        if self._entry is not None:
+            self._flush_file()
+        self._raw += data
+
+    def on_entry(self, entry: TarEntry) -> Callable[[bytes], None]:
+        self._flush_file()
+        self._flush_raw()
+        self._entry = entry
+        self._crc = 0
+        return self._data
+
+    def _data(self, chunk: bytes) -> None:
+        self._crc = crc64(chunk, self._crc)
+
+    def end_of_archive(self) -> None:
+        """The tar reader stopped: the last padding and the end blocks form one segment."""
+        if not self._ended:
+            self._flush_file()
+            self._flush_raw()
+            self._ended = True
+
+    def trailing(self, chunk: bytes) -> None:
+        """Bytes after the end marker (part of the DiffID): a segment per chunk read."""
+        self.end_of_archive()
+        if chunk:
+            self._raw += chunk
+            self._flush_raw()
+
+    def close(self) -> None:
+        """Finish the records. Like tar-split, the last record is an empty segment."""
+        self.end_of_archive()
+        self._emit(f'{{"type":2,"payload":"","position":{self._pos}}}')
+
+
+@dataclass(frozen=True)
+class Record:
+    type: int
+    position: int
+    payload: bytes | None = None
+    name: bytes = b""
+    size: int = 0
+
+
+def read_records(lines: Iterator[bytes]) -> Iterator[Record]:
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            rtype = obj["type"]
+            payload = obj.get("payload")
+            raw = base64.b64decode(payload) if payload is not None else None
+            if rtype == FILE:
+                name = (base64.b64decode(obj["name_raw"]) if "name_raw" in obj
+                        else obj.get("name", "").encode("utf-8", "surrogateescape"))
+                yield Record(FILE, obj.get("position", i), raw, name, int(obj.get("size", 0)))
+            elif rtype == SEGMENT:
+                yield Record(SEGMENT, obj.get("position", i), raw or b"")
+            else:
+                raise ValueError(f"unknown record type {rtype!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"tar-split record {i}: {exc}") from None
+
+
+class ChangedError(StoreError):
+    """A diff dir no longer matches its tar-split records."""
+
+
+def clean_name(name: bytes) -> bytes:
+    """A record's name as a path under the diff dir (no leading /, no `..`)."""
+    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise ChangedError(f"tar-split name {name!r} escapes the layer")
+    return b"/".join(parts)
+
+
+def assemble(records: Iterator[Record], diff_dir: str | bytes,
+             chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Rebuild the layer tar from its records and diff dir, checking every file's size and CRC.
+
+    Yields the tar in chunks; raises ChangedError naming the first changed path."""
+    root = os.fsencode(diff_dir)
+    for rec in records:
+        if rec.type == SEGMENT:
+            if rec.payload:
+                yield rec.payload
+            continue
+        if rec.size <= 0:
+            continue
+        rel = clean_name(rec.name)
+        shown = rel.decode("utf-8", "backslashreplace")
+        try:
+            fd = os.open(os.path.join(root, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ChangedError(f"layer changed: '{shown}' is missing or unreadable "
+                               f"({exc.strerror})") from None
+        try:
+            left = rec.size
+            crc = 0
+            while left > 0:
+                data = os.read(fd, min(chunk, left))
+                if not data:
+                    raise ChangedError(f"layer changed: '{shown}' is shorter than "
+                                       f"{rec.size} bytes")
+                crc = crc64(data, crc)
+                left -= len(data)
+                yield data
+            if os.read(fd, 1):
+                raise ChangedError(f"layer changed: '{shown}' is longer than {rec.size} bytes")
+        finally:
+            os.close(fd)
+        if rec.payload is not None and crc.to_bytes(8, "big") != rec.payload:
+            raise ChangedError(f"layer changed: '{shown}' content differs (CRC mismatch)")
+
+
+def open_records(path: str) -> Iterator[Record]:
+    """The records of a `tar-split.json.gz`, streamed."""
+    with igzip.open(path, "rb") as f:  # type: ignore[no-untyped-call]
+        yield from read_records(iter(f))

@@ -1,0 +1,233 @@
+"""Unpack an image into the store: layers built in parallel staging dirs, registered in order."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+from isal import igzip
+
+from ocilayers.errors import ImageError, OCILayersError, StoreError
+from ocilayers.extract import LayerStats, apply_layer, expand_root_opaque
+from ocilayers.sources import Image, ImageSource, Layer
+from ocilayers.spec import Digest, normalize_reference
+from ocilayers.store import MAX_DEPTH, LayerRecord, Staging, Store, diff_size
+from ocilayers.streams import CHUNK
+from ocilayers.tarsplit import TarSplitWriter
+
+# (layer index, compressed bytes read so far, blob size); called in the parent process.
+ProgressFn = Callable[[int, int, int], None]
+
+
+@dataclass(frozen=True)
+class UnpackedLayer:
+    diff_id: Digest
+    chain_id: Digest
+    cache_id: str
+    diff_size: int
+    reused: bool
+
+
+@dataclass(frozen=True)
+class UnpackResult:
+    image_id: Digest
+    tags: tuple[str, ...]
+    layers: tuple[UnpackedLayer, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image_id": str(self.image_id), "tags": list(self.tags),
+                "layers": [{"diff_id": str(x.diff_id), "chain_id": str(x.chain_id),
+                            "cache_id": x.cache_id, "diff_size": x.diff_size,
+                            "reused": x.reused} for x in self.layers]}
+
+
+@dataclass(frozen=True)
+class _Built:
+    diff_id: Digest
+    size: int
+    stats: LayerStats
+
+
+def build_layer(src: ImageSource, layer: Layer, staging: Staging,
+                progress: Callable[[int], None] | None = None) -> _Built:
+    """Decompress, verify and apply one layer into its staging dir, recording tar-split."""
+    reader = src.open_layer(layer, progress=progress)
+    with open(staging.tar_split, "wb") as raw, igzip.GzipFile(
+        filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=1  # type: ignore[no-untyped-call]
+    ) as gz:
+        ts = TarSplitWriter(gz)
+        try:
+            stats = apply_layer(reader, staging.diff, mode="overlay", on_entry=ts.on_entry,
+                                on_raw=ts.on_raw, defer_root_opaque=True)
+        except OSError as exc:
+            exc.add_note(f"unpack layer {layer.descriptor.digest.short}")
+            raise
+        except OCILayersError as exc:
+            raise type(exc)(f"unpack layer {layer.descriptor.digest.short}: {exc}") from None
+        ts.end_of_archive()
+        while chunk := reader.read(CHUNK):
+            ts.trailing(chunk)
+        diff_id = reader.finish()
+        ts.close()
+    return _Built(diff_id, diff_size(staging.diff), stats)
+
+
+# --- worker processes ---
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init() -> None:
+    # Die with the parent: a killed unpack must leave no writer behind (prctl PR_SET_PDEATHSIG).
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != _WORKER.get("parent_pid"):
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    import gc
+
+    gc.disable()  # the entry loop makes no cycles; the cyclic GC only costs time here
+
+
+def _worker_build(index: int, staging_path: str, cache_id: str) -> _Built:
+    src: ImageSource = _WORKER["source"]
+    image: Image = _WORKER["image"]
+    counters: Any = _WORKER["counters"]
+
+    def progress(n: int) -> None:
+        counters[index] += n
+
+    staging = Staging(staging_path, cache_id, -1)
+    return build_layer(src, image.layers[index], staging, progress)
+
+
+def unpack_image(store: Store, src: ImageSource, image: Image, *, tags: Sequence[str] = (),
+                 jobs: int | None = None, progress: ProgressFn | None = None) -> UnpackResult:
+    """Unpack `image` into `store`. Layers already there (by ChainID) are reused untouched."""
+    if len(image.layers) > MAX_DEPTH:
+        raise ImageError(f"image has {len(image.layers)} layers; overlay2 allows {MAX_DEPTH}")
+    norm_tags = tuple(dict.fromkeys(normalize_reference(t) for t in tags))
+    store.init()
+    with store.lock():
+        store.clean_stale()
+    present = {layer.chain_id: store.layer(layer.chain_id) for layer in image.layers}
+    todo = [i for i, layer in enumerate(image.layers) if present[layer.chain_id] is None]
+    for i in todo:
+        src.check_layer_present(image.layers[i])
+    stagings: dict[int, Staging] = {}
+    records: list[tuple[LayerRecord, bool]] = []
+    try:
+        for i in todo:
+            stagings[i] = store.begin_layer()
+        built = _build_all(src, image, todo, stagings, jobs, progress, store, records)
+        del built
+    finally:
+        for st in stagings.values():
+            if os.path.exists(st.path):
+                store.discard(st)
+    image_id = store.put_image(image.config.raw)
+    with store.lock():
+        for t in norm_tags:
+            store.set_tag(t, image_id)
+    layers = tuple(UnpackedLayer(rec.diff_id, rec.chain_id, rec.cache_id, rec.size, reused)
+                   for rec, reused in records)
+    return UnpackResult(image_id, norm_tags, layers)
+
+
+def _build_all(src: ImageSource, image: Image, todo: list[int], stagings: dict[int, Staging],
+               jobs: int | None, progress: ProgressFn | None, store: Store,
+               records: list[tuple[LayerRecord, bool]]) -> dict[int, _Built]:
+    """Build the missing layers (in parallel when it pays) and register every layer in chain
+    order as soon as it and its parents are ready."""
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    built: dict[int, _Built] = {}
+    next_to_register = 0
+
+    def register_ready() -> None:
+        nonlocal next_to_register
+        while next_to_register < len(image.layers):
+            i = next_to_register
+            layer = image.layers[i]
+            parent = image.layers[i - 1].chain_id if i else None
+            if i in stagings:
+                if i not in built:
+                    return
+                b = built[i]
+                with store.lock():
+                    rec, reused = _register(store, stagings[i], b, parent)
+            else:
+                rec = store.layer(layer.chain_id)  # type: ignore[assignment]
+                if rec is None:
+                    raise StoreError(f"layer {layer.chain_id} vanished from the store")
+                reused = True
+            if rec.diff_id != layer.diff_id:
+                raise StoreError(f"layer {layer.chain_id}: store has diff {rec.diff_id}, "
+                                 f"image says {layer.diff_id}")
+            records.append((rec, reused))
+            next_to_register += 1
+
+    if len(todo) <= 1 or jobs == 1:
+        for i in todo:
+            layer = image.layers[i]
+            cb = None
+            if progress is not None:
+                count = [0]
+
+                def cb(n: int, i: int = i, count: list[int] = count) -> None:
+                    count[0] += n
+                    progress(i, count[0], image.layers[i].descriptor.size)
+            built[i] = build_layer(src, layer, stagings[i], cb)
+            register_ready()
+        register_ready()
+        return built
+
+    ctx = multiprocessing.get_context("fork")
+    counters = ctx.Array("q", len(image.layers), lock=False)
+    _WORKER.update(source=src, image=image, counters=counters, parent_pid=os.getpid())
+    # Biggest layer first: the longest job starts earliest (issue: performance).
+    order = sorted(todo, key=lambda i: -image.layers[i].descriptor.size)
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx,
+                               initializer=_worker_init)
+    try:
+        futures: dict[Future[_Built], int] = {
+            pool.submit(_worker_build, i, stagings[i].path, stagings[i].cache_id): i
+            for i in order
+        }
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+            if progress is not None:
+                for i in todo:
+                    progress(i, counters[i], image.layers[i].descriptor.size)
+            for fut in finished:
+                built[futures[fut]] = fut.result()
+            register_ready()
+    except BaseException:
+        for p in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(Exception):
+                p.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        _WORKER.clear()
+    pool.shutdown(wait=True)
+    register_ready()
+    return built
+
+
+def _register(store: Store, staging: Staging, b: _Built,
+              parent: Digest | None) -> tuple[LayerRecord, bool]:
+    if b.stats.root_opaque and parent is not None:
+        lowers = [os.path.join(store.layer_path(r.cache_id), "diff")
+                  for r in reversed(store.chain(parent))]
+        expand_root_opaque(staging.diff, lowers)
+    return store.register_layer(staging, b.diff_id, parent, b.size)
+

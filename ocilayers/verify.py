@@ -1,0 +1,106 @@
+"""Checking a diff dir against the tar it was unpacked from: every entry's type and metadata."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from ocilayers.streams import Readable
+from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, SYM, TarReader
+from ocilayers.whiteout import classify, escape_xattr, is_whiteout_stat
+
+_MAX_PROBLEMS = 50
+_TYPES = {DIR: stat.S_IFDIR, SYM: stat.S_IFLNK, CHR: stat.S_IFCHR, BLK: stat.S_IFBLK,
+          FIFO: stat.S_IFIFO}
+
+
+def _opaque(path: bytes) -> bool:
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
+    """Differences between the layer tar `stream` and the overlay-mode diff dir it made.
+
+    Content is checked elsewhere (tar-split CRCs); this covers what tar-split cannot see:
+    types, modes, owners, mtimes, link targets, device numbers, xattrs, whiteouts, opaques."""
+    root = os.fsencode(diff_dir)
+    problems: list[str] = []
+
+    def bad(msg: str) -> None:
+        if len(problems) < _MAX_PROBLEMS:
+            problems.append(msg)
+
+    for entry in TarReader(stream):
+        parts = [p for p in entry.name.split(b"/") if p not in (b"", b".")]
+        shown = entry.display_name
+        if not parts:
+            continue
+        try:
+            kind, target = classify(parts[-1], shown)
+        except ValueError:
+            bad(f"'{shown}': invalid whiteout")
+            continue
+        parent = os.path.join(root, *parts[:-1]) if len(parts) > 1 else root
+        if kind == "meta":
+            continue
+        if kind == "opaque":
+            if parts[:-1] and not _opaque(parent):
+                bad(f"'{shown}': directory is no longer opaque")
+            continue
+        if kind == "whiteout":
+            path = os.path.join(parent, target)
+            if not os.path.lexists(path) and not any(
+                _opaque(os.path.join(root, *parts[:i])) for i in range(1, len(parts))
+            ):
+                bad(f"'{shown}': whiteout is missing")
+            continue
+        path = os.path.join(root, *parts)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            bad(f"'{shown}': missing")
+            continue
+        if entry.type == LNK:
+            tparts = [p for p in entry.linkname.split(b"/") if p not in (b"", b".")]
+            try:
+                tst = os.lstat(os.path.join(root, *tparts))
+            except FileNotFoundError:
+                bad(f"'{shown}': hardlink target is missing")
+                continue
+            if (tst.st_dev, tst.st_ino) != (st.st_dev, st.st_ino):
+                link = entry.linkname.decode(errors="replace")
+                bad(f"'{shown}': no longer a hardlink of '{link}'")
+            continue
+        want = _TYPES.get(entry.type, stat.S_IFREG)
+        if stat.S_IFMT(st.st_mode) != want:
+            if not (is_whiteout_stat(st) and entry.is_dir):
+                bad(f"'{shown}': type changed")
+            continue
+        if stat.S_IMODE(st.st_mode) != entry.mode and want != stat.S_IFLNK:
+            bad(f"'{shown}': mode {oct(stat.S_IMODE(st.st_mode))}, tar says {oct(entry.mode)}")
+        if (st.st_uid, st.st_gid) != (entry.uid, entry.gid):
+            bad(f"'{shown}': owner {st.st_uid}:{st.st_gid}, tar says {entry.uid}:{entry.gid}")
+        if st.st_mtime_ns != entry.mtime_ns:
+            bad(f"'{shown}': mtime changed")
+        if want == stat.S_IFLNK and os.readlink(path) != entry.linkname:
+            bad(f"'{shown}': symlink target changed")
+        if want in (stat.S_IFCHR, stat.S_IFBLK) and st.st_rdev != os.makedev(
+            entry.devmajor, entry.devminor
+        ):
+            bad(f"'{shown}': device number changed")
+        if want == stat.S_IFREG and st.st_size != entry.size:
+            bad(f"'{shown}': size {st.st_size}, tar says {entry.size}")
+        for name, value in entry.xattrs.items():
+            try:
+                have = os.getxattr(path, escape_xattr(name), follow_symlinks=False)
+            except OSError:
+                have = None
+            if have != value:
+                bad(f"'{shown}': xattr {name} changed")
+    return problems
