@@ -147,13 +147,11 @@ def source_or_image(store: Store, arg: str) -> str:
     if exists and in_store:
         raise OCILayersError(f"{arg!r} is both a path and an image in the store; write "
                              f"./{arg} or oci:{arg} for the path, or use the image ID")
-    if exists:
-        return "source"
     if in_store:
         return "image"
-    if not store.exists():
-        raise StoreError(f"{arg}: no such file, and no store at {store.root}")
-    raise StoreError(f"{arg}: no such file or image in the store")
+    if exists or not store.exists():
+        return "source"  # with no store, the open reports the missing path
+    raise StoreError(f"{arg}: no such file, directory or image in the store")
 
 
 def store_image_summary(img: StoreImage) -> dict[str, Any]:
@@ -283,9 +281,9 @@ def flatten(arg: str, dest: str, *, root: str | None = None, ref: str | None = N
         with open_source(arg) as src:
             image = src.resolve(ref, platform)
             for layer in image.layers:
-                reader = src.open_layer(layer)
-                apply_layer(reader, dest, mode="delete")
-                reader.finish()
+                with src.open_layer(layer) as reader:
+                    apply_layer(reader, dest, mode="delete")
+                    reader.finish()
             return len(image.layers)
     img = load_image(store, find_image(store, arg))
     for rec in img.layers:

@@ -223,8 +223,18 @@ class _Applier:
         else:
             self._entry(parts, entry, reader, sink, display)
 
+    def _mark_parents(self, parts: Sequence[bytes]) -> None:
+        """Dirs a layer writes into are the layer's too: an opaque marker or whiteout of the
+        same layer must not delete them (overlayfs keeps them in the upper dir)."""
+        for i in range(len(parts) - 1, 0, -1):
+            p = _join(parts[:i])
+            if p in self.created:
+                break
+            self.created.add(p)
+
     def _entry(self, parts: list[bytes], entry: TarEntry, reader: TarReader,
                sink: DataSink | None, display: str) -> None:
+        self._mark_parents(parts)
         path = _join(parts)
         base = parts[-1]
         if entry.type == LNK:
@@ -393,6 +403,7 @@ class _Applier:
     def _whiteout(self, parent: list[bytes], target: bytes, entry: TarEntry,
                   display: str) -> None:
         path = _join([*parent, target])
+        self._mark_parents([*parent, target])
         if path in self.created:
             # `.wh.X` beside a same-layer X: X stays; it hides the lower X, so a dir is opaque.
             self.whited.add(path)

@@ -344,10 +344,9 @@ class ImageSource:
             if not chosen:
                 raise RefError(f"{self.name}: no image matches {ref!r}; refs: "
                                + _list_labels(cands))
-            if len({(c.descriptor, id(c.docker_entry)) for c in chosen}) > 1 and not all(
-                c.descriptor is not None and c.descriptor == chosen[0].descriptor
-                for c in chosen
-            ):
+            distinct = {c.descriptor.digest if c.descriptor else id(c.docker_entry)
+                        for c in chosen}
+            if len(distinct) > 1:
                 raise RefError(f"{self.name}: {ref!r} matches more than one image: "
                                + _list_labels(chosen))
             cand = chosen[0]

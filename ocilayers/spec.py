@@ -64,7 +64,7 @@ class Digest:
     def parse(cls, value: object) -> Digest:
         if not isinstance(value, str):
             raise ImageError(f"digest must be a string, got {type(value).__name__}")
-        m = _DIGEST_RE.match(value)
+        m = _DIGEST_RE.fullmatch(value)
         if m is None or len(m.group(2)) != _HEX_LEN[m.group(1)]:
             raise ImageError(f"invalid digest {value!r}")
         return cls(m.group(1), m.group(2))
@@ -331,13 +331,18 @@ def oci_layer_media_type(compression: str) -> str:
 
 # --- image references (Docker's reference normalisation, distribution/reference) ---
 
-_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST_REF_RE = re.compile(r"@[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[0-9a-fA-F]{32,}$")
+# distribution/reference's grammar (reference.go), ASCII only.
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_DIGEST_REF_RE = re.compile(r"@[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[0-9a-fA-F]{32,}\Z")
+_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_DOMAIN_RE = re.compile(
+    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+    r"(?::[0-9]+)?")
 
 
 def is_bare_tag(name: str) -> bool:
     """An OCI ref.name like `latest` or `l5`: a tag that names no repository."""
-    return "/" not in name and ":" not in name and "@" not in name and bool(_TAG_RE.match(name))
+    return bool(_TAG_RE.fullmatch(name))
 
 
 def normalize_reference(name: str) -> str:
@@ -356,7 +361,7 @@ def normalize_reference(name: str) -> str:
     colon = name.rfind(":")
     if colon > slash:
         repo, tag = name[:colon], name[colon + 1:]
-        if not _TAG_RE.match(tag):
+        if not _TAG_RE.fullmatch(tag):
             raise ImageError(f"invalid tag in reference {name!r}")
     if not repo:
         raise ImageError(f"invalid repository name in reference {name!r}")
@@ -372,8 +377,11 @@ def normalize_reference(name: str) -> str:
         familiar = path
     else:
         familiar = f"{domain}/{path}"
-    if any(c.isupper() for c in path):
-        raise ImageError(f"repository name must be lowercase in {name!r}")
+    if not _DOMAIN_RE.fullmatch(domain) or not all(
+        _COMPONENT_RE.fullmatch(c) for c in path.split("/")
+    ):
+        raise ImageError(f"invalid repository name in reference {name!r} (must be lowercase "
+                         "letters, digits and separators)")
     if not tag and not digest:
         tag = "latest"
     return familiar + (f":{tag}" if tag else "") + digest

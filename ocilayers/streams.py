@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import zstandard
 from isal import igzip
 
-from ocilayers.errors import DigestMismatchError, ImageError
+from ocilayers.errors import DigestMismatchError, ImageError, OCILayersError
 from ocilayers.spec import Digest
 
 CHUNK = 1 << 20  # the unit every stream is read and capped in
@@ -58,8 +58,8 @@ class HashingReader(io.RawIOBase):
         if n:
             self.count += n
             if self._limit is not None and self.count > self._limit:
-                raise DigestMismatchError(
-                    f"{self._what}: size mismatch: expected {self._limit} bytes, got more")
+                raise DigestMismatchError(f"{self._what}: size mismatch: expected "
+                                          f"{self._limit} bytes, got at least {self.count}")
             self.hash.update(data)
             b[:n] = data
             if self._progress is not None:
@@ -76,8 +76,8 @@ class HashingReader(io.RawIOBase):
         if data:
             self.count += len(data)
             if self._limit is not None and self.count > self._limit:
-                raise DigestMismatchError(
-                    f"{self._what}: size mismatch: expected {self._limit} bytes, got more")
+                raise DigestMismatchError(f"{self._what}: size mismatch: expected "
+                                          f"{self._limit} bytes, got at least {self.count}")
             self.hash.update(data)
             if self._progress is not None:
                 self._progress(len(data))
@@ -143,6 +143,13 @@ def _read_head(raw: Readable, n: int) -> bytes:
     return head
 
 
+def igzip_lib_error() -> type[Exception]:
+    from isal import igzip_lib
+
+    err: Any = igzip_lib.IsalError
+    return err  # type: ignore[no-any-return]
+
+
 def decompressor(raw: Readable) -> tuple[str, Readable]:
     """Sniff `raw` and return (compression, a reader of the decompressed bytes)."""
     head = _read_head(raw, 4)
@@ -159,6 +166,10 @@ def decompressor(raw: Readable) -> tuple[str, Readable]:
     return kind, src
 
 
+# What decompressors raise on bad data (BadGzipFile and IsalError are OSError/Exception kin).
+_CORRUPT = (EOFError, OSError, zstandard.ZstdError, ValueError, igzip_lib_error())
+
+
 class LayerReader(io.RawIOBase):
     """A layer blob, decompressed; checks blob size+digest and DiffID over every byte.
 
@@ -169,6 +180,7 @@ class LayerReader(io.RawIOBase):
     def __init__(self, blob: Readable, what: str, digest: Digest | None, size: int | None,
                  diff_id: Digest | None, progress: Callable[[int], None] | None = None) -> None:
         self.what = what
+        self._blob = blob
         self._digest = digest
         self._size = size
         self._diff_id = diff_id
@@ -183,16 +195,36 @@ class LayerReader(io.RawIOBase):
         return True
 
     def readinto(self, b: Any) -> int:
-        return self.plain.readinto(b)
+        try:
+            return self.plain.readinto(b)
+        except _CORRUPT as exc:
+            raise self._corrupt(exc) from None
 
     def read(self, size: int = -1) -> bytes:
-        return self.plain.read(size)
+        try:
+            return self.plain.read(size)
+        except _CORRUPT as exc:
+            raise self._corrupt(exc) from None
+
+    def _corrupt(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, OCILayersError) or (isinstance(exc, OSError)
+                                               and exc.errno is not None):
+            return exc  # our own verdict, or a real I/O error: not bad data
+        return ImageError(f"{self.what}: corrupt {self.compression} stream: {exc}")
+
+    def close(self) -> None:
+        """Close the blob underneath (the reader does not own anything else)."""
+        if not self.closed:
+            close = getattr(self._blob, "close", None)
+            if close is not None:
+                close()
+        super().close()
 
     def finish(self) -> Digest:
         try:
             self.plain.drain()
-        except (EOFError, OSError, zstandard.ZstdError) as exc:
-            raise ImageError(f"{self.what}: corrupt {self.compression} stream: {exc}") from None
+        except _CORRUPT as exc:
+            raise self._corrupt(exc) from None
         self.compressed.drain()  # bytes after the compressed stream still count for the digest
         if self._size is not None:
             check_size(self.what, self._size, self.compressed.count)

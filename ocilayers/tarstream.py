@@ -94,10 +94,9 @@ def parse_number(field_bytes: bytes, what: str = "number") -> int:
     text = field_bytes.split(b"\0", 1)[0].strip(b" \0")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise TarError(f"invalid {what} field {field_bytes!r} in tar header") from None
+    if text.strip(b"01234567"):  # int() would also take signs, "0o" and underscores
+        raise TarError(f"invalid {what} field {field_bytes!r} in tar header")
+    return int(text, 8)
 
 
 def _cstr(b: bytes) -> bytes:
@@ -191,7 +190,16 @@ class TarReader:
     def _finish_entry(self) -> None:
         self.skip_data()
         if self._pad:
-            self._raw(self._exact(self._pad, "padding"))
+            # The last entry's padding may be missing altogether (umoci 0.4.7 `insert` writes
+            # such layers; dockerd and umoci read them): EOF here is a clean end.
+            got = b""
+            while len(got) < self._pad:
+                more = self._read(self._pad - len(got))
+                if not more:
+                    break
+                got += more
+            if got:
+                self._raw(got)
             self._pad = 0
 
     def _payload(self, size: int, raw: list[bytes], what: str) -> bytes:

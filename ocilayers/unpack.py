@@ -58,19 +58,18 @@ class _Built:
 def build_layer(src: ImageSource, layer: Layer, staging: Staging,
                 progress: Callable[[int], None] | None = None) -> _Built:
     """Decompress, verify and apply one layer into its staging dir, recording tar-split."""
-    reader = src.open_layer(layer, progress=progress)
-    with open(staging.tar_split, "wb") as raw, igzip.GzipFile(
+    with src.open_layer(layer, progress=progress) as reader, open(
+        staging.tar_split, "wb"
+    ) as raw, igzip.GzipFile(
         filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=1  # type: ignore[no-untyped-call]
     ) as gz:
         ts = TarSplitWriter(gz)
         try:
             stats = apply_layer(reader, staging.diff, mode="overlay", on_entry=ts.on_entry,
                                 on_raw=ts.on_raw, defer_root_opaque=True)
-        except OSError as exc:
+        except (OSError, OCILayersError) as exc:
             exc.add_note(f"unpack layer {layer.descriptor.digest.short}")
             raise
-        except OCILayersError as exc:
-            raise type(exc)(f"unpack layer {layer.descriptor.digest.short}: {exc}") from None
         ts.end_of_archive()
         while chunk := reader.read(CHUNK):
             ts.trailing(chunk)

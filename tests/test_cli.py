@@ -1,0 +1,121 @@
+"""cli.py: version, global options in either position, usage errors, error reporting modes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, assert_one_line_error, run_cli, run_module
+
+import ocilayers
+from ocilayers.cli import build_parser
+
+Capsys = pytest.CaptureFixture[str]
+TINY = str(FIXTURES / "tiny-oci.tar")
+
+
+def test_version(capsys: Capsys) -> None:
+    code, out, err = run_cli(["--version"], capsys)
+    assert code == 0
+    assert out.strip() == f"ocilayers {ocilayers.__version__}"
+    assert err == ""
+
+
+@pytest.mark.parametrize(("argv", "debug", "quiet", "root"), [
+    pytest.param(["inspect", TINY], False, False, None, id="defaults"),
+    pytest.param(["--debug", "inspect", TINY], True, False, None, id="debug-before"),
+    pytest.param(["inspect", TINY, "--debug"], True, False, None, id="debug-after"),
+    pytest.param(["-q", "inspect", TINY], False, True, None, id="q-before"),
+    pytest.param(["inspect", "-q", TINY], False, True, None, id="q-after"),
+    pytest.param(["--quiet", "convert", TINY, "-o", "x"], False, True, None, id="quiet-convert"),
+    pytest.param(["--root", "/r", "inspect", TINY], False, False, "/r", id="root-before"),
+    pytest.param(["inspect", TINY, "--root", "/r"], False, False, "/r", id="root-after"),
+    pytest.param(["--root=/r", "-q", "--debug", "inspect", TINY], True, True, "/r",
+                 id="all-before"),
+    pytest.param(["convert", TINY, "-o", "x", "--root", "/r", "-q", "--debug"], True, True,
+                 "/r", id="all-after"),
+])
+def test_global_options_parse_in_either_position(argv: list[str], debug: bool, quiet: bool,
+                                                  root: str | None) -> None:
+    args = build_parser().parse_args(argv)
+    assert (args.debug, args.quiet, args.root) == (debug, quiet, root)
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param(["--debug", "-q", "--root", "{tmp}", "inspect", TINY], id="before"),
+    pytest.param(["inspect", TINY, "--debug", "-q", "--root", "{tmp}"], id="after"),
+])
+def test_global_options_run(argv: list[str], tmp_path: Path, capsys: Capsys) -> None:
+    code, out, err = run_cli([a.format(tmp=tmp_path) for a in argv], capsys)
+    assert code == 0, err
+    assert "Image ID:" in out
+    assert err == ""
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param([], id="no-command"),
+    pytest.param(["frobnicate"], id="unknown-command"),
+    pytest.param(["inspect"], id="missing-source"),
+    pytest.param(["convert", TINY], id="convert-missing-output"),
+    pytest.param(["convert", TINY, "-o", "x", "--format", "zip"], id="bad-format"),
+    pytest.param(["convert", TINY, "-o", "x", "--compression", "bz2"], id="bad-compression"),
+    pytest.param(["inspect", TINY, "--bogus"], id="unknown-option"),
+])
+def test_usage_errors_exit_2(argv: list[str], capsys: Capsys) -> None:
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ocilayers") and ": error: " in lines[0]
+
+
+def test_python_m_help() -> None:
+    proc = run_module(["--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: ocilayers")
+    for word in ("inspect", "convert", "--version", "--debug", "--root"):
+        assert word in proc.stdout
+
+
+def test_python_m_runs_a_command() -> None:
+    proc = run_module(["inspect", TINY, "--json"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tags"] == ["tiny:latest"]
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_debug_prints_traceback(position: str, tmp_path: Path, capsys: Capsys) -> None:
+    missing = str(tmp_path / "nope")
+    argv = ["--debug", "inspect", missing] if position == "before" else \
+        ["inspect", missing, "--debug"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 1
+    assert out == ""
+    assert err.startswith("Traceback (most recent call last):")
+    assert err.splitlines()[-1] == f"ocilayers: error: {missing}: no such file or directory"
+
+
+def test_plain_mode_prints_no_traceback(tmp_path: Path, capsys: Capsys) -> None:
+    code, out, err = run_cli(["inspect", str(tmp_path / "nope")], capsys)
+    assert_one_line_error(code, err, "no such file or directory")
+    assert out == ""
+
+
+def test_plain_mode_in_a_subprocess(tmp_path: Path) -> None:
+    # The real entry point, not just main(): exit status and stderr as a shell sees them.
+    proc = run_module(["inspect", str(tmp_path / "nope")])
+    assert_one_line_error(proc.returncode, proc.stderr, str(tmp_path / "nope"))
+    assert proc.stdout == ""
+
+
+def test_os_error_is_one_line(tmp_path: Path, capsys: Capsys) -> None:
+    # An OSError (here EISDIR on a file the source expects) is reported like any other error.
+    layout = tmp_path / "layout"
+    layout.mkdir()
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").mkdir()
+    code, _, err = run_cli(["inspect", str(layout)], capsys)
+    assert_one_line_error(code, err, "index.json")
