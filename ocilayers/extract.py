@@ -78,10 +78,17 @@ def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
             except OSError as exc:
                 exc.add_note(f"apply entry '{entry.display_name}'")
                 raise
+            if sink is not None:  # data the entry kind ignores (a whiteout's) is still tar bytes
+                while data := reader.read_data():
+                    sink(data)
         applier.finish()
     finally:
         applier.close()
     return applier.stats
+
+
+class _NotDir(FileNotFoundError):
+    """A path's parent exists but is not a directory (so the path cannot exist)."""
 
 
 def _join(parts: Sequence[bytes]) -> bytes:
@@ -125,7 +132,7 @@ class _Applier:
         self.opaque_dirs: set[bytes] = set()  # dirs this layer made opaque
         self.whiteout_devs: dict[bytes, set[bytes]] = {}  # overlay: dir -> whiteouts made in it
         self.dir_meta: dict[bytes, TarEntry] = {}  # dir mode/times, applied after the children
-        self.deferred_links: list[TarEntry] = []
+        self.deferred_links: dict[bytes, TarEntry] = {}  # hardlinks whose target comes later
         self.root_opaque = False
         self._cache: tuple[bytes, int] | None = None
 
@@ -198,7 +205,7 @@ class _Applier:
             os.unlink(comp, dir_fd=fd)
             return self._make_parent(fd, parts)
         if not create:  # a non-directory parent: the path does not exist
-            raise FileNotFoundError(errno.ENOENT, "parent is not a directory", where)
+            raise _NotDir(errno.ENOENT, "parent is not a directory", where)
         raise ImageError(f"'{display}': parent '{where}' is not a directory")
 
     # -- the loop body --
@@ -237,10 +244,11 @@ class _Applier:
         self._mark_parents(parts)
         path = _join(parts)
         base = parts[-1]
+        self.deferred_links.pop(path, None)  # a later entry at the same path wins
         if entry.type == LNK:
             self.stats.hardlinks += 1  # counted here: LNK is the only kind with its own method
             if not self._link(parts, entry, display):
-                self.deferred_links.append(entry)
+                self.deferred_links[path] = entry
             return
         if not (entry.is_file or entry.type in (DIR, SYM, CHR, BLK, FIFO)):
             raise ImageError(f"'{display}': unsupported entry type {entry.type!r}")
@@ -304,8 +312,9 @@ class _Applier:
     def _chown(self, fn: Callable[[], None]) -> None:
         try:
             fn()
-        except PermissionError:
-            if not self.rootless:
+        except OSError as exc:
+            # EPERM: not root; EINVAL: the id has no mapping in this user namespace.
+            if not self.rootless or exc.errno not in (errno.EPERM, errno.EINVAL):
                 raise
             self.stats.skipped += 1
 
@@ -352,6 +361,9 @@ class _Applier:
     def _remove(self, pfd: int, base: bytes, st: os.stat_result, path: bytes) -> None:
         """Remove `base` (at `path`) from `pfd`; `pfd` itself stays valid."""
         if stat.S_ISDIR(st.st_mode):
+            prefix = path + b"/"
+            for p in [p for p in self.dir_meta if p == path or p.startswith(prefix)]:
+                del self.dir_meta[p]
             if self._cache is not None and (self._cache[0] == path
                                             or self._cache[0].startswith(path + b"/")):
                 self._drop_cache()
@@ -368,7 +380,12 @@ class _Applier:
 
     def _link(self, parts: list[bytes], entry: TarEntry, display: str) -> bool:
         """Make the link; False when its target does not exist yet (retried at the end)."""
-        tparts = _split(entry.linkname)
+        try:
+            tparts = _split(entry.linkname)
+        except UnsafeEntryError:
+            target = entry.linkname.decode("utf-8", "backslashreplace")
+            raise UnsafeEntryError(f"'{display}': hardlink target '{target}' escapes root") \
+                from None
         if not tparts:
             raise UnsafeEntryError(f"'{display}': hardlink to the root directory")
         if tparts == parts:
@@ -383,6 +400,8 @@ class _Applier:
                 return False
             if stat.S_ISDIR(tst.st_mode):
                 raise UnsafeEntryError(f"'{display}': hardlink to a directory")
+            if self.mode == "overlay" and is_whiteout_stat(tst):
+                raise UnsafeEntryError(f"'{display}': hardlink to a whiteout would forge one")
             pfd = self._dirfd(parts[:-1], display, create=True)
             existing = _lstat(parts[-1], pfd)
             if existing is not None:
@@ -398,6 +417,8 @@ class _Applier:
     # -- whiteouts --
 
     def _inside_opaque(self, parent: Sequence[bytes]) -> bool:
+        if self.root_opaque:
+            return True
         return any(_join(parent[:i]) in self.opaque_dirs for i in range(len(parent) + 1))
 
     def _whiteout(self, parent: list[bytes], target: bytes, entry: TarEntry,
@@ -410,8 +431,8 @@ class _Applier:
             self._same_layer_dir_hides_lower(parent, target, path, display)
             return
         if self.mode == "overlay":
-            if self._inside_opaque(parent) or (not parent and self.root_opaque):
-                return  # redundant: an opaque dir of this layer already hides everything below
+            if self._inside_opaque(parent) or self._under_non_dir(parent, display):
+                return  # redundant: something of this layer already hides everything below
             self.whited.add(path)
             pfd = self._dirfd(parent, display, create=True)
             existing = _lstat(target, pfd)
@@ -441,6 +462,18 @@ class _Applier:
         else:
             self._clear_lower(list(path.split(b"/")), display)
 
+    def _under_non_dir(self, parent: Sequence[bytes], display: str) -> bool:
+        """Is the dir `parent` (or one above it) a non-directory, such as a file or whiteout
+        this layer made? A symlink there is refused: nothing is written through one."""
+        try:
+            fd = self._dirfd(parent, display, create=False, cache=False)
+        except _NotDir:
+            return True
+        except FileNotFoundError:
+            return False
+        os.close(fd)
+        return False
+
     def _set_opaque_at(self, pfd: int, base: bytes, path: bytes) -> None:
         fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
         try:
@@ -454,7 +487,8 @@ class _Applier:
     def _drop_redundant_whiteouts(self, path: bytes) -> None:
         """Whiteouts this layer made below a dir it has now made opaque hide nothing more."""
         prefix = path + b"/"
-        for d in [d for d in self.whiteout_devs if d == path or d.startswith(prefix)]:
+        for d in [d for d in self.whiteout_devs
+                  if not path or d == path or d.startswith(prefix)]:
             names = self.whiteout_devs.pop(d)
             parts = d.split(b"/") if d else []
             try:
@@ -476,6 +510,8 @@ class _Applier:
                 self._clear_lower([], display)
             return
         if self.mode == "overlay":
+            if self._under_non_dir(parent, display):
+                return  # a marker under a file or whiteout of this layer hides nothing more
             gfd = self._dirfd(parent[:-1], display, create=True)
             if _lstat(parent[-1], gfd) is None:
                 self._dirfd(parent, display, create=True)
@@ -510,7 +546,7 @@ class _Applier:
     # -- the end --
 
     def finish(self) -> None:
-        for entry in self.deferred_links:
+        for entry in self.deferred_links.values():
             parts = _split(entry.name)
             if not self._link(parts, entry, entry.display_name):
                 raise ImageError(f"'{entry.display_name}': hardlink target "

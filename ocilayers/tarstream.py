@@ -337,3 +337,104 @@ def _pax_time_ns(value: bytes) -> int:
         raise ValueError(text)
     ns = int(whole) * 1_000_000_000 + int((frac + "000000000")[:9] or 0)
     return -ns if neg else ns
+
+
+# --- writing: Go archive/tar's header dialect, as `docker commit` emits it ---
+
+_NAME_SIZE = 100
+
+
+def _fits_octal(width: int, value: int) -> bool:
+    return 0 <= value < 1 << (3 * (width - 1))
+
+
+def _fmt_octal(width: int, value: int) -> bytes:
+    """Go's formatter.formatOctal: zero-padded octal leaving room for a NUL; 0 if it won't fit
+    (the value then travels in a PAX record)."""
+    if not _fits_octal(width, value):
+        value = 0
+    s = format(value, "o").encode()
+    pad = width - len(s) - 1
+    if pad > 0:
+        s = b"0" * pad + s
+    return _fmt_str(width, s)
+
+
+def _fmt_str(width: int, s: bytes) -> bytes:
+    return s[:width] + b"\0" * (width - len(s)) if len(s) < width else s[:width]
+
+
+def _to_ascii(b: bytes) -> bytes:
+    return bytes(c for c in b if c < 0x80)
+
+
+def _pax_record(key: bytes, value: bytes) -> bytes:
+    size = len(key) + len(value) + 3
+    size += len(str(size))
+    record = b"%d %s=%s\n" % (size, key, value)
+    if len(record) != size:
+        size = len(record)
+        record = b"%d %s=%s\n" % (size, key, value)
+    return record
+
+
+def _block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, typeflag: bytes,
+           linkname: bytes = b"", devmajor: int = 0, devminor: int = 0) -> bytes:
+    b = bytearray(BLOCK)
+    b[0:100] = _fmt_str(100, name)
+    b[100:108] = _fmt_octal(8, mode)
+    b[108:116] = _fmt_octal(8, uid)
+    b[116:124] = _fmt_octal(8, gid)
+    b[124:136] = _fmt_octal(12, size)
+    b[136:148] = _fmt_octal(12, mtime)
+    b[156:157] = typeflag
+    b[157:257] = _fmt_str(100, linkname)
+    b[257:263] = b"ustar\0"
+    b[263:265] = b"00"
+    b[329:337] = _fmt_octal(8, devmajor)
+    b[337:345] = _fmt_octal(8, devminor)
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def encode_header(entry: TarEntry, *, pax_format: bool = True, type_bits: int = 0) -> bytes:
+    """Header block(s) for `entry`, as Go's archive/tar writes them (moby sets FormatPAX).
+
+    Mode carries `type_bits` (Docker puts the file-type bits in the mode field). PAX records
+    appear only when needed: long or non-ASCII names, big or negative numbers, xattrs; the
+    extended header is named `<dir>/PaxHeaders.0/<base>`. mtime is whole seconds."""
+    mtime = entry.mtime_ns // 1_000_000_000 if entry.mtime_ns >= 0 else -(
+        -entry.mtime_ns // 1_000_000_000)
+    pax: dict[bytes, bytes] = {}
+
+    def long_str(value: bytes, key: bytes) -> None:
+        if len(value) > _NAME_SIZE or _to_ascii(value) != value:
+            pax[key] = value
+
+    long_str(entry.name, b"path")
+    long_str(entry.linkname, b"linkpath")
+    for key, number, width in ((b"uid", entry.uid, 8), (b"gid", entry.gid, 8),
+                               (b"size", entry.size, 12)):
+        if not _fits_octal(width, number):
+            pax[key] = str(number).encode()
+    if not _fits_octal(12, mtime):
+        pax[b"mtime"] = str(mtime).encode()
+    for name, value in entry.xattrs.items():
+        pax[b"SCHILY.xattr." + name.encode("utf-8", "surrogateescape")] = value
+    if pax and not pax_format:
+        raise ValueError(f"'{entry.display_name}' needs PAX records")
+    main = _block(_to_ascii(entry.name), entry.mode | type_bits, entry.uid, entry.gid,
+                  entry.size, mtime, entry.type, _to_ascii(entry.linkname), entry.devmajor,
+                  entry.devminor)
+    if not pax:
+        return main
+    data = b"".join(_pax_record(k, pax[k]) for k in sorted(pax))
+    d, _, base = entry.name.rstrip(b"/").rpartition(b"/")
+    xname = (d + b"/" if d else b"") + b"PaxHeaders.0/" + base
+    xname = _to_ascii(xname)[:_NAME_SIZE].rstrip(b"/")
+    ext = _block(xname, 0, 0, 0, len(data), 0, PAX)
+    return ext + data + b"\0" * (-len(data) % BLOCK) + main
+
+
+END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
