@@ -10,12 +10,20 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from ocilayers.differ import PackStats, write_layer, write_tree_diff
 from ocilayers.errors import ImageError, OCILayersError, StoreError
 from ocilayers.extract import apply_layer
 from ocilayers.sources import TRANSPORTS, Image, ImageSource, Layer, open_source
-from ocilayers.spec import Digest, ImageConfig, Platform, chain_ids, normalize_reference
+from ocilayers.spec import (
+    Digest,
+    ImageConfig,
+    Platform,
+    chain_ids,
+    normalize_reference,
+    oci_layer_media_type,
+)
 from ocilayers.store import LayerRecord, Store, diff_size
-from ocilayers.streams import HashingReader, IterReader, Readable
+from ocilayers.streams import Compressor, HashingReader, HashingWriter, IterReader, Readable
 from ocilayers.tarsplit import assemble, open_records
 from ocilayers.unpack import ProgressFn as UnpackProgress
 from ocilayers.unpack import UnpackResult, unpack_image
@@ -338,3 +346,39 @@ def _run(argv: list[str], cwd: str | None = None) -> None:
     if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise StoreError(f"{argv[0]} failed: {msg[-1] if msg else proc.returncode}")
+
+
+# --- pack (commit an upper dir) ---
+
+@dataclass(frozen=True)
+class PackResult:
+    diff_id: Digest
+    digest: Digest
+    size: int
+    media_type: str
+    stats: PackStats
+
+    def to_json(self) -> dict[str, Any]:
+        return {"diff_id": str(self.diff_id), "digest": str(self.digest), "size": self.size,
+                "media_type": self.media_type, "entries": self.stats.entries,
+                "whiteouts": self.stats.whiteouts, "opaques": self.stats.opaques}
+
+
+def pack(upper: str, out: Any, *, base: str | None = None, lowers: Sequence[str] = (),
+         compression: str = "gzip", xattrs: str = "all", opaque: str | None = None,
+         source_date_epoch: int | None = None, content: bool = False,
+         warn: Callable[[str], None] | None = None) -> PackResult:
+    """Write the layer for an upper dir (or for `upper` against the plain tree `base`) into
+    the binary stream `out`, compressed; returns its DiffID, blob digest and size."""
+    blob = HashingWriter(out)
+    compressor = Compressor(blob, compression, threads=-1 if compression == "zstd" else 0)
+    plain = HashingWriter(compressor)
+    if base is not None:
+        stats = write_tree_diff(upper, base, plain, content=content, xattrs=xattrs,
+                                source_date_epoch=source_date_epoch, warn=warn)
+    else:
+        stats = write_layer(upper, plain, lowers=list(lowers) or None, xattrs=xattrs,
+                            opaque=opaque, source_date_epoch=source_date_epoch, warn=warn)
+    compressor.close()
+    return PackResult(plain.digest, blob.digest, blob.count, oci_layer_media_type(compression),
+                      stats)

@@ -74,6 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_unpack)
 
+    p = add("pack", "write an overlay upper dir (or a tree against --base) as a layer")
+    p.add_argument("upper", metavar="UPPER|NEW_ROOTFS")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="file, or - for stdout")
+    p.add_argument("--base", metavar="OLD_ROOTFS",
+                   help="compare two plain trees instead of reading an overlay upper dir")
+    p.add_argument("--lower", action="append", default=[], metavar="DIR",
+                   help="a lower layer (diff dir) or merged lower tree, top-most first")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip")
+    p.add_argument("--xattrs", choices=("all", "docker"), default="all")
+    p.add_argument("--opaque", choices=("docker", "lower"),
+                   help="which opaque dirs get a marker (default: lower with --lower, "
+                        "else docker)")
+    p.add_argument("--source-date-epoch", type=int, metavar="N",
+                   help="clamp newer mtimes to N (default: $SOURCE_DATE_EPOCH if set)")
+    p.add_argument("--content", action="store_true",
+                   help="with --base: also compare file bytes when metadata is equal")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pack)
+
     p = add("images", "list the store's images")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_images)
@@ -242,6 +261,53 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     _msg(args, f"unpacked {len(result.layers)} layers ({reused} reused) into "
                f"{Store(args.root).root}{tagged}")
     return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    if args.base is not None and (args.lower or args.opaque):
+        raise OCILayersError("--base compares two plain trees; --lower/--opaque are for "
+                             "overlay upper dirs")
+    if args.content and args.base is None:
+        raise OCILayersError("--content needs --base")
+    sde = args.source_date_epoch
+    if sde is None and os.environ.get("SOURCE_DATE_EPOCH"):
+        sde = int(os.environ["SOURCE_DATE_EPOCH"])
+
+    def warn(msg: str) -> None:
+        print(f"{PROG}: warning: {msg}", file=sys.stderr)
+
+    kwargs = dict(base=args.base, lowers=args.lower, compression=args.compression,
+                  xattrs=args.xattrs, opaque=args.opaque, source_date_epoch=sde,
+                  content=args.content, warn=warn)
+    if args.output == "-":
+        result = api.pack(args.upper, sys.stdout.buffer, **kwargs)
+        sys.stdout.buffer.flush()
+        report = sys.stderr
+    else:
+        result = _pack_to_file(args.upper, args.output, kwargs)
+        report = sys.stdout
+    if args.json:
+        report.write(json.dumps(result.to_json(), indent=2) + "\n")
+    elif report is sys.stdout:
+        print(result.digest)
+    return 0
+
+
+def _pack_to_file(upper: str, out: str, kwargs: dict[str, Any]) -> api.PackResult:
+    """Write next to OUT and rename: a failed pack leaves nothing behind."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".ocilayers-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            result = api.pack(upper, f, **kwargs)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return result
 
 
 def cmd_images(args: argparse.Namespace) -> int:

@@ -404,8 +404,7 @@ def encode_header(entry: TarEntry, *, pax_format: bool = True, type_bits: int = 
     Mode carries `type_bits` (Docker puts the file-type bits in the mode field). PAX records
     appear only when needed: long or non-ASCII names, big or negative numbers, xattrs; the
     extended header is named `<dir>/PaxHeaders.0/<base>`. mtime is whole seconds."""
-    mtime = entry.mtime_ns // 1_000_000_000 if entry.mtime_ns >= 0 else -(
-        -entry.mtime_ns // 1_000_000_000)
+    mtime = entry.mtime_ns // 1_000_000_000  # floor, as Go's Time.Truncate(time.Second)
     pax: dict[bytes, bytes] = {}
 
     def long_str(value: bytes, key: bytes) -> None:

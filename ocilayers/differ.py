@@ -1,0 +1,480 @@
+"""`write_layer`: an overlay upper dir (or two trees' difference) as a deterministic layer tar.
+
+The walk is Go's `filepath.WalkDir` order, as `docker commit` walks: depth first, each dir's
+entries sorted by their on-disk byte names, no root entry. Headers are Go archive/tar's dialect
+(tarstream.encode_header), so for an upper dir `docker commit` would diff, the output matches it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ocilayers.errors import ImageError
+from ocilayers.tarstream import (
+    BLK,
+    BLOCK,
+    CHR,
+    DIR,
+    END_OF_ARCHIVE,
+    FIFO,
+    LNK,
+    REG,
+    SYM,
+    TarEntry,
+    encode_header,
+)
+from ocilayers.whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_stat, unescape_xattr
+
+XATTR_POLICIES = ("all", "docker")
+OPAQUE_POLICIES = ("docker", "lower")
+_CHUNK = 1 << 20
+# Never content: host labels and NFS ACLs (they describe the host, not the image).
+_DROPPED_XATTRS = frozenset({"security.selinux", "system.nfs4_acl"})
+_TYPE_BITS = {stat.S_IFDIR: (DIR, 0o040000), stat.S_IFLNK: (SYM, 0o120000),
+              stat.S_IFCHR: (CHR, 0o020000), stat.S_IFBLK: (BLK, 0o060000),
+              stat.S_IFIFO: (FIFO, 0o010000), stat.S_IFREG: (REG, 0o100000)}
+
+
+class UnsupportedUpperError(ImageError):
+    """The upper dir alone is not the diff (redirect/metacopy) and no lowers were given."""
+
+
+@dataclass
+class PackStats:
+    entries: int = 0
+    whiteouts: int = 0
+    opaques: int = 0
+    hardlinks: int = 0
+    bytes: int = 0  # file data
+    skipped: int = 0  # sockets
+
+
+def _overlay_xattr(path: bytes, key: str) -> bytes | None:
+    for ns in ("trusted", "user"):
+        try:
+            return os.getxattr(path, f"{ns}.overlay.{key}", follow_symlinks=False)
+        except OSError:
+            continue
+    return None
+
+
+def _is_opaque(path: bytes) -> bool:
+    return _overlay_xattr(path, "opaque") == b"y"
+
+
+def _lstat(path: bytes) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+class _Lowers:
+    """The merged view of the lower layers (top-most first), read without mounting them."""
+
+    def __init__(self, lowers: Sequence[str | bytes]) -> None:
+        self.dirs = [os.fsencode(x) for x in lowers]
+
+    def contributing(self, parts: Sequence[bytes]) -> list[bytes]:
+        """Paths of dir `parts` in each lower that shows through, top-most first."""
+        out: list[bytes] = []
+        for lower in self.dirs:
+            cur = lower
+            blocked = False
+            present = True
+            for comp in parts:
+                cur = os.path.join(cur, comp)
+                st = _lstat(cur)
+                if st is None:
+                    present = False
+                    break
+                if is_whiteout_stat(st) or not stat.S_ISDIR(st.st_mode):
+                    return out  # hides this path in every lower layer below
+                if _is_opaque(cur):
+                    blocked = True
+            if present:
+                out.append(cur)
+            if blocked:
+                return out
+        return out
+
+    def has_dir(self, parts: Sequence[bytes]) -> bool:
+        return bool(self.contributing(parts))
+
+    def children(self, parts: Sequence[bytes]) -> dict[bytes, bytes]:
+        """name -> path of the top-most visible lower entry, for the merged dir `parts`."""
+        out: dict[bytes, bytes] = {}
+        hidden: set[bytes] = set()
+        for d in self.contributing(parts):
+            for name in os.listdir(d):
+                if name in out or name in hidden:
+                    continue
+                p = os.path.join(d, name)
+                st = os.lstat(p)
+                if is_whiteout_stat(st):
+                    hidden.add(name)
+                else:
+                    out[name] = p
+        return out
+
+    def file(self, parts: Sequence[bytes]) -> bytes | None:
+        return self.children(parts[:-1]).get(parts[-1])
+
+
+class _Writer:
+    def __init__(self, out: Any, xattrs: str, opaque: str, lowers: _Lowers | None,
+                 source_date_epoch: int | None, warn: Callable[[str], None] | None) -> None:
+        self.out = out
+        self.xattr_policy = xattrs
+        self.opaque_policy = opaque
+        self.lowers = lowers
+        self.sde = source_date_epoch
+        self.warn = warn
+        self.stats = PackStats()
+        self.links: dict[tuple[int, int], bytes] = {}  # inode -> first name (files)
+        self.whiteout_links: dict[tuple[int, int], bytes] = {}  # inode -> first on-disk path
+        self.docker = xattrs == "docker"
+
+    # -- headers --
+
+    def _mtime_ns(self, st: os.stat_result) -> int:
+        secs = st.st_mtime_ns // 1_000_000_000  # whole seconds (Go's Truncate)
+        if self.sde is not None and secs > self.sde:
+            secs = self.sde
+        return secs * 1_000_000_000
+
+    def _xattrs(self, path: bytes) -> dict[str, bytes]:
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            return {}
+        out: dict[str, bytes] = {}
+        for name in sorted(names):
+            if self.docker:
+                if name != "security.capability":
+                    continue
+                content = name
+            else:
+                if name in _DROPPED_XATTRS:
+                    continue
+                unescaped = unescape_xattr(name)
+                if unescaped is None:
+                    continue  # overlay bookkeeping: origin, impure, opaque, redirect, ...
+                content = unescaped
+            try:
+                out[content] = os.getxattr(path, name, follow_symlinks=False)
+            except OSError:
+                continue
+        return out
+
+    def _emit(self, entry: TarEntry, type_bits: int) -> None:
+        self.out.write(encode_header(entry, type_bits=type_bits))
+        self.stats.entries += 1
+
+    def _data(self, src: bytes, size: int, shown: str) -> None:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            left = size
+            while left > 0:
+                data = os.read(fd, min(_CHUNK, left))
+                if not data:
+                    raise ImageError(f"'{shown}' shrank while it was packed")
+                self.out.write(data)
+                left -= len(data)
+            if os.read(fd, 1):
+                raise ImageError(f"'{shown}' grew while it was packed")
+        finally:
+            os.close(fd)
+        self.stats.bytes += size
+        if size % BLOCK:
+            self.out.write(b"\0" * (BLOCK - size % BLOCK))
+
+    # -- entries --
+
+    def entry(self, rel: bytes, path: bytes, st: os.stat_result,
+              data_from: bytes | None = None) -> None:
+        """One filesystem entry (not a whiteout); `data_from` overrides where data is read."""
+        fmt = stat.S_IFMT(st.st_mode)
+        if fmt == stat.S_IFSOCK:
+            self.stats.skipped += 1
+            if self.warn:
+                self.warn(f"skipping socket '{rel.decode('utf-8', 'backslashreplace')}'")
+            return
+        typeflag, bits = _TYPE_BITS[fmt]
+        e = TarEntry(name=rel + (b"/" if fmt == stat.S_IFDIR else b""), type=typeflag,
+                     mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                     mtime_ns=self._mtime_ns(st), xattrs=self._xattrs(path))
+        if fmt == stat.S_IFLNK:
+            e.linkname = os.readlink(path)
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            e.devmajor, e.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        elif fmt == stat.S_IFREG:
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                first = self.links.get(key)
+                if first is not None:
+                    e.type, e.linkname = LNK, first
+                    self.stats.hardlinks += 1
+                    self._emit(e, bits)
+                    return
+                self.links[key] = rel
+            source = data_from or path
+            e.size = os.lstat(source).st_size if data_from else st.st_size
+            self._emit(e, bits)
+            self._data(source, e.size, rel.decode("utf-8", "backslashreplace"))
+            return
+        self._emit(e, bits)
+
+    def whiteout(self, rel: bytes, st: os.stat_result) -> None:
+        d, _, base = rel.rpartition(b"/")
+        name = (d + b"/" if d else b"") + WHITEOUT_PREFIX + base
+        e = TarEntry(name=name, type=REG, mode=0o600, uid=st.st_uid, gid=st.st_gid,
+                     mtime_ns=self._mtime_ns(st))
+        if st.st_nlink > 1:
+            # The kernel makes every whiteout a link of one inode: never emit a hardlink.
+            # `docker commit` leaves the first one's path as a stray linkname; so do we
+            # when asked for Docker's dialect (--xattrs docker), for identical bytes.
+            key = (st.st_dev, st.st_ino)
+            first = self.whiteout_links.setdefault(key, rel)
+            if self.docker and first != rel:
+                e.linkname = first
+        self.stats.whiteouts += 1
+        self._emit(e, 0)
+
+    def opaque_marker(self, rel: bytes, st: os.stat_result) -> None:
+        e = TarEntry(name=rel + b"/" + OPAQUE_MARKER, type=REG, mode=stat.S_IMODE(st.st_mode),
+                     uid=st.st_uid, gid=st.st_gid, mtime_ns=0)
+        self.stats.opaques += 1
+        self._emit(e, 0)
+
+    def finish(self) -> None:
+        self.out.write(END_OF_ARCHIVE)
+
+
+def _sorted_names(path: bytes) -> list[bytes]:
+    return sorted(os.listdir(path))
+
+
+def _parts(rel: bytes) -> list[bytes]:
+    return rel.split(b"/") if rel else []
+
+
+def write_layer(upper: str | bytes, out: Any, *, lowers: Sequence[str | bytes] | None = None,
+                xattrs: str = "all", opaque: str | None = None,
+                source_date_epoch: int | None = None,
+                warn: Callable[[str], None] | None = None) -> PackStats:
+    """Write the overlay upper dir `upper` to `out` (anything with `write`) as a layer tar.
+
+    - char 0/0 whiteouts become `.wh.NAME` (never hardlinks, though the kernel links them);
+    - opaque dirs become the dir entry plus `DIR/.wh..wh..opq`: every one with
+      `opaque="docker"` (default without lowers), only dirs a lower has with `"lower"`
+      (default with lowers: the kernel also marks dirs new to the image);
+    - `xattrs="all"` keeps every xattr but security.selinux, system.nfs4_acl and overlay
+      bookkeeping; `"docker"` keeps only security.capability, as `docker commit` does;
+    - a redirected dir (renamed) or a metacopy file (data still below) needs `lowers` to be
+      written right; without them it is refused, never written wrong.
+    """
+    if xattrs not in XATTR_POLICIES:
+        raise ValueError(f"xattrs must be one of {XATTR_POLICIES}")
+    opaque = opaque or ("lower" if lowers else "docker")
+    if opaque not in OPAQUE_POLICIES:
+        raise ValueError(f"opaque must be one of {OPAQUE_POLICIES}")
+    if opaque == "lower" and not lowers:
+        raise ValueError("opaque='lower' needs lowers")
+    low = _Lowers(lowers) if lowers else None
+    w = _Writer(out, xattrs, opaque, low, source_date_epoch, warn)
+    root = os.fsencode(upper)
+    if not os.path.isdir(root):
+        raise ImageError(f"{os.fsdecode(root)}: not a directory")
+    _walk_upper(w, root, b"")
+    w.finish()
+    return w.stats
+
+
+def _walk_upper(w: _Writer, root: bytes, rel: bytes) -> None:
+    d = os.path.join(root, rel) if rel else root
+    for name in _sorted_names(d):
+        crel = rel + b"/" + name if rel else name
+        path = os.path.join(d, name)
+        st = os.lstat(path)
+        if is_whiteout_stat(st):
+            w.whiteout(crel, st)
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            redirect = _overlay_xattr(path, "redirect")
+            if redirect is not None:
+                _redirected_dir(w, root, crel, path, st, redirect)
+                continue
+            w.entry(crel, path, st)
+            if _is_opaque(path) and (
+                w.opaque_policy == "docker"
+                or (w.lowers is not None and w.lowers.has_dir(_parts(crel)))
+            ):
+                w.opaque_marker(crel, st)
+            _walk_upper(w, root, crel)
+            continue
+        if stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy") is not None:
+            w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path))
+            continue
+        w.entry(crel, path, st)
+
+
+def _need_lowers(w: _Writer, what: str, rel: bytes) -> _Lowers:
+    if w.lowers is None:
+        raise UnsupportedUpperError(
+            f"'{rel.decode('utf-8', 'backslashreplace')}' is a {what}: the upper dir alone is "
+            "not the diff; pass the lower layers (--lower) to write it correctly")
+    return w.lowers
+
+
+def _metacopy_source(w: _Writer, rel: bytes, path: bytes) -> bytes:
+    low = _need_lowers(w, "metacopy file (its data is still in a lower layer)", rel)
+    redirect = _overlay_xattr(path, "redirect")
+    parts = _redirect_parts(rel, redirect) if redirect else _parts(rel)
+    src = low.file(parts)
+    if src is None or not stat.S_ISREG(os.lstat(src).st_mode):
+        raise ImageError(f"'{rel.decode('utf-8', 'backslashreplace')}': metacopy data not "
+                         "found in the lower layers")
+    return src
+
+
+def _redirect_parts(rel: bytes, redirect: bytes) -> list[bytes]:
+    """overlayfs.rst "Redirect dir": absolute from the layer root, or a name in the same dir."""
+    if redirect.startswith(b"/"):
+        return [p for p in redirect.split(b"/") if p]
+    parent = _parts(rel)[:-1]
+    return [*parent, redirect]
+
+
+def _redirected_dir(w: _Writer, root: bytes, rel: bytes, path: bytes, st: os.stat_result,
+                    redirect: bytes) -> None:
+    """A renamed lower dir: its whole content, opaque, at the new path (the old path already
+    holds a whiteout in the upper dir)."""
+    low = _need_lowers(w, "renamed directory (redirect)", rel)
+    w.entry(rel, path, st)
+    w.opaque_marker(rel, st)
+    _merged_subtree(w, low, rel, path, _redirect_parts(rel, redirect))
+
+
+def _merged_subtree(w: _Writer, low: _Lowers, rel: bytes, upper_dir: bytes | None,
+                    lower_parts: list[bytes] | None) -> None:
+    """Everything below `rel`: upper entries over the lower dir `lower_parts`, fully."""
+    upper_names = _sorted_names(upper_dir) if upper_dir is not None else []
+    lower_children = low.children(lower_parts) if lower_parts is not None else {}
+    for name in sorted(set(upper_names) | set(lower_children)):
+        crel = rel + b"/" + name
+        if name in upper_names:
+            assert upper_dir is not None
+            path = os.path.join(upper_dir, name)
+            st = os.lstat(path)
+            if is_whiteout_stat(st):
+                continue  # the new dir is opaque: the lower entry is simply left out
+            if stat.S_ISDIR(st.st_mode):
+                w.entry(crel, path, st)
+                redirect = _overlay_xattr(path, "redirect")
+                if redirect is not None:
+                    sub_lower: list[bytes] | None = _redirect_parts(crel, redirect)
+                elif _is_opaque(path) or lower_parts is None:
+                    sub_lower = None
+                else:
+                    sub_lower = [*lower_parts, name]
+                _merged_subtree(w, low, crel, path, sub_lower)
+            elif stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy") is not None:
+                w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path))
+            else:
+                w.entry(crel, path, st)
+        else:
+            assert lower_parts is not None
+            lpath = lower_children[name]
+            st = os.lstat(lpath)
+            w.entry(crel, lpath, st)
+            if stat.S_ISDIR(st.st_mode):
+                _merged_subtree(w, low, crel, None, [*lower_parts, name])
+
+
+# --- two plain trees ---
+
+def _same(a: os.stat_result, b: os.stat_result, pa: bytes, pb: bytes, content: bool) -> bool:
+    if stat.S_IFMT(a.st_mode) != stat.S_IFMT(b.st_mode):
+        return False
+    if (a.st_mode, a.st_uid, a.st_gid) != (b.st_mode, b.st_uid, b.st_gid):
+        return False
+    if a.st_mtime_ns // 1_000_000_000 != b.st_mtime_ns // 1_000_000_000:
+        return False
+    fmt = stat.S_IFMT(a.st_mode)
+    if fmt == stat.S_IFREG and a.st_size != b.st_size:
+        return False
+    if fmt == stat.S_IFLNK and os.readlink(pa) != os.readlink(pb):
+        return False
+    if fmt in (stat.S_IFCHR, stat.S_IFBLK) and a.st_rdev != b.st_rdev:
+        return False
+    if _all_xattrs(pa) != _all_xattrs(pb):
+        return False
+    return not (content and fmt == stat.S_IFREG and not _same_bytes(pa, pb))
+
+
+def _all_xattrs(path: bytes) -> dict[str, bytes]:
+    try:
+        return {n: os.getxattr(path, n, follow_symlinks=False)
+                for n in os.listxattr(path, follow_symlinks=False)}
+    except OSError:
+        return {}
+
+
+def _same_bytes(a: bytes, b: bytes) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(_CHUNK), fb.read(_CHUNK)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def write_tree_diff(new: str | bytes, base: str | bytes, out: Any, *, content: bool = False,
+                    xattrs: str = "all", source_date_epoch: int | None = None,
+                    warn: Callable[[str], None] | None = None) -> PackStats:
+    """The layer that turns plain tree `base` into plain tree `new`: added and changed entries
+    (type, mode, owner, whole-second mtime, size, link target, device numbers, xattrs; with
+    `content`, bytes too), and a `.wh.` for the top of each deleted subtree."""
+    if xattrs not in XATTR_POLICIES:
+        raise ValueError(f"xattrs must be one of {XATTR_POLICIES}")
+    w = _Writer(out, xattrs, "docker", None, source_date_epoch, warn)
+    nroot, broot = os.fsencode(new), os.fsencode(base)
+    for root in (nroot, broot):
+        if not os.path.isdir(root):
+            raise ImageError(f"{os.fsdecode(root)}: not a directory")
+    for kind, rel, path, st in _tree_changes(nroot, broot, b"", content):
+        if kind == "deleted":
+            w.whiteout(rel, st)
+        else:
+            w.entry(rel, path, st)
+    w.finish()
+    return w.stats
+
+
+def _tree_changes(nroot: bytes, broot: bytes, rel: bytes,
+                  content: bool) -> Iterator[tuple[str, bytes, bytes, os.stat_result]]:
+    nd = os.path.join(nroot, rel) if rel else nroot
+    bd = os.path.join(broot, rel) if rel else broot
+    bst = _lstat(bd)
+    base_names = set(os.listdir(bd)) if bst is not None and stat.S_ISDIR(bst.st_mode) else set()
+    new_names = set(os.listdir(nd))
+    for name in sorted(new_names | base_names):
+        crel = rel + b"/" + name if rel else name
+        npath = os.path.join(nd, name)
+        if name not in new_names:
+            # deleted: one whiteout for the top of the subtree, owned as its parent dir
+            yield "deleted", crel, npath, os.lstat(nd)
+            continue
+        st = os.lstat(npath)
+        bpath = os.path.join(bd, name)
+        old = _lstat(bpath) if name in base_names else None
+        if old is None or not _same(st, old, npath, bpath, content):
+            yield "changed", crel, npath, st
+        if stat.S_ISDIR(st.st_mode):
+            yield from _tree_changes(nroot, broot, crel, content)
