@@ -130,10 +130,11 @@ class Store:
     # -- set-up and locking --
 
     def init(self) -> None:
-        for path, mode in ((self.root, 0o711), (self.overlay, 0o710), (self.links, 0o700),
+        # Modes as dockerd 20.10 makes them (checked against a real daemon's data-root).
+        for path, mode in ((self.root, 0o710), (self.overlay, 0o710), (self.links, 0o700),
                            (os.path.join(self.root, "image"), 0o700), (self.image_root, 0o700),
-                           (self.layerdb, 0o700), (os.path.join(self.layerdb, "sha256"), 0o700),
-                           (os.path.join(self.layerdb, "tmp"), 0o700),
+                           (self.layerdb, 0o700), (os.path.join(self.layerdb, "sha256"), 0o755),
+                           (os.path.join(self.layerdb, "tmp"), 0o755),
                            (self.imagedb, 0o700),
                            (os.path.join(self.imagedb, "content"), 0o700),
                            (os.path.join(self.imagedb, "content", "sha256"), 0o700),
