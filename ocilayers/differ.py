@@ -208,20 +208,22 @@ class _Writer:
         e = TarEntry(name=rel + (b"/" if fmt == stat.S_IFDIR else b""), type=typeflag,
                      mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
                      mtime_ns=self._mtime_ns(st), xattrs=self._xattrs(path))
+        if fmt in (stat.S_IFCHR, stat.S_IFBLK):  # kept on a link to a device too, as moby does
+            e.devmajor, e.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        if fmt != stat.S_IFDIR and st.st_nlink > 1 and data_from is None:
+            # Any non-dir can be hardlinked (files, fifos, devices, symlinks): the first name
+            # in walk order is the entry, later names are type-1 links to it, as moby writes.
+            key = (st.st_dev, st.st_ino)
+            first = self.links.get(key)
+            if first is not None:
+                e.type, e.linkname = LNK, first
+                self.stats.hardlinks += 1
+                self._emit(e, bits)
+                return
+            self.links[key] = rel
         if fmt == stat.S_IFLNK:
             e.linkname = os.readlink(path)
-        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
-            e.devmajor, e.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
         elif fmt == stat.S_IFREG:
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                first = self.links.get(key)
-                if first is not None:
-                    e.type, e.linkname = LNK, first
-                    self.stats.hardlinks += 1
-                    self._emit(e, bits)
-                    return
-                self.links[key] = rel
             source = data_from or path
             e.size = os.lstat(source).st_size if data_from else st.st_size
             self._emit(e, bits)
@@ -229,12 +231,14 @@ class _Writer:
             return
         self._emit(e, bits)
 
-    def whiteout(self, rel: bytes, st: os.stat_result) -> None:
+    def whiteout(self, rel: bytes, st: os.stat_result, shared_inode: bool = True) -> None:
+        """A `.wh.` entry owned as `st`; `shared_inode` when `st` is the whiteout's own (an
+        upper dir's), not a stand-in such as the parent dir of a deleted tree entry."""
         d, _, base = rel.rpartition(b"/")
         name = (d + b"/" if d else b"") + WHITEOUT_PREFIX + base
         e = TarEntry(name=name, type=REG, mode=0o600, uid=st.st_uid, gid=st.st_gid,
                      mtime_ns=self._mtime_ns(st))
-        if st.st_nlink > 1:
+        if shared_inode and st.st_nlink > 1:
             # The kernel makes every whiteout a link of one inode: never emit a hardlink.
             # `docker commit` leaves the first one's path as a stray linkname; so do we
             # when asked for Docker's dialect (--xattrs docker), for identical bytes.
@@ -246,7 +250,8 @@ class _Writer:
         self._emit(e, 0)
 
     def opaque_marker(self, rel: bytes, st: os.stat_result) -> None:
-        e = TarEntry(name=rel + b"/" + OPAQUE_MARKER, type=REG, mode=stat.S_IMODE(st.st_mode),
+        # moby: Mode = dir mode & os.ModePerm (0777: no setuid/setgid/sticky)
+        e = TarEntry(name=rel + b"/" + OPAQUE_MARKER, type=REG, mode=st.st_mode & 0o777,
                      uid=st.st_uid, gid=st.st_gid, mtime_ns=0)
         self.stats.opaques += 1
         self._emit(e, 0)
@@ -318,7 +323,7 @@ def _walk_upper(w: _Writer, root: bytes, rel: bytes) -> None:
             _walk_upper(w, root, crel)
             continue
         if stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy") is not None:
-            w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path))
+            w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path, _parts(crel)))
             continue
         w.entry(crel, path, st)
 
@@ -331,10 +336,12 @@ def _need_lowers(w: _Writer, what: str, rel: bytes) -> _Lowers:
     return w.lowers
 
 
-def _metacopy_source(w: _Writer, rel: bytes, path: bytes) -> bytes:
+def _metacopy_source(w: _Writer, rel: bytes, path: bytes, lower_parts: list[bytes]) -> bytes:
+    """Where a metacopy file's data is: its own redirect, else its path in the lowers as seen
+    through any renamed dir above it (`lower_parts`)."""
     low = _need_lowers(w, "metacopy file (its data is still in a lower layer)", rel)
     redirect = _overlay_xattr(path, "redirect")
-    parts = _redirect_parts(rel, redirect) if redirect else _parts(rel)
+    parts = _redirect_parts(lower_parts[:-1], redirect) if redirect else lower_parts
     src = low.file(parts)
     if src is None or not stat.S_ISREG(os.lstat(src).st_mode):
         raise ImageError(f"'{rel.decode('utf-8', 'backslashreplace')}': metacopy data not "
@@ -342,12 +349,12 @@ def _metacopy_source(w: _Writer, rel: bytes, path: bytes) -> bytes:
     return src
 
 
-def _redirect_parts(rel: bytes, redirect: bytes) -> list[bytes]:
-    """overlayfs.rst "Redirect dir": absolute from the layer root, or a name in the same dir."""
+def _redirect_parts(lower_parent: list[bytes], redirect: bytes) -> list[bytes]:
+    """overlayfs.rst "Redirect dir": absolute from the layer root, or a name in the same dir
+    (the parent as the lowers see it: below a renamed dir, that is the renamed dir's source)."""
     if redirect.startswith(b"/"):
         return [p for p in redirect.split(b"/") if p]
-    parent = _parts(rel)[:-1]
-    return [*parent, redirect]
+    return [*lower_parent, redirect]
 
 
 def _redirected_dir(w: _Writer, root: bytes, rel: bytes, path: bytes, st: os.stat_result,
@@ -356,8 +363,10 @@ def _redirected_dir(w: _Writer, root: bytes, rel: bytes, path: bytes, st: os.sta
     holds a whiteout in the upper dir)."""
     low = _need_lowers(w, "renamed directory (redirect)", rel)
     w.entry(rel, path, st)
-    w.opaque_marker(rel, st)
-    _merged_subtree(w, low, rel, path, _redirect_parts(rel, redirect))
+    # The content below is complete; a marker only matters to hide a lower dir at the new path.
+    if w.opaque_policy == "docker" or low.has_dir(_parts(rel)):
+        w.opaque_marker(rel, st)
+    _merged_subtree(w, low, rel, path, _redirect_parts(_parts(rel)[:-1], redirect))
 
 
 def _merged_subtree(w: _Writer, low: _Lowers, rel: bytes, upper_dir: bytes | None,
@@ -377,14 +386,19 @@ def _merged_subtree(w: _Writer, low: _Lowers, rel: bytes, upper_dir: bytes | Non
                 w.entry(crel, path, st)
                 redirect = _overlay_xattr(path, "redirect")
                 if redirect is not None:
-                    sub_lower: list[bytes] | None = _redirect_parts(crel, redirect)
+                    sub_lower: list[bytes] | None = _redirect_parts(
+                        lower_parts if lower_parts is not None else _parts(rel), redirect)
                 elif _is_opaque(path) or lower_parts is None:
                     sub_lower = None
                 else:
                     sub_lower = [*lower_parts, name]
                 _merged_subtree(w, low, crel, path, sub_lower)
             elif stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy") is not None:
-                w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path))
+                if lower_parts is None:
+                    raise ImageError(f"'{crel.decode('utf-8', 'backslashreplace')}': metacopy "
+                                     "file below an opaque dir has no lower data")
+                w.entry(crel, path, st,
+                        data_from=_metacopy_source(w, crel, path, [*lower_parts, name]))
             else:
                 w.entry(crel, path, st)
         else:
@@ -450,7 +464,7 @@ def write_tree_diff(new: str | bytes, base: str | bytes, out: Any, *, content: b
             raise ImageError(f"{os.fsdecode(root)}: not a directory")
     for kind, rel, path, st in _tree_changes(nroot, broot, b"", content):
         if kind == "deleted":
-            w.whiteout(rel, st)
+            w.whiteout(rel, st, shared_inode=False)
         else:
             w.entry(rel, path, st)
     w.finish()

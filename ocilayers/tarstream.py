@@ -7,6 +7,7 @@ chunk, so memory does not depend on layer size.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -361,7 +362,15 @@ def _fmt_octal(width: int, value: int) -> bytes:
 
 
 def _fmt_str(width: int, s: bytes) -> bytes:
-    return s[:width] + b"\0" * (width - len(s)) if len(s) < width else s[:width]
+    """Go's formatter.formatString: NUL-padded; a value cut short must not end in '/' (buggy
+    readers would take a file for a dir), so the cut's trailing slashes become NULs."""
+    if len(s) <= width:
+        return s + b"\0" * (width - len(s))
+    head = s[:width]
+    if head.endswith(b"/"):
+        n = len(s[: width - 1].rstrip(b"/"))
+        head = head[:n] + b"\0" + head[n + 1:]
+    return head
 
 
 def _to_ascii(b: bytes) -> bytes:
@@ -378,8 +387,28 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
     return record
 
 
+_PREFIX_SIZE = 155
+
+
+def _split_ustar_path(name: bytes) -> tuple[bytes, bytes] | None:
+    """Go's splitUSTARPath: (prefix, name) for a long ASCII path that fits ustar's two fields."""
+    length = len(name)
+    if length <= _NAME_SIZE or _to_ascii(name) != name:
+        return None
+    if length > _PREFIX_SIZE + 1:
+        length = _PREFIX_SIZE + 1
+    elif name[length - 1:length] == b"/":
+        length -= 1
+    i = name.rfind(b"/", 0, length)
+    nlen = len(name) - i - 1
+    if i <= 0 or nlen > _NAME_SIZE or nlen == 0 or i > _PREFIX_SIZE:
+        return None
+    return name[:i], name[i + 1:]
+
+
 def _block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, typeflag: bytes,
-           linkname: bytes = b"", devmajor: int = 0, devminor: int = 0) -> bytes:
+           linkname: bytes = b"", devmajor: int = 0, devminor: int = 0, prefix: bytes = b"",
+           dev_fields: bool = True) -> bytes:
     b = bytearray(BLOCK)
     b[0:100] = _fmt_str(100, name)
     b[100:108] = _fmt_octal(8, mode)
@@ -391,8 +420,11 @@ def _block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, ty
     b[157:257] = _fmt_str(100, linkname)
     b[257:263] = b"ustar\0"
     b[263:265] = b"00"
-    b[329:337] = _fmt_octal(8, devmajor)
-    b[337:345] = _fmt_octal(8, devminor)
+    if dev_fields:  # Go's writeRawFile (extended headers) leaves them NUL
+        b[329:337] = _fmt_octal(8, devmajor)
+        b[337:345] = _fmt_octal(8, devminor)
+    if prefix:
+        b[345:500] = _fmt_str(155, prefix)
     b[148:156] = b" " * 8
     b[148:156] = b"%06o\0 " % sum(b)
     return bytes(b)
@@ -406,10 +438,14 @@ def encode_header(entry: TarEntry, *, pax_format: bool = True, type_bits: int = 
     extended header is named `<dir>/PaxHeaders.0/<base>`. mtime is whole seconds."""
     mtime = entry.mtime_ns // 1_000_000_000  # floor, as Go's Time.Truncate(time.Second)
     pax: dict[bytes, bytes] = {}
+    ustar_ok = True  # Go picks USTAR whenever the header fits it (moby's FormatPAX allows it)
 
     def long_str(value: bytes, key: bytes) -> None:
+        nonlocal ustar_ok
         if len(value) > _NAME_SIZE or _to_ascii(value) != value:
             pax[key] = value
+            if key != b"path" or _split_ustar_path(value) is None:
+                ustar_ok = False
 
     long_str(entry.name, b"path")
     long_str(entry.linkname, b"linkpath")
@@ -421,6 +457,14 @@ def encode_header(entry: TarEntry, *, pax_format: bool = True, type_bits: int = 
         pax[b"mtime"] = str(mtime).encode()
     for name, value in entry.xattrs.items():
         pax[b"SCHILY.xattr." + name.encode("utf-8", "surrogateescape")] = value
+    if set(pax) - {b"path"}:
+        ustar_ok = False
+    if ustar_ok and pax:  # only a long path that splits into prefix + name: plain USTAR
+        split = _split_ustar_path(entry.name)
+        assert split is not None
+        return _block(split[1], entry.mode | type_bits, entry.uid, entry.gid, entry.size,
+                      mtime, entry.type, entry.linkname, entry.devmajor, entry.devminor,
+                      prefix=split[0])
     if pax and not pax_format:
         raise ValueError(f"'{entry.display_name}' needs PAX records")
     main = _block(_to_ascii(entry.name), entry.mode | type_bits, entry.uid, entry.gid,
@@ -429,10 +473,13 @@ def encode_header(entry: TarEntry, *, pax_format: bool = True, type_bits: int = 
     if not pax:
         return main
     data = b"".join(_pax_record(k, pax[k]) for k in sorted(pax))
-    d, _, base = entry.name.rstrip(b"/").rpartition(b"/")
-    xname = (d + b"/" if d else b"") + b"PaxHeaders.0/" + base
+    # Go: path.Join(path.Split(name)) with "PaxHeaders.0" between: a dir "a/b/" gives
+    # "a/b/PaxHeaders.0", a file "a/b" gives "a/PaxHeaders.0/b".
+    i = entry.name.rfind(b"/")
+    xname = posixpath.normpath(posixpath.join(entry.name[: i + 1], b"PaxHeaders.0",
+                                              entry.name[i + 1:]))
     xname = _to_ascii(xname)[:_NAME_SIZE].rstrip(b"/")
-    ext = _block(xname, 0, 0, 0, len(data), 0, PAX)
+    ext = _block(xname, 0, 0, 0, len(data), 0, PAX, dev_fields=False)
     return ext + data + b"\0" * (-len(data) % BLOCK) + main
 
 
