@@ -133,15 +133,20 @@ def find_image(store: Store, name: str) -> Digest:
             return matches[0]
         if len(matches) > 1:
             raise StoreError(f"image ID prefix {name!r} is ambiguous")
-    raise StoreError(f"no such image in the store: {name}")
+    raise ImageNotFoundError(f"no such image in the store: {name}")
+
+
+class ImageNotFoundError(StoreError):
+    """No tag, ID or ID prefix in the store matches."""
 
 
 def is_store_name(store: Store, name: str) -> bool:
+    """Does `name` pick a store image? An ambiguous ID prefix raises (it is a store name)."""
     if not store.exists():
         return False
     try:
         find_image(store, name)
-    except StoreError:
+    except ImageNotFoundError:
         return False
     return True
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ocilayers.errors import ImageError, UnsafeEntryError
-from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, SYM, TarEntry, TarReader
+from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, PAX_GLOBAL, SYM, TarEntry, TarReader
 from ocilayers.whiteout import NAMESPACES, classify, escape_xattr, is_whiteout_stat, opaque_xattr
 
 MODES = ("overlay", "delete")
@@ -71,8 +71,10 @@ def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
     try:
         reader = TarReader(stream, on_raw)
         for entry in reader:
-            applier.stats.entries += 1
             sink = on_entry(entry) if on_entry is not None else None
+            if entry.type == PAX_GLOBAL:
+                continue  # settings for the archive, not a file (Docker ignores them too)
+            applier.stats.entries += 1
             try:
                 applier.apply(entry, reader, sink)
             except OSError as exc:

@@ -362,7 +362,10 @@ class ImageSource:
             raise RefError(f"{self.name}: holds {len(cands)} images; pick one with --ref: "
                            + _list_labels(cands))
         if cand.docker_entry is not None:
-            return self._docker_image(cand)
+            image = self._docker_image(cand)
+            if platform is not None and not platform.matches(image.config.platform):
+                raise RefError(f"{self.name}: image is {image.config.platform}, not {platform}")
+            return image
         assert cand.descriptor is not None
         return self._oci_image(cand.descriptor, platform, cand)
 

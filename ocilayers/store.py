@@ -12,6 +12,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,9 @@ from ocilayers.spec import Digest, chain_ids, split_reference
 
 MAX_DEPTH = 125  # Docker's overlay2 maxDepth: lowers + init + rw layer stay within 128
 STAGING_PREFIX = ".staging-"
+BIRTH_PREFIX = ".birth-"  # a staging dir before it is locked (see Store.begin_layer)
+CLAIM_PREFIX = ".claim-"  # layers a running unpack needs (see Store.claim)
+_BIRTH_MAX_AGE = 3600  # a birth dir this old was left by a crash in that instant
 LOCK_NAME = "ocilayers.lock"
 
 
@@ -166,14 +170,75 @@ class Store:
         finally:
             os.close(fd)
 
+    # -- claims: layers an unfinished unpack needs --
+
+    @contextlib.contextmanager
+    def claim(self, chains: list[Digest]) -> Iterator[None]:
+        """Mark `chains` as needed while the block runs (a flock-held file: a crash drops it).
+        Enter it under `lock()`: a half-written claim must not look stale to a prune."""
+        fd, path = tempfile.mkstemp(dir=self.overlay, prefix=CLAIM_PREFIX)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, "\n".join(str(c) for c in chains).encode())
+        try:
+            yield
+        finally:
+            os.unlink(path)
+            os.close(fd)
+
+    @staticmethod
+    def _drop_if_stale(path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # held: a live unpack
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def claimed_chains(self) -> set[Digest]:
+        out: set[Digest] = set()
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.overlay):
+                if not name.startswith(CLAIM_PREFIX):
+                    continue
+                path = os.path.join(self.overlay, name)
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+                try:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    except BlockingIOError:  # held: a live unpack
+                        with os.fdopen(os.dup(fd), "rb") as f:
+                            out.update(Digest.parse(line.decode()) for line in f.read().split()
+                                       if line)
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)  # stale: its unpack died
+                finally:
+                    os.close(fd)
+        return out
+
     # -- staging --
 
     def begin_layer(self) -> Staging:
+        """Make a staging dir, flock-held until registered or discarded (or we die).
+
+        It is born under another name and renamed once locked, so `clean_stale` (which takes
+        any `.staging-*` it can lock) never sees it unlocked."""
         cache_id = new_cache_id()
         path = os.path.join(self.overlay, STAGING_PREFIX + cache_id)
-        os.mkdir(path, 0o700)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held until registered or discarded (or we die)
+        birth = os.path.join(self.overlay, BIRTH_PREFIX + cache_id)
+        os.mkdir(birth, 0o700)
+        fd = os.open(birth, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(birth, path)  # the lock is on the inode: it moves with the dir
         os.mkdir(os.path.join(path, "diff"), 0o755)
         os.chmod(os.path.join(path, "diff"), 0o755)
         return Staging(path, cache_id, fd)
@@ -188,10 +253,20 @@ class Store:
         """Remove staging dirs no live process holds (left by a crash or kill -9)."""
         removed = []
         with contextlib.suppress(FileNotFoundError):
+            now = time.time()
             for name in os.listdir(self.overlay):
+                path = os.path.join(self.overlay, name)
+                if name.startswith(CLAIM_PREFIX):
+                    self._drop_if_stale(path)
+                    continue
+                if name.startswith(BIRTH_PREFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        if now - os.lstat(path).st_mtime > _BIRTH_MAX_AGE:
+                            _rmtree(path)
+                            removed.append(path)
+                    continue
                 if not name.startswith(STAGING_PREFIX):
                     continue
-                path = os.path.join(self.overlay, name)
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 except FileNotFoundError:
@@ -400,8 +475,9 @@ class Store:
     def set_tag(self, ref: str, image_id: Digest) -> str:
         repo, norm = split_reference(ref)
         repos = self.repositories()
-        repos.setdefault(repo, {})[norm] = str(image_id)
-        self._write_repositories(repos)
+        if repos.get(repo, {}).get(norm) != str(image_id):
+            repos.setdefault(repo, {})[norm] = str(image_id)
+            self._write_repositories(repos)
         return norm
 
     def remove_tag(self, ref: str) -> Digest:
@@ -429,8 +505,8 @@ class Store:
         return out
 
     def referenced_chains(self) -> set[Digest]:
-        """Every layer some image or container still needs."""
-        needed: set[Digest] = set()
+        """Every layer some image, container or running unpack still needs."""
+        needed: set[Digest] = set(self.claimed_chains())
         for image_id in self.image_ids():
             top = image_top_chain(self.image_config(image_id))
             if top is not None:
@@ -463,7 +539,8 @@ class Store:
         known = self._known_cache_ids()
         with contextlib.suppress(FileNotFoundError):
             for name in sorted(os.listdir(self.overlay)):
-                if name == "l" or name.startswith(STAGING_PREFIX) or name in known:
+                if (name == "l" or name.startswith((STAGING_PREFIX, BIRTH_PREFIX, CLAIM_PREFIX))
+                        or name in known):
                     continue
                 _rmtree(os.path.join(self.overlay, name))
                 removed.append(f"deleted orphan overlay2/{name}")

@@ -9,6 +9,7 @@ With the records and the layer's diff dir, the original tar is rebuilt byte for 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import re
@@ -42,13 +43,15 @@ def crc64(data: bytes | memoryview, crc: int = 0) -> int:
     return int(_CRC.calc(data, crc))
 
 
-# Go's encoding/json escapes these in strings by default (HTML-safe output).
-_GO_ESCAPES = re.compile("[<>&\u2028\u2029]")
+# Go's encoding/json string escaping (as of the Go that builds Debian's dockerd and
+# tar-split): \" \\ \n \r \t; other control characters, <, >, & and U+2028/2029 as \u00XX.
+_GO_ESCAPE = re.compile('["\\\\\x00-\x1f<>&\u2028\u2029]')
+_GO_SHORT = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _go_string(s: str) -> str:
-    out = json.dumps(s, ensure_ascii=False)
-    return _GO_ESCAPES.sub(lambda m: f"\\u{ord(m.group(0)):04x}", out)
+    body = _GO_ESCAPE.sub(lambda m: _GO_SHORT.get(m.group(0), f"\\u{ord(m.group(0)):04x}"), s)
+    return f'"{body}"'
 
 
 class TarSplitWriter:
@@ -147,16 +150,16 @@ def read_records(lines: Iterator[bytes]) -> Iterator[Record]:
             obj = json.loads(line)
             rtype = obj["type"]
             payload = obj.get("payload")
-            raw = base64.b64decode(payload) if payload is not None else None
+            raw = base64.b64decode(payload, validate=True) if payload is not None else None
             if rtype == FILE:
-                name = (base64.b64decode(obj["name_raw"]) if "name_raw" in obj
+                name = (base64.b64decode(obj["name_raw"], validate=True) if "name_raw" in obj
                         else obj.get("name", "").encode("utf-8", "surrogateescape"))
                 yield Record(FILE, obj.get("position", i), raw, name, int(obj.get("size", 0)))
             elif rtype == SEGMENT:
                 yield Record(SEGMENT, obj.get("position", i), raw or b"")
             else:
                 raise ValueError(f"unknown record type {rtype!r}")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             raise StoreError(f"tar-split record {i}: {exc}") from None
 
 

@@ -152,6 +152,7 @@ class TarReader:
         self._on_raw = on_raw
         self._left = 0  # data bytes of the current entry not yet consumed
         self._pad = 0  # padding after them
+        self._pad_after_global = 0
         self.ended_cleanly = False  # saw the end-of-archive blocks
 
     # -- low level --
@@ -219,8 +220,11 @@ class TarReader:
             entry = self._next_header()
             if entry is None:
                 return
-            self._left = entry.size if entry.type not in (LNK, SYM, DIR, CHR, BLK, FIFO) else 0
+            self._left = (entry.size if entry.type not in (LNK, SYM, DIR, CHR, BLK, FIFO,
+                                                           PAX_GLOBAL) else 0)
             self._pad = (-self._left) % BLOCK
+            if entry.type == PAX_GLOBAL:
+                self._pad = self._pad_after_global
             yield entry
 
     def _next_header(self) -> TarEntry | None:
@@ -258,8 +262,19 @@ class TarReader:
                 pax.update(parse_pax(self._payload(size, raw, "PAX header")))
                 continue
             if typeflag == PAX_GLOBAL:
-                self._payload(size, raw, "PAX global header")  # ignored, as Docker does
-                continue
+                # Go's reader returns a global header as an entry of its own (so tar-split
+                # records it); its padding is read with the next header. Appliers skip it.
+                if size > _MAX_EXT:
+                    raise TarError(f"PAX global header of {size} bytes is too large")
+                raw.append(self._exact(size, "PAX global header"))
+                name = _cstr(block[0:100])
+                raw_bytes = b"".join(raw)
+                self._raw(raw_bytes)
+                entry = TarEntry(name=name or b"././@PaxHeader", type=PAX_GLOBAL, size=0,
+                                 raw=raw_bytes)
+                entry.pax = parse_pax(raw[-1])
+                self._pad_after_global = (-size) % BLOCK
+                return entry
             if typeflag == GNU_LONGNAME:
                 long_name = _cstr(self._payload(size, raw, "GNU long name"))
                 continue

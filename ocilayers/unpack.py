@@ -115,30 +115,48 @@ def unpack_image(store: Store, src: ImageSource, image: Image, *, tags: Sequence
         raise ImageError(f"image has {len(image.layers)} layers; overlay2 allows {MAX_DEPTH}")
     norm_tags = tuple(dict.fromkeys(normalize_reference(t) for t in tags))
     store.init()
-    with store.lock():
-        store.clean_stale()
-    present = {layer.chain_id: store.layer(layer.chain_id) for layer in image.layers}
-    todo = [i for i, layer in enumerate(image.layers) if present[layer.chain_id] is None]
-    for i in todo:
-        src.check_layer_present(image.layers[i])
+    for layer in image.layers:
+        if store.layer(layer.chain_id) is None:
+            src.check_layer_present(layer)
     stagings: dict[int, Staging] = {}
     records: list[tuple[LayerRecord, bool]] = []
-    try:
-        for i in todo:
-            stagings[i] = store.begin_layer()
-        built = _build_all(src, image, todo, stagings, jobs, progress, store, records)
-        del built
-    finally:
-        for st in stagings.values():
-            if os.path.exists(st.path):
-                store.discard(st)
+    with contextlib.ExitStack() as claimed:
+        with store.lock():
+            store.clean_stale()
+            todo = [i for i, layer in enumerate(image.layers)
+                    if store.layer(layer.chain_id) is None]
+            if not todo:  # all there: record and write the image under this one lock
+                _build_all(src, image, [], {}, jobs, None, store, records)
+                image_id = _write_image(store, image, norm_tags)
+                return _result(image_id, norm_tags, records)
+            # Until the image is written its layers are referenced by nothing but this claim,
+            # which keeps a concurrent prune/rmi from taking them (it dies with us: flock).
+            claimed.enter_context(store.claim([layer.chain_id for layer in image.layers]))
+            for i in todo:
+                stagings[i] = store.begin_layer()
+        try:
+            _build_all(src, image, todo, stagings, jobs, progress, store, records)
+        finally:
+            for st in stagings.values():
+                if os.path.exists(st.path):
+                    store.discard(st)
+        with store.lock():
+            image_id = _write_image(store, image, norm_tags)
+    return _result(image_id, norm_tags, records)
+
+
+def _write_image(store: Store, image: Image, tags: tuple[str, ...]) -> Digest:
     image_id = store.put_image(image.config.raw)
-    with store.lock():
-        for t in norm_tags:
-            store.set_tag(t, image_id)
+    for t in tags:
+        store.set_tag(t, image_id)
+    return image_id
+
+
+def _result(image_id: Digest, tags: tuple[str, ...],
+            records: list[tuple[LayerRecord, bool]]) -> UnpackResult:
     layers = tuple(UnpackedLayer(rec.diff_id, rec.chain_id, rec.cache_id, rec.size, reused)
                    for rec, reused in records)
-    return UnpackResult(image_id, norm_tags, layers)
+    return UnpackResult(image_id, tags, layers)
 
 
 def _build_all(src: ImageSource, image: Image, todo: list[int], stagings: dict[int, Staging],

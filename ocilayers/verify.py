@@ -6,7 +6,7 @@ import os
 import stat
 
 from ocilayers.streams import Readable
-from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, SYM, TarReader
+from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, PAX_GLOBAL, SYM, TarReader
 from ocilayers.whiteout import classify, escape_xattr, is_whiteout_stat
 
 _MAX_PROBLEMS = 50
@@ -31,12 +31,24 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
     types, modes, owners, mtimes, link targets, device numbers, xattrs, whiteouts, opaques."""
     root = os.fsencode(diff_dir)
     problems: list[str] = []
+    seen: set[bytes] = set()  # every path the tar accounts for, with its parents
+    missing_whiteouts: list[tuple[list[bytes], str]] = []
+    root_opaque = False
 
     def bad(msg: str) -> None:
         if len(problems) < _MAX_PROBLEMS:
             problems.append(msg)
 
+    def account(parts: list[bytes]) -> None:
+        for i in range(len(parts), 0, -1):
+            p = b"/".join(parts[:i])
+            if p in seen:
+                break
+            seen.add(p)
+
     for entry in TarReader(stream):
+        if entry.type == PAX_GLOBAL:
+            continue
         parts = [p for p in entry.name.split(b"/") if p not in (b"", b".")]
         shown = entry.display_name
         if not parts:
@@ -50,16 +62,21 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
         if kind == "meta":
             continue
         if kind == "opaque":
-            if parts[:-1] and not _opaque(parent):
+            account(parts[:-1])
+            if not parts[:-1]:
+                root_opaque = True
+            elif not _opaque(parent):
                 bad(f"'{shown}': directory is no longer opaque")
             continue
         if kind == "whiteout":
+            account([*parts[:-1], target])
             path = os.path.join(parent, target)
             if not os.path.lexists(path) and not any(
                 _opaque(os.path.join(root, *parts[:i])) for i in range(1, len(parts))
             ):
-                bad(f"'{shown}': whiteout is missing")
+                missing_whiteouts.append((parts, shown))
             continue
+        account(parts)
         path = os.path.join(root, *parts)
         try:
             st = os.lstat(path)
@@ -103,4 +120,28 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
                 have = None
             if have != value:
                 bad(f"'{shown}': xattr {name} changed")
+    if not root_opaque:  # a root marker makes every whiteout of the layer redundant
+        for _parts, shown in missing_whiteouts:
+            bad(f"'{shown}': whiteout is missing")
+    for rel, st in _walk(root):
+        if rel in seen:
+            continue
+        if root_opaque and b"/" not in rel and is_whiteout_stat(st):
+            continue  # made when the root marker was expanded into whiteouts
+        bad(f"'{rel.decode('utf-8', 'backslashreplace')}': not in the layer (added since "
+            "unpack)")
     return problems
+
+
+def _walk(root: bytes) -> list[tuple[bytes, os.stat_result]]:
+    out = []
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        for name in sorted(os.listdir(os.path.join(root, rel) if rel else root)):
+            crel = rel + b"/" + name if rel else name
+            st = os.lstat(os.path.join(root, crel))
+            out.append((crel, st))
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(crel)
+    return out
