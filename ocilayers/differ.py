@@ -210,7 +210,7 @@ class _Writer:
                      mtime_ns=self._mtime_ns(st), xattrs=self._xattrs(path))
         if fmt in (stat.S_IFCHR, stat.S_IFBLK):  # kept on a link to a device too, as moby does
             e.devmajor, e.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        if fmt != stat.S_IFDIR and st.st_nlink > 1 and data_from is None:
+        if fmt != stat.S_IFDIR and st.st_nlink > 1:
             # Any non-dir can be hardlinked (files, fifos, devices, symlinks): the first name
             # in walk order is the entry, later names are type-1 links to it, as moby writes.
             key = (st.st_dev, st.st_ino)
@@ -394,11 +394,11 @@ def _merged_subtree(w: _Writer, low: _Lowers, rel: bytes, upper_dir: bytes | Non
                     sub_lower = [*lower_parts, name]
                 _merged_subtree(w, low, crel, path, sub_lower)
             elif stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy") is not None:
-                if lower_parts is None:
+                if lower_parts is None and _overlay_xattr(path, "redirect") is None:
                     raise ImageError(f"'{crel.decode('utf-8', 'backslashreplace')}': metacopy "
                                      "file below an opaque dir has no lower data")
-                w.entry(crel, path, st,
-                        data_from=_metacopy_source(w, crel, path, [*lower_parts, name]))
+                here = [*lower_parts, name] if lower_parts is not None else _parts(crel)
+                w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path, here))
             else:
                 w.entry(crel, path, st)
         else:
