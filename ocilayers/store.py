@@ -134,7 +134,9 @@ class Store:
     # -- set-up and locking --
 
     def init(self) -> None:
-        # Modes as dockerd 20.10 makes them (checked against a real daemon's data-root).
+        """Create the store's dirs (and the root's missing parents, as dockerd's --data-root
+        does). Modes as dockerd 20.10 makes them (checked against a real daemon's)."""
+        os.makedirs(os.path.dirname(self.root), exist_ok=True)
         for path, mode in ((self.root, 0o710), (self.overlay, 0o710), (self.links, 0o700),
                            (os.path.join(self.root, "image"), 0o700), (self.image_root, 0o700),
                            (self.layerdb, 0o700), (os.path.join(self.layerdb, "sha256"), 0o755),
