@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, PAX_GLOBAL, SYM, TarEn
 from ocilayers.whiteout import NAMESPACES, classify, escape_xattr, is_whiteout_stat, opaque_xattr
 
 MODES = ("overlay", "delete")
+_FD_CACHE = 64  # dir fds kept open: a layer's dirs are mostly visited depth first
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -136,7 +138,14 @@ class _Applier:
         self.dir_meta: dict[bytes, TarEntry] = {}  # dir mode/times, applied after the children
         self.deferred_links: dict[bytes, TarEntry] = {}  # hardlinks whose target comes later
         self.root_opaque = False
-        self._cache: tuple[bytes, int] | None = None
+        self._fds: OrderedDict[bytes, int] = OrderedDict()  # dir path -> fd, LRU
+        # New entries already have our ids, and (umask allowing) their mode: skip the syscalls.
+        self.ids = (os.geteuid(), os.getegid())
+        umask = os.umask(0)
+        os.umask(umask)
+        self.umask = umask
+        # In a fresh dir every parent is ours (0700 until finish: no setgid to inherit a gid).
+        self.fresh = not os.listdir(self.root_fd)
 
     def close(self) -> None:
         self._drop_cache()
@@ -144,22 +153,47 @@ class _Applier:
 
     # -- confined path resolution --
 
-    def _drop_cache(self) -> None:
-        if self._cache is not None:
-            os.close(self._cache[1])
-            self._cache = None
+    def _drop_cache(self, under: bytes | None = None) -> None:
+        """Forget cached dir fds: all, or those at `under` and below (a dir being removed)."""
+        if under is None:
+            doomed = list(self._fds)
+        else:
+            prefix = under + b"/"
+            doomed = [k for k in self._fds if k == under or k.startswith(prefix)]
+        for key in doomed:
+            os.close(self._fds.pop(key))
+
+    def _cache_put(self, key: bytes, fd: int) -> None:
+        old = self._fds.pop(key, None)
+        if old is not None:
+            os.close(old)
+        self._fds[key] = fd
+        while len(self._fds) > _FD_CACHE:
+            os.close(self._fds.popitem(last=False)[1])
 
     def _dirfd(self, parts: Sequence[bytes], display: str, create: bool,
                cache: bool = True) -> int:
         """fd of the directory `parts` inside the root, never following a symlink.
 
-        With `cache`, the fd stays owned by the one-entry cache (do not close it)."""
+        With `cache`, the fd is owned by the cache (do not close it; it stays valid until the
+        next few dozen lookups). Without, it is the caller's to close."""
         key = _join(parts)
-        if cache and self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        hit = self._fds.get(key)
+        if hit is not None:
+            self._fds.move_to_end(key)
+            return hit if cache else os.dup(hit)
+        # Walk from the deepest cached ancestor (tar order is depth first: usually the parent).
+        start = 0
         fd = self.root_fd
+        for i in range(len(parts) - 1, 0, -1):
+            anc = self._fds.get(_join(parts[:i]))
+            if anc is not None:
+                fd = os.dup(anc)
+                start = i
+                break
         try:
-            for i, comp in enumerate(parts):
+            for i in range(start, len(parts)):
+                comp = parts[i]
                 try:
                     nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
@@ -180,8 +214,7 @@ class _Applier:
         if fd == self.root_fd:
             fd = os.dup(self.root_fd)
         if cache:
-            self._drop_cache()
-            self._cache = (key, fd)
+            self._cache_put(key, fd)
         return fd
 
     def _make_parent(self, fd: int, parts: Sequence[bytes]) -> int:
@@ -255,14 +288,24 @@ class _Applier:
         if not (entry.is_file or entry.type in (DIR, SYM, CHR, BLK, FIFO)):
             raise ImageError(f"'{display}': unsupported entry type {entry.type!r}")
         pfd = self._dirfd(parts[:-1], display, create=True)
-        existing = _lstat(base, pfd)
-        if existing is not None:
+        self.created.add(path)
+        # Create first and look only on a clash: in a fresh diff dir nothing is ever there.
+        for attempt in (1, 2):
+            try:
+                self._create(pfd, base, path, entry, reader, sink)
+                return
+            except FileExistsError:
+                if attempt == 2:
+                    raise
+            existing = os.stat(base, dir_fd=pfd, follow_symlinks=False)
             if entry.is_dir and stat.S_ISDIR(existing.st_mode):
-                self.created.add(path)
-                self._dir_entry(pfd, base, path, entry)
+                self._dir_entry(pfd, base, path, entry)  # dir over dir: merge attributes
                 return
             self._remove(pfd, base, existing, path)
-        self.created.add(path)
+
+    def _create(self, pfd: int, base: bytes, path: bytes, entry: TarEntry, reader: TarReader,
+                sink: DataSink | None) -> None:
+        """Make the new entry `base`; FileExistsError when something is already there."""
         if entry.is_dir:
             os.mkdir(base, 0o700, dir_fd=pfd)
             self._dir_entry(pfd, base, path, entry)
@@ -275,7 +318,7 @@ class _Applier:
             fmt = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}[entry.type]
             dev = os.makedev(entry.devmajor, entry.devminor) if entry.type != FIFO else 0
             try:
-                os.mknod(base, fmt | 0o600, dev, dir_fd=pfd)
+                os.mknod(base, fmt | (entry.mode & 0o777), dev, dir_fd=pfd)
             except PermissionError:
                 if not self.rootless or entry.type == FIFO:
                     raise
@@ -288,14 +331,23 @@ class _Applier:
         fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
         try:
             self._meta_now(fd, entry, is_dir=True, path=path)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._cache_put(path, fd)  # its children come next
         if self.mode == "overlay" and path in self.whited:
             self._set_opaque_at(pfd, base, path)
 
+    def _needs_chown(self, entry: TarEntry) -> bool:
+        return not self.fresh or (entry.uid, entry.gid) != self.ids
+
+    def _needs_chmod(self, entry: TarEntry, chowned: bool) -> bool:
+        """Was the mode given at creation (less the umask) not the whole story?"""
+        return chowned or entry.mode != (entry.mode & 0o777 & ~self.umask)
+
     def _file(self, pfd: int, base: bytes, entry: TarEntry, reader: TarReader,
               sink: DataSink | None) -> None:
-        fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
+        fd = os.open(base, _FILE_FLAGS, entry.mode & 0o777, dir_fd=pfd)
         try:
             while data := reader.read_data():
                 view = memoryview(data)
@@ -338,24 +390,31 @@ class _Applier:
 
     def _meta_now(self, fd: int, entry: TarEntry, *, is_dir: bool, path: bytes | None) -> None:
         """Owner, mode, xattrs (and times, or defer them for dirs) through an open fd."""
-        self._chown(lambda: os.fchown(fd, entry.uid, entry.gid))
-        self._xattrs(entry, lambda n, v: os.setxattr(fd, n, v), regular=True)
+        chown = self._needs_chown(entry) or is_dir
+        if chown:
+            self._chown(lambda: os.fchown(fd, entry.uid, entry.gid))
+        if entry.xattrs:
+            self._xattrs(entry, lambda n, v: os.setxattr(fd, n, v), regular=True)
         if is_dir:
             assert path is not None
             self.dir_meta[path] = entry  # mode and times after the children (rootless: 0555)
         else:
-            os.fchmod(fd, entry.mode)  # after chown, which clears setuid/setgid
+            if self._needs_chmod(entry, chown):
+                os.fchmod(fd, entry.mode)  # after chown, which clears setuid/setgid
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
 
     def _meta_at(self, pfd: int, base: bytes, entry: TarEntry, *, is_link: bool) -> None:
         """Owner, mode, xattrs and times of a symlink or node, never following a symlink."""
-        self._chown(lambda: os.chown(base, entry.uid, entry.gid, dir_fd=pfd,
-                                     follow_symlinks=False))
-        proc = f"/proc/self/fd/{pfd}/".encode() + base
-        self._xattrs(entry, lambda n, v: os.setxattr(proc, n, v, follow_symlinks=False),
-                     regular=False)
-        if not is_link:  # a node we just made: chmod cannot be redirected
-            os.chmod(base, entry.mode, dir_fd=pfd)
+        chown = self._needs_chown(entry)
+        if chown:
+            self._chown(lambda: os.chown(base, entry.uid, entry.gid, dir_fd=pfd,
+                                         follow_symlinks=False))
+        if entry.xattrs:
+            proc = f"/proc/self/fd/{pfd}/".encode() + base
+            self._xattrs(entry, lambda n, v: os.setxattr(proc, n, v, follow_symlinks=False),
+                         regular=False)
+        if not is_link and self._needs_chmod(entry, chown):
+            os.chmod(base, entry.mode, dir_fd=pfd)  # a node we just made: cannot be redirected
         os.utime(base, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=pfd, follow_symlinks=False)
 
     # -- removal --
@@ -366,9 +425,7 @@ class _Applier:
             prefix = path + b"/"
             for p in [p for p in self.dir_meta if p == path or p.startswith(prefix)]:
                 del self.dir_meta[p]
-            if self._cache is not None and (self._cache[0] == path
-                                            or self._cache[0].startswith(path + b"/")):
-                self._drop_cache()
+            self._drop_cache(under=path)
             fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
             try:
                 _rmtree_fd(fd)

@@ -190,17 +190,38 @@ class LayerReader(io.RawIOBase):
         self.plain = HashingReader(plain, diff_id.algorithm if diff_id else "sha256",
                                    what=what)
         self.diff_id: Digest | None = None
+        # Tar headers are read 512 bytes at a time: serve them from one decompressed chunk
+        # instead of a trip through the decompressor and both hashes each.
+        self._buf = b""
+        self._pos = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: Any) -> int:
-        try:
-            return self.plain.readinto(b)
-        except _CORRUPT as exc:
-            raise self._corrupt(exc) from None
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
 
     def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            parts = [self._buf[self._pos:]]
+            self._buf, self._pos = b"", 0
+            while chunk := self._fill():
+                parts.append(chunk)
+            return b"".join(parts)
+        if self._pos >= len(self._buf):
+            if size >= CHUNK:
+                return self._fill(size)  # big reads go straight through
+            self._buf, self._pos = self._fill(), 0
+        start = self._pos
+        end = min(start + size, len(self._buf))
+        self._pos = end
+        if start == 0 and end == len(self._buf):
+            return self._buf
+        return self._buf[start:end]
+
+    def _fill(self, size: int = CHUNK) -> bytes:
         try:
             return self.plain.read(size)
         except _CORRUPT as exc:
@@ -221,6 +242,7 @@ class LayerReader(io.RawIOBase):
         super().close()
 
     def finish(self) -> Digest:
+        self._buf, self._pos = b"", 0
         try:
             self.plain.drain()
         except _CORRUPT as exc:

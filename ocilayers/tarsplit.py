@@ -25,6 +25,7 @@ from ocilayers.tarstream import TarEntry
 
 SEGMENT = 2
 FILE = 1
+_BATCH = 64 << 10
 
 
 def _crc_model() -> Any:
@@ -58,8 +59,8 @@ class TarSplitWriter:
     """Feeds on apply_layer's `on_raw` and `on_entry` hooks; writes records to `out` as they come.
 
     Call `end_of_archive()` when apply_layer returns, `trailing()` with each chunk read after
-    that, then `close()`. Memory stays bounded: records are written at entry boundaries, and
-    extension headers are capped by the tar reader.
+    that, then `close()`. Memory stays bounded: records are written out in batches of about
+    64 KiB, and extension headers are capped by the tar reader.
     """
 
     def __init__(self, out: Any) -> None:
@@ -69,10 +70,23 @@ class TarSplitWriter:
         self._entry: TarEntry | None = None
         self._crc = 0
         self._ended = False
+        self._lines: list[bytes] = []  # a batch of records: one write per batch, not per line
+        self._pending = 0
 
     def _emit(self, line: str) -> None:
-        self._out.write(line.encode() + b"\n")
+        data = line.encode()
+        self._lines.append(data)
+        self._pending += len(data) + 1
         self._pos += 1
+        if self._pending >= _BATCH:
+            self._write_batch()
+
+    def _write_batch(self) -> None:
+        if self._lines:
+            self._lines.append(b"")
+            self._out.write(b"\n".join(self._lines))
+            self._lines = []
+            self._pending = 0
 
     def _flush_raw(self) -> None:
         if self._raw:
@@ -131,6 +145,7 @@ class TarSplitWriter:
         """Finish the records. Like tar-split, the last record is an empty segment."""
         self.end_of_archive()
         self._emit(f'{{"type":2,"payload":"","position":{self._pos}}}')
+        self._write_batch()
 
 
 @dataclass(frozen=True)

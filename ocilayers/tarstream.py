@@ -309,8 +309,11 @@ class TarReader:
         uid = parse_number(block[108:116], "uid")
         gid = parse_number(block[116:124], "gid")
         mtime_ns = parse_number(block[136:148], "mtime") * 1_000_000_000
-        devmajor = parse_number(block[329:337], "devmajor")
-        devminor = parse_number(block[337:345], "devminor")
+        if typeflag in (CHR, BLK):
+            devmajor = parse_number(block[329:337], "devmajor")
+            devminor = parse_number(block[337:345], "devminor")
+        else:
+            devmajor = devminor = 0
         uname = _cstr(block[265:297]).decode("utf-8", "replace")
         gname = _cstr(block[297:329]).decode("utf-8", "replace")
         xattrs: dict[str, bytes] = {}
