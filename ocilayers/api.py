@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ocilayers.differ import PackStats, write_layer, write_tree_diff
 from ocilayers.errors import ImageError, OCILayersError, StoreError
-from ocilayers.extract import apply_layer
 from ocilayers.sources import TRANSPORTS, Image, ImageSource, Layer, open_source
 from ocilayers.spec import (
     Digest,
@@ -24,11 +21,14 @@ from ocilayers.spec import (
 )
 from ocilayers.store import LayerRecord, Store, diff_size
 from ocilayers.streams import Compressor, HashingReader, HashingWriter, IterReader, Readable
-from ocilayers.tarsplit import assemble, open_records
 from ocilayers.unpack import ProgressFn as UnpackProgress
 from ocilayers.unpack import UnpackResult, unpack_image
-from ocilayers.verify import compare_tree
-from ocilayers.writer import LayerInput, ProgressFn, WrittenImage, verified_layer, write_image
+
+# Commands import what they use, so that starting the CLI stays cheap (a no-op re-unpack of a
+# present image is mostly interpreter start-up).
+if TYPE_CHECKING:
+    from ocilayers.differ import PackStats
+    from ocilayers.writer import LayerInput, ProgressFn, WrittenImage
 
 
 def image_summary(image: Image) -> dict[str, Any]:
@@ -61,6 +61,8 @@ def inspect_source(source: str, *, ref: str | None = None,
 
 def source_layers(src: ImageSource, image: Image) -> list[LayerInput]:
     """The image's layers as writer inputs, each verified (digest, size, DiffID) as it is read."""
+    from ocilayers.writer import LayerInput, verified_layer
+
     def opener(layer: Layer) -> Callable[[], AbstractContextManager[Readable]]:
         return lambda: verified_layer(lambda: src.open_layer(layer))
 
@@ -72,6 +74,8 @@ def convert_image(source: str, out: str, *, ref: str | None = None,
                   compression: str = "gzip", tags: Sequence[str] | None = None,
                   progress: ProgressFn | None = None) -> WrittenImage:
     """Copy an image from any source into any output format, verifying every blob."""
+    from ocilayers.writer import write_image
+
     with open_source(source) as src:
         image = src.resolve(ref, platform)
         return write_image(out, image.config.raw, source_layers(src, image), format=format,
@@ -248,6 +252,8 @@ def prune(store: Store) -> list[str]:
 # --- verify ---
 
 def _layer_stream(store: Store, rec: LayerRecord) -> IterReader:
+    from ocilayers.tarsplit import assemble, open_records
+
     diff = os.path.join(store.layer_path(rec.cache_id), "diff")
     return IterReader(assemble(open_records(store.tar_split_path(rec.chain_id)), diff))
 
@@ -269,6 +275,8 @@ def verify(store: Store, name: str | None = None) -> list[str]:
 
 
 def verify_layer(store: Store, rec: LayerRecord) -> list[str]:
+    from ocilayers.verify import compare_tree
+
     diff = os.path.join(store.layer_path(rec.cache_id), "diff")
     stream = _layer_stream(store, rec)
     hasher = HashingReader(stream)
@@ -288,6 +296,8 @@ def verify_layer(store: Store, rec: LayerRecord) -> list[str]:
 def flatten(arg: str, dest: str, *, root: str | None = None, ref: str | None = None,
             platform: Platform | str | None = None) -> int:
     """Apply every layer in delete mode into the plain dir `dest`; returns the layer count."""
+    from ocilayers.extract import apply_layer
+
     os.makedirs(dest, exist_ok=True)
     store = Store(root)
     if source_or_image(store, arg) == "source":
@@ -308,6 +318,8 @@ def export(store: Store, name: str, out: str, *, format: str = "oci-archive",
            compression: str = "gzip", progress: ProgressFn | None = None) -> WrittenImage:
     """Rebuild each layer tar byte for byte from its diff dir and tar-split, and write the
     image. A diff dir changed since unpack fails, naming the first changed path."""
+    from ocilayers.writer import LayerInput, write_image
+
     img = load_image(store, find_image(store, name))
 
     def opener(rec: LayerRecord) -> Callable[[], AbstractContextManager[Readable]]:
@@ -347,6 +359,8 @@ def umount(target: str) -> None:
 
 
 def _run(argv: list[str], cwd: str | None = None) -> None:
+    import subprocess
+
     proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
@@ -375,6 +389,8 @@ def pack(upper: str, out: Any, *, base: str | None = None, lowers: Sequence[str]
          warn: Callable[[str], None] | None = None) -> PackResult:
     """Write the layer for an upper dir (or for `upper` against the plain tree `base`) into
     the binary stream `out`, compressed; returns its DiffID, blob digest and size."""
+    from ocilayers.differ import write_layer, write_tree_diff
+
     blob = HashingWriter(out)
     compressor = Compressor(blob, compression, threads=-1 if compression == "zstd" else 0)
     plain = HashingWriter(compressor)

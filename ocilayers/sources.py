@@ -5,15 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform as _platform
 import posixpath
-import shutil
 import sys
-import tarfile
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ocilayers.errors import BlobNotFoundError, ImageError, RefError
 from ocilayers.spec import (
@@ -40,12 +36,15 @@ from ocilayers.spec import (
 )
 from ocilayers.streams import CHUNK, LayerReader, decompressor, read_verified, sniff
 
+if TYPE_CHECKING:
+    from tarfile import TarInfo
+
 TRANSPORTS = ("oci:", "oci-archive:", "docker-archive:")
 _MAX_NESTING = 8
 
 
 def host_platform() -> Platform:
-    machine = _platform.machine().lower()
+    machine = os.uname().machine.lower()
     arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
             "i386": "386", "i686": "386", "armv7l": "arm", "ppc64le": "ppc64le",
             "s390x": "s390x", "riscv64": "riscv64"}.get(machine, machine)
@@ -115,6 +114,8 @@ class _TarStore:
         self.name = name
         self._file = fileobj
         self._fd = fileobj.fileno()
+        import tarfile  # only archives need it
+
         self._members: dict[str, tarfile.TarInfo] = {}
         try:
             with tarfile.open(fileobj=fileobj, mode="r:") as tf:
@@ -125,7 +126,7 @@ class _TarStore:
         except tarfile.TarError as exc:
             raise ImageError(f"{name}: not a readable tar archive: {exc}") from None
 
-    def _lookup(self, rel: str) -> tarfile.TarInfo | None:
+    def _lookup(self, rel: str) -> TarInfo | None:
         key: str | None = _norm_member(rel)
         for _ in range(_MAX_NESTING):
             if key is None:
@@ -564,6 +565,9 @@ def open_source(spec: str) -> Iterator[ImageSource]:
 @contextlib.contextmanager
 def _spool(raw: IO[bytes], name: str) -> Iterator[IO[bytes]]:
     """Copy a non-seekable (or compressed) archive into an anonymous temp file."""
+    import shutil
+    import tempfile
+
     tmp = tempfile.TemporaryFile()  # noqa: SIM115
     try:
         kind, plain = decompressor(raw)

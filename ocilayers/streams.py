@@ -8,9 +8,6 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Protocol
 
-import zstandard
-from isal import igzip
-
 from ocilayers.errors import DigestMismatchError, ImageError, OCILayersError
 from ocilayers.spec import Digest
 
@@ -156,9 +153,13 @@ def decompressor(raw: Readable) -> tuple[str, Readable]:
     kind = sniff(head)
     src = _Prefixed(head, raw)
     if kind == "gzip":
+        from isal import igzip  # codecs load on first use: a no-op CLI run starts faster
+
         gz: Readable = igzip.GzipFile(fileobj=src, mode="rb")  # type: ignore[no-untyped-call]
         return kind, gz
     if kind == "zstd":
+        import zstandard
+
         dctx = zstandard.ZstdDecompressor()
         zs: Readable = dctx.stream_reader(
             src, read_size=CHUNK, read_across_frames=True, closefd=False)  # type: ignore[arg-type]
@@ -166,8 +167,11 @@ def decompressor(raw: Readable) -> tuple[str, Readable]:
     return kind, src
 
 
-# What decompressors raise on bad data (BadGzipFile and IsalError are OSError/Exception kin).
-_CORRUPT = (EOFError, OSError, zstandard.ZstdError, ValueError, igzip_lib_error())
+def _corrupt_types() -> tuple[type[BaseException], ...]:
+    """What decompressors raise on bad data (BadGzipFile is an OSError, IsalError is not)."""
+    import zstandard
+
+    return (EOFError, OSError, zstandard.ZstdError, ValueError, igzip_lib_error())
 
 
 class LayerReader(io.RawIOBase):
@@ -224,7 +228,7 @@ class LayerReader(io.RawIOBase):
     def _fill(self, size: int = CHUNK) -> bytes:
         try:
             return self.plain.read(size)
-        except _CORRUPT as exc:
+        except _corrupt_types() as exc:
             raise self._corrupt(exc) from None
 
     def _corrupt(self, exc: BaseException) -> BaseException:
@@ -245,7 +249,7 @@ class LayerReader(io.RawIOBase):
         self._buf, self._pos = b"", 0
         try:
             self.plain.drain()
-        except _CORRUPT as exc:
+        except _corrupt_types() as exc:
             raise self._corrupt(exc) from None
         self.compressed.drain()  # bytes after the compressed stream still count for the digest
         if self._size is not None:
@@ -296,11 +300,15 @@ class Compressor:
         self._out = out
         self._inner: Any
         if compression == "gzip":
+            from isal import igzip
+
             # filename="" keeps the FNAME field out of the header, even for a named `out`.
             self._inner = igzip.GzipFile(  # type: ignore[no-untyped-call]
                 filename="", fileobj=out, mode="wb", mtime=0,
                                          compresslevel=2 if level is None else level)
         elif compression == "zstd":
+            import zstandard
+
             cctx = zstandard.ZstdCompressor(level=3 if level is None else level,
                                             threads=threads)
             self._inner = cctx.stream_writer(out, closefd=False)
@@ -315,6 +323,8 @@ class Compressor:
         if self.compression == "gzip":
             self._inner.close()
         elif self.compression == "zstd":
+            import zstandard
+
             self._inner.flush(zstandard.FLUSH_FRAME)
             self._inner.close()
 

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import multiprocessing
 import os
 import signal
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
-
-from isal import igzip
+from typing import TYPE_CHECKING, Any
 
 from ocilayers.errors import ImageError, OCILayersError, StoreError
-from ocilayers.extract import LayerStats, apply_layer, expand_root_opaque
 from ocilayers.sources import Image, ImageSource, Layer
 from ocilayers.spec import Digest, normalize_reference
 from ocilayers.store import MAX_DEPTH, LayerRecord, Staging, Store, diff_size
 from ocilayers.streams import CHUNK
-from ocilayers.tarsplit import TarSplitWriter
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from ocilayers.extract import LayerStats
 
 # (layer index, compressed bytes read so far, blob size); called in the parent process.
 ProgressFn = Callable[[int, int, int], None]
@@ -58,6 +56,10 @@ class _Built:
 def build_layer(src: ImageSource, layer: Layer, staging: Staging,
                 progress: Callable[[int], None] | None = None) -> _Built:
     """Decompress, verify and apply one layer into its staging dir, recording tar-split."""
+    from isal import igzip
+
+    from ocilayers.extract import apply_layer
+    from ocilayers.tarsplit import TarSplitWriter
     with src.open_layer(layer, progress=progress) as reader, open(
         staging.tar_split, "wb"
     ) as raw, igzip.GzipFile(
@@ -86,6 +88,8 @@ _WORKER: dict[str, Any] = {}
 def _worker_init() -> None:
     # Die with the parent: a killed unpack must leave no writer behind (prctl PR_SET_PDEATHSIG).
     with contextlib.suppress(Exception):
+        import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != _WORKER.get("parent_pid"):
@@ -206,6 +210,9 @@ def _build_all(src: ImageSource, image: Image, todo: list[int], stagings: dict[i
         register_ready()
         return built
 
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
     ctx = multiprocessing.get_context("fork")
     counters = ctx.Array("q", len(image.layers), lock=False)
     _WORKER.update(source=src, image=image, counters=counters, parent_pid=os.getpid())
@@ -242,6 +249,8 @@ def _build_all(src: ImageSource, image: Image, todo: list[int], stagings: dict[i
 
 def _register(store: Store, staging: Staging, b: _Built,
               parent: Digest | None) -> tuple[LayerRecord, bool]:
+    from ocilayers.extract import expand_root_opaque
+
     if b.stats.root_opaque and parent is not None:
         lowers = [os.path.join(store.layer_path(r.cache_id), "diff")
                   for r in reversed(store.chain(parent))]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -199,6 +198,8 @@ def _walk_sorted(stage: str) -> Iterator[tuple[str, str, bool]]:
 
 
 def _write_archive(stage: str, out: str) -> None:
+    import tarfile
+
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".ocilayers-")
     try:
         with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w",
