@@ -426,14 +426,7 @@ class _Applier:
             for p in [p for p in self.dir_meta if p == path or p.startswith(prefix)]:
                 del self.dir_meta[p]
             self._drop_cache(under=path)
-            fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
-            try:
-                _rmtree_fd(fd)
-            finally:
-                os.close(fd)
-            os.rmdir(base, dir_fd=pfd)
-        else:
-            os.unlink(base, dir_fd=pfd)
+        _remove_at(pfd, base, st)
 
     # -- hardlinks --
 
@@ -659,16 +652,16 @@ def expand_root_opaque(diff: int | str | bytes, lowers: Sequence[str | bytes],
             os.close(root_fd)
 
 
-def _rmtree_fd(dfd: int) -> None:
-    """Remove the contents of the directory open at `dfd`, never following symlinks."""
-    for name in os.listdir(dfd):
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-            try:
-                _rmtree_fd(sub)
-            finally:
-                os.close(sub)
-            os.rmdir(name, dir_fd=dfd)
-        else:
-            os.unlink(name, dir_fd=dfd)
+def _remove_at(dfd: int, name: bytes, st: os.stat_result) -> None:
+    """Remove `name` (a whole tree if it is a dir) from `dfd`, never following symlinks."""
+    if stat.S_ISDIR(st.st_mode):
+        sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+        try:
+            for child in os.listdir(sub):
+                _remove_at(sub, os.fsencode(child),
+                           os.stat(child, dir_fd=sub, follow_symlinks=False))
+        finally:
+            os.close(sub)
+        os.rmdir(name, dir_fd=dfd)
+    else:
+        os.unlink(name, dir_fd=dfd)

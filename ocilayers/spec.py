@@ -200,6 +200,18 @@ def dump_json(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _document(data: bytes, what: str, default_type: str,
+              allowed: frozenset[str]) -> tuple[dict[str, Any], str]:
+    """A schema 2 manifest or index: its JSON object and media type (OCI's may be unset)."""
+    obj = load_json(data, what)
+    if obj.get("schemaVersion") != 2:
+        raise ImageError(f"{what}: unsupported schemaVersion {obj.get('schemaVersion')!r}")
+    media_type = obj.get("mediaType") or default_type
+    if media_type not in allowed:
+        raise ImageError(f"{what}: unexpected mediaType {media_type!r}")
+    return obj, media_type
+
+
 @dataclass(frozen=True)
 class Index:
     media_type: str
@@ -208,12 +220,7 @@ class Index:
 
     @classmethod
     def parse(cls, data: bytes, what: str = "index") -> Index:
-        obj = load_json(data, what)
-        if obj.get("schemaVersion") != 2:
-            raise ImageError(f"{what}: unsupported schemaVersion {obj.get('schemaVersion')!r}")
-        media_type = obj.get("mediaType") or MEDIA_TYPE_OCI_INDEX
-        if media_type not in INDEX_MEDIA_TYPES:
-            raise ImageError(f"{what}: unexpected mediaType {media_type!r}")
+        obj, media_type = _document(data, what, MEDIA_TYPE_OCI_INDEX, INDEX_MEDIA_TYPES)
         items = obj.get("manifests")
         if not isinstance(items, list):
             raise ImageError(f"{what}: 'manifests' must be a list")
@@ -230,12 +237,7 @@ class Manifest:
 
     @classmethod
     def parse(cls, data: bytes, what: str = "manifest") -> Manifest:
-        obj = load_json(data, what)
-        if obj.get("schemaVersion") != 2:
-            raise ImageError(f"{what}: unsupported schemaVersion {obj.get('schemaVersion')!r}")
-        media_type = obj.get("mediaType") or MEDIA_TYPE_OCI_MANIFEST
-        if media_type not in MANIFEST_MEDIA_TYPES:
-            raise ImageError(f"{what}: unexpected mediaType {media_type!r}")
+        obj, media_type = _document(data, what, MEDIA_TYPE_OCI_MANIFEST, MANIFEST_MEDIA_TYPES)
         layers = obj.get("layers")
         if not isinstance(layers, list):
             raise ImageError(f"{what}: 'layers' must be a list")
