@@ -196,27 +196,47 @@ def _build_all(src: ImageSource, image: Image, todo: list[int], stagings: dict[i
             next_to_register += 1
 
     if len(todo) <= 1 or jobs == 1:
-        for i in todo:
-            layer = image.layers[i]
-            cb = None
-            if progress is not None:
-                count = [0]
+        import gc
 
-                def cb(n: int, i: int = i, count: list[int] = count) -> None:
-                    count[0] += n
-                    progress(i, count[0], image.layers[i].descriptor.size)
-            built[i] = build_layer(src, layer, stagings[i], cb)
-            register_ready()
+        gc_was_on = gc.isenabled()
+        gc.disable()  # the entry loop makes no cycles; the cyclic GC only costs time here
+        try:
+            _build_in_process(src, image, todo, stagings, progress, built, register_ready)
+        finally:
+            if gc_was_on:
+                gc.enable()
         register_ready()
         return built
+    return _build_in_pool(src, image, todo, stagings, jobs, progress, built, register_ready)
 
+
+def _build_in_process(src: ImageSource, image: Image, todo: list[int],
+                      stagings: dict[int, Staging], progress: ProgressFn | None,
+                      built: dict[int, _Built], register_ready: Callable[[], None]) -> None:
+    for i in todo:
+        layer = image.layers[i]
+        cb = None
+        if progress is not None:
+            count = [0]
+
+            def cb(n: int, i: int = i, count: list[int] = count) -> None:
+                count[0] += n
+                progress(i, count[0], image.layers[i].descriptor.size)
+        built[i] = build_layer(src, layer, stagings[i], cb)
+        register_ready()
+
+
+def _build_in_pool(src: ImageSource, image: Image, todo: list[int],
+                   stagings: dict[int, Staging], jobs: int, progress: ProgressFn | None,
+                   built: dict[int, _Built], register_ready: Callable[[], None]
+                   ) -> dict[int, _Built]:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = multiprocessing.get_context("fork")
     counters = ctx.Array("q", len(image.layers), lock=False)
     _WORKER.update(source=src, image=image, counters=counters, parent_pid=os.getpid())
-    # Biggest layer first: the longest job starts earliest (issue: performance).
+    # Biggest layer first: the longest job starts earliest, so the others fill in around it.
     order = sorted(todo, key=lambda i: -image.layers[i].descriptor.size)
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx,
                                initializer=_worker_init)
