@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """ocilayers benchmark harness.
 
-    python benchmarks/run.py [--quick] [--only unpack] [--runs N] [--cache DIR] [--no-docker]
-                             [--profile] [--json PATH] [--keep]
+    python benchmarks/run.py [--quick] [--only unpack|pack|tarsplit|memory]... [--runs N]
+                             [--cache DIR] [--no-docker] [--profile] [--json PATH] [--keep]
 
-Builds (once, cached) a realistic 5-layer Debian image in gzip and zstd, then times
-`ocilayers unpack` against umoci, gzip|tar, zstd|tar and (when a daemon can start) docker load,
-alternating the tools run by run, and prints a table of medians. See benchmarks/README.md.
+Builds (once, cached) a realistic 5-layer Debian image in gzip and zstd, an overlay upper dir
+made over it, and ~2 GiB layers, then times `ocilayers unpack` and `ocilayers pack` against
+umoci, tar with gzip/zstd and (when a daemon can start) docker load, alternating the tools run
+by run, measures how much of an unpack goes to tar-split and `size`, and the peak RSS of every
+ocilayers process on big layers. Prints a table per group. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -33,32 +35,73 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import dockerd  # noqa: E402
-from inputs import BenchImage, ensure_image, ocilayers_argv, remove_tree  # noqa: E402
+import memory  # noqa: E402
+from inputs import (  # noqa: E402
+    BenchImage,
+    ensure_image,
+    ocilayers_argv,
+    ocilayers_python,
+    remove_tree,
+)
 from measure import Sample, git_describe, loadavg, machine_info, run_measured  # noqa: E402
+from pack_inputs import PackInput, ensure_pack_input, fresh_layout, top_layer_size  # noqa: E402
 
-GROUPS = ("unpack",)
+GROUPS = ("unpack", "pack", "tarsplit", "memory")
+QUICK_GROUPS = ("unpack", "pack", "tarsplit")  # memory is for full runs only
 DEFAULT_CACHE = "/var/tmp/ocilayers-bench"
 SETTLE_NOTE = ("ext4 here (no journal) creates files several times slower for ~60 s after "
                "many deletions")
 MIB = 1 << 20
+RESULTS_FORMAT = 2
 exec_roots: list[str] = []  # throwaway dockerd exec roots, deleted after all timings
 
 
 @dataclass
 class Case:
-    """One row of the table. `measure(run_dir, round)` makes one timed run."""
+    """One row of a table. `measure(run_dir, round)` makes one timed run; `output(run_dir)`, if
+    given, is the size in bytes of what the run wrote (a layer blob), read after the run."""
 
     key: str
     label: str
     compression: str
     ocilayers: bool
     measure: Callable[[str, int], Sample]
+    short: str = ""
+    output: Callable[[str], int] | None = None
     samples: list[Sample] = field(default_factory=list)
+    out_bytes: list[int] = field(default_factory=list)
     skipped: str = ""
+
+
+@dataclass
+class Ctx:
+    """What every group gets."""
+
+    args: argparse.Namespace
+    kind: str
+    runs: int
+    cache: str
+    work: str
+    img: BenchImage | None
+    pack_input: PackInput | None
+    mem_input: memory.MemoryInputs | None
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def compile_ocilayers() -> str:
+    """`python -m compileall -q` the ocilayers package, as `pip install` does for a normal
+    install: this environment sets PYTHONDONTWRITEBYTECODE=1, and with an editable install each
+    `ocilayers` start would otherwise compile every module again (~0.1 s). Returns the package
+    dir. Only changed modules are recompiled; run before each group."""
+    py = ocilayers_python()
+    pkg = subprocess.run([py, "-c", "import os, ocilayers; print(os.path.dirname("
+                                    "ocilayers.__file__))"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run([py, "-m", "compileall", "-q", pkg], check=True, stdout=subprocess.DEVNULL)
+    return pkg
 
 
 def prepared(argv_for: Callable[[str], list[str]], mkdirs: Callable[[str], list[str]] | None = None
@@ -73,6 +116,12 @@ def prepared(argv_for: Callable[[str], list[str]], mkdirs: Callable[[str], list[
         return run_measured(argv, log_path=run_dir + ".log")
     return measure
 
+
+def shell(script: str) -> list[str]:
+    return ["bash", "-c", "set -eu -o pipefail\n" + script]
+
+
+# --- group: unpack ---
 
 def tar_script(blobs: list[str], dirs: list[str], decompress: str, parallel: bool) -> list[str]:
     """`gzip -dc blob | tar -x` per layer, one dir per layer, one after the other or all at
@@ -154,6 +203,14 @@ def unpack_cases(img: BenchImage, use_docker: bool) -> tuple[list[Case], list[st
     return cases, notes
 
 
+UNPACK_RATIOS: list[tuple[str, str, float | None]] = [
+    *[("ocilayers-cold-gzip", k, None) for k in
+      ("umoci-gzip", "gzip-tar-seq", "gzip-tar-par", "docker-load-gzip")],
+    *[("ocilayers-cold-zstd", k, None) for k in ("zstd-tar-seq", "zstd-tar-par")],
+    ("ocilayers-cold-gzip", "ocilayers-cold-gzip-j1", None),
+]
+
+
 def docker_load(img: BenchImage, rd: str) -> Sample:
     """Start a fresh daemon (not timed), time `docker load`, stop it (not timed). CPU adds the
     daemon's own CPU delta (incl. the unpigz it runs) to the client's; peak RSS is the daemon's
@@ -198,25 +255,286 @@ def rss_split(img: BenchImage, work: str) -> dict[str, object]:
     return out
 
 
-def profile(img: BenchImage, work: str, cache: str, top: int = 25) -> str:
-    """cProfile of `python -m ocilayers unpack --jobs 1` (gzip): the top functions by own time."""
-    prof = os.path.join(cache, "unpack-jobs1.prof")
+def group_unpack(ctx: Ctx) -> dict[str, Any]:
+    assert ctx.img is not None
+    cases, notes = unpack_cases(ctx.img, use_docker=not ctx.args.no_docker)
+    res = timed_group(ctx, "unpack", cases, notes, int(ctx.img.meta["uncompressed_bytes"]),
+                      UNPACK_RATIOS)
+    res["image"] = dict(ctx.img.meta)
+    res["rss_split"] = rss_split(ctx.img, os.path.join(ctx.work, "unpack"))
+    res["header"].insert(3, describe_image(ctx.img))
+    print_group(res)
+    split = res["rss_split"]
+    print()
+    print("ocilayers peak RSS, parent vs workers (one extra run each, gzip, default --jobs):")
+    for what, r in split.items():
+        print(f"  {what}: {r}")
+    return res
+
+
+# --- group: pack ---
+
+def pack_cases(pin: PackInput) -> tuple[list[Case], list[str]]:
+    notes: list[str] = []
+    oci = ocilayers_argv()
+    lowers = [a for d in pin.lowers for a in ("--lower", d)]
+    up = shlex.quote(pin.upper)
+
+    def out_size(name: str) -> Callable[[str], int]:
+        return lambda rd: os.path.getsize(os.path.join(rd, name))
+
+    def ocil(comp: str, name: str) -> Case:
+        return Case(f"ocilayers-pack-{comp}",
+                    f"ocilayers pack --compression {comp} (--lower x{len(pin.lowers)})", comp,
+                    True, prepared(lambda rd: [*oci, "-q", "pack", pin.upper, "-o",
+                                               os.path.join(rd, name), "--compression", comp,
+                                               *lowers]),
+                    short=f"ocilayers pack ({comp})", output=out_size(name))
+
+    def tarpipe(key: str, label: str, comp: str, filt: str, name: str) -> Case:
+        pipe = f" | {filt}" if filt else ""
+        return Case(key, label, comp, False,
+                    prepared(lambda rd: shell(f"tar -C {up} -c .{pipe} > "
+                                              f"{shlex.quote(os.path.join(rd, name))}")),
+                    short=label, output=out_size(name))
+
+    cases = [ocil("gzip", "layer.tar.gz"),
+             tarpipe("tar-gzip", "tar|gzip -6", "gzip", "gzip -6", "layer.tar.gz")]
+    if shutil.which("zstd"):
+        cases += [ocil("zstd", "layer.tar.zst"),
+                  tarpipe("tar-zstd", "tar|zstd -3", "zstd", "zstd -q -3", "layer.tar.zst"),
+                  tarpipe("tar-zstd-T0", "tar|zstd -3 -T0 (all cores)", "zstd",
+                          "zstd -q -3 -T0", "layer.tar.zst")]
+    else:
+        notes.append("zstd not found: the zstd rows are skipped")
+    cases += [ocil("none", "layer.tar"),
+              tarpipe("tar-none", "tar (no compression)", "none", "", "layer.tar")]
+    if shutil.which("umoci"):
+        tag = "packed"
+
+        def repack(rd: str, _rnd: int) -> Sample:
+            os.makedirs(rd)
+            layout = os.path.join(rd, "layout")
+            fresh_layout(pin.image.gzip_dir, layout)  # not timed
+            os.sync()
+            return run_measured(["umoci", "repack", "--image", f"{layout}:{tag}", pin.bundle],
+                                log_path=rd + ".log")
+
+        cases.append(Case("umoci-repack", "umoci repack (gzip; mtree diff of the bundle)",
+                          "gzip", False, repack, short="umoci repack",
+                          output=lambda rd: top_layer_size(os.path.join(rd, "layout"), tag)))
+    else:
+        notes.append("umoci not found: the umoci repack row is skipped")
+    return cases, notes
+
+
+PACK_RATIOS: list[tuple[str, str, float | None]] = [
+    ("ocilayers-pack-gzip", "tar-gzip", 0.6),
+    ("ocilayers-pack-zstd", "tar-zstd", 1.3),
+    ("ocilayers-pack-zstd", "tar-zstd-T0", None),
+    ("ocilayers-pack-gzip", "umoci-repack", None),
+    ("ocilayers-pack-none", "tar-none", None),
+]
+
+
+def describe_pack_input(pin: PackInput) -> str:
+    u = pin.meta["upper"]
+    return (f"input: overlay upper dir over the {len(pin.lowers)} layers of the {pin.meta['kind']}"
+            f" image ({pin.image.meta['base']}): {u['file_bytes'] / 1e6:.0f} MB of file data, "
+            f"{u['entries']} entries ({u['files']} files, {u['dirs']} dirs, {u['symlinks']} "
+            f"symlinks, {u['hardlinked_files']} hardlinked), {u['whiteouts']} whiteouts, "
+            f"{u['opaque_dirs']} opaque dirs; the umoci bundle's rootfs has the same change")
+
+
+def group_pack(ctx: Ctx) -> dict[str, Any]:
+    assert ctx.pack_input is not None
+    pin = ctx.pack_input
+    cases, notes = pack_cases(pin)
+    notes.append("MB/s = upper dir file bytes / median wall; out MiB = median size of the "
+                 "layer blob written (compression levels differ: ocilayers gzip is ISA-L "
+                 "level 2, zstd level 3 multi-threaded; gzip -6; umoci's Go gzip)")
+    notes.append("tar archives whiteouts as char devices and opaque dirs not at all (it does "
+                 "not convert them); ocilayers writes .wh. entries, opaque markers, xattrs and "
+                 "computes the DiffID and digest; umoci repack hashes the whole rootfs to diff "
+                 "it against its mtree, then writes the layer, config, manifest and index")
+    res = timed_group(ctx, "pack", cases, notes, int(pin.meta["upper"]["file_bytes"]),
+                      PACK_RATIOS)
+    res["input"] = {k: v for k, v in pin.meta.items() if k != "change_script"}
+    res["input"]["change_script"] = pin.meta["change_script"].splitlines()
+    res["header"].insert(3, describe_pack_input(pin))
+    print_group(res)
+    if ctx.args.profile:
+        res["profile_top"] = {}
+        for comp in ("gzip", "zstd"):
+            prof = os.path.join(ctx.cache, f"pack-{comp}.prof")
+            log(f"pack: cProfile of one `ocilayers pack --compression {comp}`")
+            profile_pack(pin, os.path.join(ctx.work, "pack", f"profile-{comp}"), comp, prof)
+            res["profile_top"][comp] = profile_top(prof, 20, PACK_AREAS)
+            print()
+            print(f"cProfile, ocilayers pack --compression {comp}, top functions by own time:")
+            print(res["profile_top"][comp])
+    return res
+
+
+def profile_pack(pin: PackInput, rd: str, comp: str, prof: str) -> None:
+    os.makedirs(rd)
+    os.sync()
+    subprocess.run([ocilayers_python(), "-m", "cProfile", "-o", prof, "-m", "ocilayers", "-q",
+                    "pack", pin.upper, "-o", os.path.join(rd, "layer"), "--compression", comp,
+                    *[a for d in pin.lowers for a in ("--lower", d)]], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+# --- group: tarsplit (share of unpack time spent on tar-split.json.gz and `size`) ---
+
+def profile_unpack(img: BenchImage, work: str, prof: str) -> None:
+    """cProfile of `python -m ocilayers unpack --jobs 1` (gzip) into `prof`."""
     root = os.path.join(work, "profile", "store")
     os.makedirs(os.path.dirname(root))
     os.sync()
-    subprocess.run([sys.executable, "-m", "cProfile", "-o", prof, "-m", "ocilayers", "-q",
+    subprocess.run([ocilayers_python(), "-m", "cProfile", "-o", prof, "-m", "ocilayers", "-q",
                     "--root", root, "unpack", img.gzip_dir, "--jobs", "1"], check=True,
                    stdout=subprocess.DEVNULL)
+
+
+def profile_top(prof: str, top: int = 25, areas: list[tuple[str, Callable[[str, str], bool]]]
+                | None = None) -> str:
+    """The top functions by own time, and own time summed by area."""
     buf = io.StringIO()
     st = pstats.Stats(prof, stream=buf)
     buf.write("own time by area (cProfile inflates the Python parts):\n")
-    for area, secs, share in profile_areas(st):
+    for area, secs, share in profile_areas(st, areas or AREAS):
         buf.write(f"  {secs:6.2f} s {share:6.1%}  {area}\n")
     table = io.StringIO()
     pstats.Stats(prof, stream=table).strip_dirs().sort_stats("tottime").print_stats(top)
     text = table.getvalue()
     buf.write("\n" + text[text.find("   ncalls"):].rstrip() + "\n")
     return buf.getvalue()
+
+
+def _func_name(key: tuple[str, int, str]) -> str:
+    path, line, name = key
+    return f"{os.path.basename(path)}:{line}({name})"
+
+
+def tarsplit_share(prof: str) -> dict[str, Any]:
+    """From a cProfile of `unpack --jobs 1`: time under the tar-split writer (every function
+    of ocilayers/tarsplit.py: TarSplitWriter's methods, crc64, the JSON escaping, and the
+    igzip writes they make) and under store.diff_size (layerdb `size`), over the total.
+
+    Each function's cumulative time is counted only for the calls that come from outside that
+    set, so nested calls (on_entry -> _flush_file -> _emit -> igzip write) count once."""
+    st = pstats.Stats(prof)
+    stats: dict[tuple[str, int, str], Any] = st.stats  # type: ignore[attr-defined]
+
+    def tarsplit(key: tuple[str, int, str]) -> bool:
+        path, _line, name = key
+        # module and class bodies (import time) are not tar-split work
+        return (path.endswith(os.path.join("ocilayers", "tarsplit.py")) and
+                not name.startswith("<") and not name[:1].isupper())
+
+    def size_walk(key: tuple[str, int, str]) -> bool:
+        return key[0].endswith(os.path.join("ocilayers", "store.py")) and key[2] == "diff_size"
+
+    def in_scope(key: tuple[str, int, str]) -> bool:
+        return tarsplit(key) or size_walk(key)
+
+    parts: dict[str, float] = {}
+    for key, (_cc, _nc, _tt, _ct, callers) in stats.items():
+        if not in_scope(key):
+            continue
+        # calls from module bodies (import time, e.g. building the CRC table) are not counted
+        outside = sum(v[3] for caller, v in callers.items()
+                      if not in_scope(caller) and caller[2] != "<module>")
+        if outside:
+            parts[_func_name(key)] = outside
+    ts = sum(v for k, v in parts.items() if "store.py" not in k)
+    size = sum(v for k, v in parts.items() if "store.py" in k)
+    total = st.total_tt  # type: ignore[attr-defined]
+    build = sum(v[3] for k, v in stats.items() if k[2] == "build_layer"
+                and k[0].endswith(os.path.join("ocilayers", "unpack.py")))
+    own = {"crc64": sum(v[2] for k, v in stats.items() if tarsplit(k) and k[2] == "crc64")}
+    return {"profiled_total_s": round(total, 3), "build_layer_s": round(build, 3),
+            "tarsplit_s": round(ts, 3), "diff_size_s": round(size, 3),
+            "crc64_own_s": round(own["crc64"], 3),
+            "share_of_total": round((ts + size) / total, 4) if total else None,
+            "share_of_build_layer": round((ts + size) / build, 4) if build else None,
+            "entry_points_s": {k: round(v, 3) for k, v in sorted(parts.items(),
+                                                                 key=lambda x: -x[1])}}
+
+
+def tarsplit_cases(img: BenchImage) -> list[Case]:
+    """`unpack --jobs 1` in-process through ocilayers_ablate.py: unchanged, and with the
+    tar-split writer and the size walk replaced by no-ops."""
+    wrapper = os.path.join(HERE, "ocilayers_ablate.py")
+
+    def case(mode: str, label: str) -> Case:
+        return Case(f"unpack-j1-{mode}", label, "gzip", True, prepared(
+            lambda rd: [ocilayers_python(), wrapper, mode, rd + ".json", "--", "-q", "--root",
+                        os.path.join(rd, "store"), "unpack", img.gzip_dir, "--jobs", "1"]))
+
+    return [case("normal", "ocilayers unpack --jobs 1 (in-process wrapper)"),
+            case("ablated", "the same, tar-split writer and size walk no-ops")]
+
+
+def group_tarsplit(ctx: Ctx) -> dict[str, Any]:
+    assert ctx.img is not None
+    img = ctx.img
+    base = os.path.join(ctx.work, "tarsplit")
+    os.makedirs(base)
+    prof = os.path.join(ctx.cache, "unpack-jobs1.prof")
+    log("tarsplit: cProfile of one `unpack --jobs 1` (gzip)")
+    profile_unpack(img, base, prof)
+    share = tarsplit_share(prof)
+    cases = tarsplit_cases(img)
+    notes = ["the no-op run writes no tar-split.json.gz and size 0: its store is invalid; it "
+             "only says how much time those two parts take without a profiler's overhead"]
+    res = timed_group(ctx, "tarsplit", cases, notes, int(img.meta["uncompressed_bytes"]), [])
+    res["profile"] = share
+    by = {r["key"]: r for r in res["results"] if "median_wall_s" in r}
+    calls_ok = True
+    for c in cases:
+        if c.key.endswith("ablated"):
+            for rnd in range(len(c.samples)):
+                path = os.path.join(ctx.work, "tarsplit", c.key, f"r{rnd}.json")
+                with open(path) as f:
+                    info = json.load(f)
+                calls_ok &= all(info["calls"].values())
+                res["ablation_calls"] = info
+    if "unpack-j1-normal" in by and "unpack-j1-ablated" in by and calls_ok:
+        a, b = by["unpack-j1-normal"]["median_wall_s"], by["unpack-j1-ablated"]["median_wall_s"]
+        res["ablation"] = {"normal_s": a, "without_s": b,
+                           "share": round((a - b) / a, 4) if a else None,
+                           "cpu_share": round(1 - by["unpack-j1-ablated"]["median_cpu_s"]
+                                              / by["unpack-j1-normal"]["median_cpu_s"], 4)}
+    elif not calls_ok:
+        res["notes"].append("a no-op stand-in was never called (ocilayers no longer reaches "
+                            "TarSplitWriter/diff_size by those names): no estimate")
+    res["header"].insert(3, describe_image(img))
+    print_group(res)
+    print()
+    p = share
+    goal = 0.15
+    pct = p["share_of_total"]
+    print(f"tar-split + size share of `ocilayers unpack --jobs 1` (gzip), cProfile: "
+          f"{pct:.1%} of {p['profiled_total_s']:.2f} s profiled "
+          f"(tar-split {p['tarsplit_s']:.2f} s, size walk {p['diff_size_s']:.2f} s; "
+          f"{p['share_of_build_layer']:.1%} of build_layer)   goal <= 15%: "
+          f"{'met' if pct <= goal else 'MISSED'}")
+    print("  entry points (cumulative s, calls from outside the tar-split code): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in p["entry_points_s"].items()))
+    if "ablation" in res:
+        ab = res["ablation"]
+        print(f"tar-split + size share without a profiler (medians, no-op stand-ins): "
+              f"{ab['share']:.1%} of wall ({ab['normal_s']:.2f} s -> {ab['without_s']:.2f} s), "
+              f"{ab['cpu_share']:.1%} of CPU   goal <= 15%: "
+              f"{'met' if ab['share'] <= goal else 'MISSED'}")
+    if ctx.args.profile:
+        res["profile_top"] = profile_top(prof)
+        print()
+        print("cProfile, ocilayers unpack --jobs 1 (gzip), top functions by own time:")
+        print(res["profile_top"])
+    return res
 
 
 # Where a function's own time goes, by the file (or C function) it belongs to.
@@ -237,23 +555,155 @@ AREAS: list[tuple[str, Callable[[str, str], bool]]] = [
 ]
 
 
-def profile_areas(st: pstats.Stats) -> list[tuple[str, float, float]]:
+# The same for `ocilayers pack`.
+PACK_AREAS: list[tuple[str, Callable[[str, str], bool]]] = [
+    ("compression (zstandard writer, isal gzip; zstd's worker threads are not profiled)",
+     lambda f, n: "Zstd" in n or f in ("igzip.py", "gzip.py") or "isal_zlib" in n
+     or "compress" in n),
+    ("sha256 (DiffID, blob digest)", lambda f, n: "HASH" in n),
+    ("filesystem syscalls", lambda f, n: n.startswith("<built-in method posix.")
+     or "DirEntry" in n),
+    ("tar header encoding (tarstream.py)", lambda f, n: f == "tarstream.py"),
+    ("walk and entries (differ.py, whiteout.py)", lambda f, n: f in ("differ.py", "whiteout.py")),
+    ("streams, api, cli (streams.py, api.py, cli.py)",
+     lambda f, n: f in ("streams.py", "api.py", "cli.py")),
+]
+
+
+def profile_areas(st: pstats.Stats, areas: list[tuple[str, Callable[[str, str], bool]]]
+                  ) -> list[tuple[str, float, float]]:
     sums: dict[str, float] = {}
     for (path, _line, name), (_cc, _nc, tt, _ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
         f = os.path.basename(path)
-        area = next((a for a, match in AREAS if match(f, name)),
+        area = next((a for a, match in areas if match(f, name)),
                     "other (interpreter start-up, imports, builtins)")
         sums[area] = sums.get(area, 0.0) + tt
     total = sum(sums.values()) or 1.0
     return [(a, t, t / total) for a, t in sorted(sums.items(), key=lambda x: -x[1])]
 
 
-# --- reporting ---
+# --- group: memory ---
+
+def group_memory(ctx: Ctx) -> dict[str, Any]:
+    assert ctx.mem_input is not None
+    t0 = time.monotonic()
+    load_before = loadavg()
+    git_before = git_describe(REPO)
+    rows = memory.run_memory(ctx.mem_input, ctx.work, log)
+    notes = ["one run per operation (memory, not speed); outputs are deleted right after each "
+             "operation",
+             "parent = RUSAGE_SELF of the ocilayers process (the CLI run in-process by "
+             "ocilayers_rusage.py); workers = RUSAGE_CHILDREN, the largest forked worker (it "
+             "starts with the parent's pages, so it includes what it shares with the parent); "
+             "a one-layer unpack and pack use no workers",
+             f"limit: {memory.LIMIT_BYTES / 1e6:.0f} MB = {memory.LIMIT_BYTES / MIB:.1f} MiB "
+             "for any single process (information, not a test)"]
+    git_after = git_describe(REPO)
+    if git_after != git_before:
+        notes.append(f"the ocilayers source changed during the runs (it was {git_before} at the "
+                     f"start, {git_after} at the end)")
+    res = {"group": "memory", "kind": ctx.kind,
+           "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "ocilayers": {"git": git_before},
+           "inputs": ctx.mem_input.meta, "operations": rows, "notes": notes,
+           "seconds": round(time.monotonic() - t0, 1)}
+    layers = ctx.mem_input.meta["layers"]
+    print()
+    print(f"ocilayers benchmarks: memory   (git {git_before})")
+    print("inputs: " + "; ".join(
+        f"{x['kind']}: {x['uncompressed_bytes'] / 2**30:.2f} GiB uncompressed "
+        f"({x['files']} files, one of {memory.BIG_FILE / 2**30:.3f} GiB), gzip "
+        f"{x['size'] / 2**30:.2f} GiB" for x in layers))
+    load_after = loadavg()
+    res["load_average"] = [load_before, load_after]
+    print(f"load average: {load_before} before, {load_after} after")
+    print()
+    w = max(len(r["operation"]) for r in rows) + 2
+    print(f"{'operation':<{w}}{'wall s':>8}{'MB/s':>7}{'CPU s':>8}{'parent MiB':>12}"
+          f"{'workers MiB':>13}{'other CPU s':>13}  < 150 MB")
+    print("-" * (w + 72))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['operation']:<{w}}  FAILED: {r['error'][:120]}")
+            continue
+        wk = r["workers_peak_rss_mib"]
+        print(f"{r['operation']:<{w}}{r['wall_s']:>8.1f}{r['mb_per_s']:>7.1f}{r['cpu_s']:>8.1f}"
+              f"{r['parent_peak_rss_mib']:>12.1f}{'-' if wk is None else f'{wk:.1f}':>13}"
+              f"{r['other_cpu_s']:>13.1f}  {'PASS' if r['pass'] else 'FAIL'}")
+    print()
+    for n in notes:
+        print(f"note: {n}")
+    return res
+
+
+# --- the timed loop and reporting ---
+
+def timed_group(ctx: Ctx, group: str, cases: list[Case], notes: list[str], data_bytes: int,
+                ratio_pairs: list[tuple[str, str, float | None]]) -> dict[str, Any]:
+    """Run every case `ctx.runs` times, alternating (A B C ... A B C ...), each run into a new
+    dir under `work/group/`; nothing is deleted in between. Returns the group's results."""
+    t0 = time.monotonic()
+    load_before = loadavg()
+    git_before = git_describe(REPO)
+    runs = ctx.runs
+    for rnd in range(runs):
+        for case in cases:
+            if case.skipped:
+                continue
+            rd = os.path.join(ctx.work, group, case.key, f"r{rnd}")
+            try:
+                s = case.measure(rd, rnd)
+            except Exception as exc:  # a baseline that cannot run is skipped, not fatal
+                if case.ocilayers:
+                    raise
+                case.skipped = f"{type(exc).__name__}: {exc}"
+                notes.append(f"{case.label} skipped: {case.skipped}")
+                continue
+            case.samples.append(s)
+            if case.output is not None and s.ok:
+                case.out_bytes.append(case.output(rd))
+            log(f"{group} round {rnd + 1}/{runs}  {case.label:<52} {s.wall:7.2f} s"
+                + ("" if s.ok else f"  FAILED {s.error[:200]}"))
+    load_after = loadavg()
+    git_after = git_describe(REPO)
+    if git_after != git_before:
+        notes.append(f"the ocilayers source changed during the timed runs (it was "
+                     f"{git_before} at the start, {git_after} at the end): the rows may mix "
+                     "versions")
+    samples = [x for c in cases for x in c.samples]
+    busy = sum(x.other for x in samples) / max(sum(x.wall for x in samples), 1e-9)
+    if busy > 0.15:
+        notes.append(f"the machine was not idle: the rest of it used {busy:.2f} CPUs on "
+                     f"average during the timed runs (see the other-CPU column and the "
+                     f"min-max spread)")
+    rows = [summarize(c, data_bytes) for c in cases]
+    version = subprocess.run([*ocilayers_argv(), "--version"], capture_output=True,
+                             text=True).stdout.strip()
+    header = [
+        f"ocilayers benchmarks: {group}   ({version}, git {git_before})",
+        f"machine: {os.cpu_count()} CPUs, load average {load_before} before the timed runs, "
+        f"{load_after} after; other CPU used by the rest of the machine: {busy:.2f} CPUs "
+        f"on average",
+        f"{runs} timed runs per tool, tools alternating run by run (ABAB...), median shown; "
+        f"inputs warm in the page cache, `sync` before each run (not timed)",
+        "CPU = user+sys of the whole process tree; peak RSS = largest single process "
+        "(ru_maxrss via wait4); other CPU = what the rest of the machine (other processes, "
+        "kernel threads) used during the run",
+    ]
+    return {"group": group, "kind": ctx.kind,
+            "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "ocilayers": {"version": version, "git": git_before},
+            "runs_per_tool": runs, "results": rows,
+            "ratios": ratios(rows, ratio_pairs, {c.key: c.short or c.label for c in cases}),
+            "notes": notes, "load_average": [load_before, load_after],
+            "other_cpus": round(busy, 3), "header": header,
+            "seconds": round(time.monotonic() - t0, 1)}
+
 
 def summarize(case: Case, data_bytes: int) -> dict[str, Any]:
     ok = [s for s in case.samples if s.ok]
     row: dict[str, Any] = {"key": case.key, "tool": case.label,
-                              "compression": case.compression}
+                           "compression": case.compression}
     if case.skipped or not ok:
         row["error"] = case.skipped or next((s.error for s in case.samples if not s.ok), "?")
         return row
@@ -270,23 +720,28 @@ def summarize(case: Case, data_bytes: int) -> dict[str, Any]:
         "peak_rss_mib": round(max(s.rss_kib for s in ok) / 1024, 1),
         "mb_per_s": round(data_bytes / 1e6 / med, 1) if med else None,
     })
+    if case.out_bytes:
+        row["output_bytes"] = int(statistics.median(case.out_bytes))
     return row
 
 
-def ratios(rows: list[dict[str, Any]]) -> list[dict[str, object]]:
+def ratios(rows: list[dict[str, Any]], pairs: list[tuple[str, str, float | None]],
+           short: dict[str, str]) -> list[dict[str, object]]:
     by = {r["key"]: r for r in rows if "median_wall_s" in r}
-    pairs = [("ocilayers-cold-gzip", k) for k in
-             ("umoci-gzip", "gzip-tar-seq", "gzip-tar-par", "docker-load-gzip")]
-    pairs += [("ocilayers-cold-zstd", k) for k in ("zstd-tar-seq", "zstd-tar-par")]
-    pairs += [("ocilayers-cold-gzip", "ocilayers-cold-gzip-j1")]
-    out = []
-    for a, b in pairs:
+    out: list[dict[str, object]] = []
+    for a, b, goal in pairs:
         if a in by and b in by:
             ra, rb = by[a], by[b]
-            out.append({"a": ra["tool"], "b": rb["tool"],
-                        "wall": round(float(ra["median_wall_s"]) / float(rb["median_wall_s"]), 2),
-                        "cpu": round(float(ra["median_cpu_s"]) / max(float(rb["median_cpu_s"]),
-                                                                     1e-9), 2)})
+            wall = round(float(ra["median_wall_s"]) / float(rb["median_wall_s"]), 2)
+            x: dict[str, object] = {
+                "a": ra["tool"], "b": rb["tool"], "a_short": short[a], "b_short": short[b],
+                "wall": wall,
+                "cpu": round(float(ra["median_cpu_s"]) / max(float(rb["median_cpu_s"]), 1e-9),
+                             2)}
+            if goal is not None:
+                x["goal_at_most"] = goal
+                x["goal_met"] = wall <= goal
+            out.append(x)
     return out
 
 
@@ -306,53 +761,96 @@ def describe_image(img: BenchImage) -> str:
                if m["kind"] == "full" else "fixtures/demo layers + a generated layer"))
 
 
-def print_table(header: list[str], rows: list[dict[str, Any]],
-                rats: list[dict[str, object]], notes: list[str]) -> None:
+def print_group(res: dict[str, Any]) -> None:
+    rows: list[dict[str, Any]] = res["results"]
     print()
-    for line in header:
+    for line in res["header"]:
         print(line)
     print()
+    out_col = any("output_bytes" in r for r in rows)
     w = max(len(str(r["tool"])) for r in rows) + 2
     print(f"{'tool':<{w}}{'wall s':>8}{'min-max':>13}{'CPU s':>8}{'(sys)':>7}"
-          f"{'peak RSS MiB':>14}{'MB/s':>7}{'other CPU s':>13}{'runs':>6}")
-    print("-" * (w + 76))
+          f"{'peak RSS MiB':>14}{'MB/s':>7}" + (f"{'out MiB':>9}" if out_col else "")
+          + f"{'other CPU s':>13}{'runs':>6}")
+    print("-" * (w + 76 + (9 if out_col else 0)))
     for r in rows:
         if "median_wall_s" not in r:
             print(f"{r['tool']:<{w}}  n/a: {str(r.get('error', ''))[:100]}")
             continue
         mm = f"{r['min_wall_s']:.2f}-{r['max_wall_s']:.2f}"
+        out = ""
+        if out_col:
+            out = f"{r['output_bytes'] / MIB:>9.1f}" if "output_bytes" in r else f"{'':>9}"
         print(f"{r['tool']:<{w}}{r['median_wall_s']:>8.2f}{mm:>13}{r['median_cpu_s']:>8.2f}"
-              f"{r['median_sys_s']:>7.2f}{r['peak_rss_mib']:>14.1f}{r['mb_per_s']:>7.1f}"
+              f"{r['median_sys_s']:>7.2f}{r['peak_rss_mib']:>14.1f}{r['mb_per_s']:>7.1f}{out}"
               f"{r['median_other_cpu_s']:>13.2f}{r['runs']:>6}")
-    if rats:
+    if res["ratios"]:
         print()
         print("ratios of medians (wall; CPU in brackets), below 1 = ocilayers faster:")
-        for x in rats:
-            print(f"  {x['a']} / {x['b']} = {x['wall']:.2f}x  (CPU {x['cpu']:.2f}x)")
-    if notes:
+        for x in res["ratios"]:
+            goal = ""
+            if "goal_at_most" in x:
+                goal = (f"   goal <= {x['goal_at_most']}: "
+                        f"{'met' if x['goal_met'] else 'MISSED'}")
+            if res["group"] == "unpack":
+                name = f"{x['a']} / {x['b']}"
+            else:
+                name = f"{x['a_short']} / {x['b_short']}"
+            print(f"  {name} = {x['wall']:.2f}x  (CPU {x['cpu']:.2f}x){goal}")
+    if res["notes"]:
         print()
-        for n in notes:
+        for n in res["notes"]:
             print(f"note: {n}")
+
+
+def merge_results(path: str, new: dict[str, Any], groups: dict[str, Any]) -> dict[str, Any]:
+    """The results file: common fields, and one entry per group. Groups not run this time are
+    kept from the file as they were (each says when and on which git version it ran)."""
+    old: dict[str, Any] = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = {}
+    kept = dict(old.get("groups") or {})
+    if not kept and "results" in old:  # the first format: the unpack group only, flat
+        kept["unpack"] = {"group": "unpack", **{k: v for k, v in old.items() if k != "machine"}}
+    for name, res in groups.items():
+        kept[name] = {k: v for k, v in res.items() if k != "header"}
+    ordered = {g: kept[g] for g in GROUPS if g in kept}
+    ordered.update({g: v for g, v in kept.items() if g not in ordered})
+    return {"format": RESULTS_FORMAT, **new, "groups": ordered}
 
 
 # --- main ---
 
+GROUP_RUNNERS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
+    "unpack": group_unpack, "pack": group_pack, "tarsplit": group_tarsplit,
+    "memory": group_memory,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true",
-                   help="small busybox image, 2 runs, no settling pauses (under a minute)")
+                   help="small busybox image, 2 runs, no settling pauses, no memory group "
+                        "(about a minute)")
     p.add_argument("--only", choices=GROUPS, action="append",
-                   help="benchmark group(s) to run (default: all)")
+                   help="benchmark group(s) to run (default: all; with --quick all but memory)")
     p.add_argument("--runs", type=int, help="timed runs per tool (default 5; 2 with --quick)")
     p.add_argument("--cache", default=os.environ.get("OCILAYERS_BENCH_CACHE", DEFAULT_CACHE),
                    help="input cache and scratch dir (default $OCILAYERS_BENCH_CACHE or "
                         f"{DEFAULT_CACHE})")
     p.add_argument("--json", help="results file (default benchmarks/results/latest.json; "
-                                  "with --quick CACHE/results-quick.json)")
+                                  "with --quick CACHE/results-quick.json); groups not run are "
+                                  "kept from it")
     p.add_argument("--no-docker", action="store_true", help="skip the docker load baseline")
     p.add_argument("--profile", action="store_true",
-                   help="also cProfile one `unpack --jobs 1` and print the top functions")
-    p.add_argument("--keep", action="store_true", help="keep the unpacked trees")
+                   help="also print the top functions of the tarsplit group's cProfile of "
+                        "`unpack --jobs 1`, and (pack group) cProfile one `pack` per "
+                        "compression")
+    p.add_argument("--keep", action="store_true", help="keep the unpacked trees and outputs")
     p.add_argument("--settle", type=float,
                    help=f"seconds to pause after deletions (default 60; 0 with --quick): "
                         f"{SETTLE_NOTE}")
@@ -365,7 +863,13 @@ def main(argv: list[str] | None = None) -> int:
     cache = os.path.abspath(args.cache)
     json_path = args.json or (os.path.join(cache, "results-quick.json") if args.quick
                               else os.path.join(HERE, "results", "latest.json"))
-    groups = args.only or list(GROUPS)
+    if args.only:
+        groups = [g for g in GROUPS if g in args.only]
+    else:
+        groups = list(QUICK_GROUPS if args.quick else GROUPS)
+    if args.quick and "memory" in groups:
+        log("the memory group uses ~2 GiB layers: it runs in full runs only (no --quick)")
+        return 2
     if os.geteuid() != 0:
         log("run.py needs root (owners, mounts, umoci and dockerd as root)")
         return 2
@@ -377,124 +881,96 @@ def main(argv: list[str] | None = None) -> int:
     except BlockingIOError:
         log(f"another run.py is using {cache}; use --cache for a second one")
         return 2
+    pkg = compile_ocilayers()
+    common_notes = [f"ocilayers' modules were compiled to .pyc first (`python -m compileall -q "
+                    f"{pkg}`), as `pip install` does: PYTHONDONTWRITEBYTECODE=1 here would "
+                    f"otherwise make every start of an editable install compile them again"]
 
     kind = "quick" if args.quick else "full"
-    img, built = ensure_image(kind, cache, REPO, base=args.base)
+    img = pin = mem = None
+    deleted = False
+    if any(g in groups for g in ("unpack", "pack", "tarsplit")):
+        img, built = ensure_image(kind, cache, REPO, base=args.base)
+        deleted |= built
+    if "pack" in groups:
+        assert img is not None
+        pin, built = ensure_pack_input(kind, cache, img)
+        deleted |= built
+    if "memory" in groups:
+        mem, _ = memory.ensure_memory_inputs(cache)
     work_root = os.path.join(cache, "runs")
-    deleted = built
     if os.path.exists(work_root):  # left by an interrupted run
         log(f"removing leftovers in {work_root}")
         remove_tree(work_root)
         deleted = True
-    notes = [f"each run unpacks into a fresh dir; nothing is deleted between timed runs; "
-             f"the unpacked trees are deleted after all timings ({SETTLE_NOTE})"]
-    if deleted and settle:
+    timed = [g for g in groups if g != "memory"]
+    if deleted and settle and timed:
         log(f"pausing {settle:.0f} s before timing: {SETTLE_NOTE}")
         time.sleep(settle)
-        notes.append(f"paused {settle:.0f} s after the input build / clean-up before timing")
-    elif deleted:
-        notes.append("no settling pause after the input build / clean-up (--quick or "
-                     "--settle 0): the first runs may be slower")
+        common_notes.append(f"paused {settle:.0f} s after the input build / clean-up before "
+                            "timing")
+    elif deleted and timed:
+        common_notes.append("no settling pause after the input build / clean-up (--quick or "
+                            "--settle 0): the first runs may be slower")
+    common_notes.append(f"each run writes into a fresh dir; nothing is deleted between timed "
+                        f"runs; the outputs are deleted after all groups ({SETTLE_NOTE})")
     work = os.path.join(work_root, datetime.datetime.now().strftime("%Y%m%dT%H%M%S"))
     os.makedirs(work)
+    ctx = Ctx(args, kind, runs, cache, work, img, pin, mem)
 
-    load_before = loadavg()
-    git_before = git_describe(REPO)
-    cases: list[Case] = []
-    if "unpack" in groups:
-        c, n = unpack_cases(img, use_docker=not args.no_docker)
-        cases += c
-        notes += n
-    data_bytes = int(img.meta["uncompressed_bytes"])
-    extra: dict[str, object] = {}
+    mach = machine_info(cache)
+    print(f"ocilayers benchmarks ({kind}): {', '.join(groups)}")
+    print(f"machine: {mach['nproc']} CPUs, {mach['cpu_model']}, {mach['mem_gib']} GiB RAM, "
+          f"Linux {mach['kernel']}, Python {mach['python']}; cache dir {mach['cache_dir']} on "
+          f"{mach['cache_fs']}")
+    print(f"ocilayers: {' '.join(ocilayers_argv())}")
+    for n in common_notes:
+        print(f"note: {n}")
+    done: dict[str, Any] = {}
+    failed = False
+
+    def write_json() -> None:
+        result = merge_results(json_path, {
+            "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
+            "machine": mach, "notes": common_notes,
+            "harness_seconds": round(time.monotonic() - t_start, 1),
+        }, done)
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        tmp = json_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, json_path)
+
     try:
-        for rnd in range(runs):
-            for case in cases:
-                if case.skipped:
-                    continue
-                rd = os.path.join(work, case.key, f"r{rnd}")
-                try:
-                    s = case.measure(rd, rnd)
-                except Exception as exc:  # a baseline that cannot run is skipped, not fatal
-                    if case.ocilayers:
-                        raise
-                    case.skipped = f"{type(exc).__name__}: {exc}"
-                    notes.append(f"{case.label} skipped: {case.skipped}")
-                    continue
-                case.samples.append(s)
-                log(f"round {rnd + 1}/{runs}  {case.label:<45} {s.wall:7.2f} s"
-                    + ("" if s.ok else f"  FAILED {s.error[:200]}"))
-        load_after = loadavg()
-        if git_describe(REPO) != git_before:
-            notes.append(f"the ocilayers source changed during the timed runs (it was "
-                         f"{git_before} at the start): the rows may mix versions")
-        samples = [x for c in cases for x in c.samples]
-        busy = sum(x.other for x in samples) / max(sum(x.wall for x in samples), 1e-9)
-        if busy > 0.15:
-            notes.append(f"the machine was not idle: the rest of it used {busy:.2f} CPUs on "
-                         f"average during the timed runs (see the other-CPU column and the "
-                         f"min-max spread)")
-        if "unpack" in groups:
-            extra["rss_split"] = rss_split(img, work)
-            if args.profile:
-                extra["profile_top"] = profile(img, work, cache)
+        for g in groups:
+            compile_ocilayers()  # the other modules may have changed since the last group
+            res = GROUP_RUNNERS[g](ctx)
+            res["command"] = " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])])
+            done[g] = res
+            failed |= any(not ok for ok in _ocilayers_ok(res))
+            write_json()
     finally:
         if args.keep:
-            notes.append(f"unpacked trees kept in {work}")
+            log(f"outputs kept in {work}")
         else:
             log(f"cleaning up {work}")
             remove_tree(work)
         for d in exec_roots:
             remove_tree(d)
-        if not args.keep and not os.listdir(work_root):
+        if not args.keep and os.path.isdir(work_root) and not os.listdir(work_root):
             os.rmdir(work_root)
-
-    rows = [summarize(c, data_bytes) for c in cases]
-    rats = ratios(rows)
-    mach = machine_info(cache)
-    version = subprocess.run([*ocilayers_argv(), "--version"], capture_output=True,
-                             text=True).stdout.strip()
-    header = [
-        f"ocilayers benchmarks: {', '.join(groups)}   ({version}, git {git_before})",
-        f"machine: {mach['nproc']} CPUs, {mach['cpu_model']}, {mach['mem_gib']} GiB RAM, "
-        f"Linux {mach['kernel']}, Python {mach['python']}",
-        f"cache dir: {mach['cache_dir']} on {mach['cache_fs']}",
-        describe_image(img),
-        f"{runs} timed runs per tool, tools alternating run by run (ABAB...), median shown; "
-        f"inputs warm in the page cache, `sync` before each run (not timed)",
-        "CPU = user+sys of the whole process tree; peak RSS = largest single process "
-        "(ru_maxrss via wait4); MB/s = uncompressed layer bytes / median wall; other CPU = "
-        "what the rest of the machine (other processes, kernel threads) used during the run",
-        f"load average: {load_before} before the timed runs, {load_after} after",
-    ]
-    print_table(header, rows, rats, notes)
-    split = extra.get("rss_split")
-    if isinstance(split, dict):
-        print()
-        print("ocilayers peak RSS, parent vs workers (one extra run each, gzip, default --jobs):")
-        for what, r in split.items():
-            print(f"  {what}: {r}")
-    if "profile_top" in extra:
-        print()
-        print("cProfile, ocilayers unpack --jobs 1 (gzip), top functions by own time:")
-        print(extra["profile_top"])
-    result = {
-        "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
-        "ocilayers": {"version": version, "git": git_before},
-        "machine": mach, "image": {k: v for k, v in img.meta.items()},
-        "runs_per_tool": runs, "results": rows, "ratios": rats, "notes": notes,
-        "rss_split": extra.get("rss_split"), "load_average": [load_before, load_after],
-        "harness_seconds": round(time.monotonic() - t_start, 1),
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
     print()
     print(f"results written to {json_path} ({time.monotonic() - t_start:.0f} s in all)")
-    failed = any(not s.ok for c in cases if c.ocilayers for s in c.samples)
     return 1 if failed else 0
+
+
+def _ocilayers_ok(res: dict[str, Any]) -> list[bool]:
+    if res["group"] == "memory":
+        return ["error" not in r for r in res["operations"]]
+    return [r.get("failed_runs", 0) == 0 and "error" not in r for r in res["results"]
+            if r["key"].startswith(("ocilayers", "unpack-j1"))]
 
 
 if __name__ == "__main__":

@@ -392,6 +392,8 @@ def _fmt_str(width: int, s: bytes) -> bytes:
 
 
 def _to_ascii(b: bytes) -> bytes:
+    if b.isascii():  # nearly always: a C check instead of a per-byte generator
+        return b
     return bytes(c for c in b if c < 0x80)
 
 
@@ -411,7 +413,7 @@ _PREFIX_SIZE = 155
 def _split_ustar_path(name: bytes) -> tuple[bytes, bytes] | None:
     """Go's splitUSTARPath: (prefix, name) for a long ASCII path that fits ustar's two fields."""
     length = len(name)
-    if length <= _NAME_SIZE or _to_ascii(name) != name:
+    if length <= _NAME_SIZE or not name.isascii():
         return None
     if length > _PREFIX_SIZE + 1:
         length = _PREFIX_SIZE + 1
@@ -460,7 +462,7 @@ def encode_header(entry: TarEntry, *, pax_format: bool = True, type_bits: int = 
 
     def long_str(value: bytes, key: bytes) -> None:
         nonlocal ustar_ok
-        if len(value) > _NAME_SIZE or _to_ascii(value) != value:
+        if len(value) > _NAME_SIZE or not value.isascii():
             pax[key] = value
             if key != b"path" or _split_ustar_path(value) is None:
                 ustar_ok = False

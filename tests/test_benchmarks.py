@@ -1,5 +1,6 @@
-"""benchmarks/run.py --quick: it runs end to end, prints the table and exits 0 (no timings
-are checked: speed belongs in the benchmark output, not in a test)."""
+"""benchmarks/run.py --quick: it runs end to end (unpack, pack and tarsplit groups), prints the
+tables and exits 0 (no timings are checked: speed belongs in the benchmark output, not in a
+test)."""
 
 from __future__ import annotations
 
@@ -40,14 +41,43 @@ def test_quick_benchmark_prints_table(tmp_path: object) -> None:
         cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert any(line.startswith("tool") and "wall s" in line for line in lines), proc.stdout
+    assert sum(line.startswith("tool") and "wall s" in line for line in lines) == 3, proc.stdout
     for row in ("ocilayers unpack, cold (gzip)", "ocilayers unpack, dedup re-unpack (gzip)",
                 "ocilayers unpack, cold (zstd)", "umoci raw unpack", "gzip -dc | tar -x",
-                "zstd -dc | tar -x"):
+                "zstd -dc | tar -x",
+                "ocilayers pack --compression gzip", "tar|gzip -6",
+                "ocilayers pack --compression zstd", "tar|zstd -3", "umoci repack",
+                "ocilayers unpack --jobs 1 (in-process wrapper)",
+                "the same, tar-split writer and size walk no-ops"):
         assert any(line.startswith(row) for line in lines), row
     assert "ratios of medians" in proc.stdout
+    for ratio in ("ocilayers pack (gzip) / tar|gzip -6 = ",
+                  "ocilayers pack (zstd) / tar|zstd -3 = ",
+                  "ocilayers pack (gzip) / umoci repack = "):
+        assert ratio in proc.stdout, ratio
+    assert "tar-split + size share of `ocilayers unpack --jobs 1` (gzip), cProfile: " \
+        in proc.stdout
+    assert "tar-split + size share without a profiler" in proc.stdout
     with open(out) as f:
         result = json.load(f)
-    assert all("median_wall_s" in r for r in result["results"]), result["results"]
-    # nothing left behind but the cached input and the results
-    assert sorted(os.listdir(cache)) == [".lock", "quick-v1"]
+    groups = result["groups"]
+    assert sorted(groups) == ["pack", "tarsplit", "unpack"]
+    for name in ("unpack", "pack", "tarsplit"):
+        assert all("median_wall_s" in r for r in groups[name]["results"]), groups[name]
+    assert all("output_bytes" in r for r in groups["pack"]["results"])
+    assert 0 < groups["tarsplit"]["profile"]["share_of_total"] < 1
+    assert "share" in groups["tarsplit"]["ablation"]
+    # nothing left behind but the cached inputs, the profile and the results
+    assert sorted(os.listdir(cache)) == [".lock", "pack-quick-v1", "quick-v1",
+                                         "unpack-jobs1.prof"]
+
+
+@pytest.mark.slow
+def test_quick_refuses_memory_group(tmp_path: object) -> None:
+    """The memory group builds ~2 GiB layers: full runs only."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--quick", "--only",
+         "memory", "--cache", os.path.join(str(tmp_path), "cache")],
+        cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "full runs only" in proc.stderr
