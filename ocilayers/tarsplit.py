@@ -72,6 +72,7 @@ class TarSplitWriter:
         self._ended = False
         self._lines: list[bytes] = []  # a batch of records: one write per batch, not per line
         self._pending = 0
+        self.on_raw = self._raw.extend  # type: ignore[method-assign,assignment]  # no frame/call
 
     def _emit(self, line: str) -> None:
         data = line.encode()
@@ -113,8 +114,8 @@ class TarSplitWriter:
         self._emit(f'{{"type":1,{name_field}{size}"payload":{payload},"position":{self._pos}}}')
 
     def on_raw(self, data: bytes) -> None:
-        if self._entry is not None:
-            self._flush_file()
+        # The file record of the entry before is written first at the next on_entry (or
+        # end), so raw bytes only need collecting: __init__ binds this to bytearray.extend.
         self._raw += data
 
     def on_entry(self, entry: TarEntry) -> Callable[[bytes], None]:
