@@ -194,6 +194,13 @@ def _store(args: argparse.Namespace) -> Store:
     return Store(args.root)
 
 
+def _existing_store(args: argparse.Namespace) -> Store:
+    """The store of --root; an error when there is none yet."""
+    store = Store(args.root)
+    store.require()
+    return store
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     store = _store(args)
     if api.source_or_image(store, args.source) == "image":
@@ -311,8 +318,7 @@ def _pack_to_file(upper: str, out: str, kwargs: dict[str, Any]) -> api.PackResul
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    store = _store(args)
-    store.require()
+    store = _existing_store(args)
     rows = api.list_images(store)
     if args.json:
         _print_json(rows)
@@ -326,8 +332,7 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    store = _store(args)
-    store.require()
+    store = _existing_store(args)
     with store.lock():
         image_id = api.find_image(store, args.image)
         store.set_tag(args.ref, image_id)
@@ -335,32 +340,28 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_untag(args: argparse.Namespace) -> int:
-    store = _store(args)
-    store.require()
+    store = _existing_store(args)
     with store.lock():
         store.remove_tag(args.ref)
     return 0
 
 
 def cmd_rmi(args: argparse.Namespace) -> int:
-    store = _store(args)
-    store.require()
+    store = _existing_store(args)
     for line in api.remove_image(store, args.image):
         print(line)
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    store = _store(args)
-    store.require()
+    store = _existing_store(args)
     for line in api.prune(store):
         print(line)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    store = _store(args)
-    store.require()
+    store = _existing_store(args)
     problems = api.verify(store, args.image)
     if problems:
         for p in problems[1:]:
@@ -371,8 +372,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    store = _store(args)
-    store.require()
+    store = _existing_store(args)
     api.mount(store, args.image, args.target)
     return 0
 
@@ -390,8 +390,7 @@ def cmd_flatten(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    store = _store(args)
-    store.require()
+    store = _existing_store(args)
     progress = Progress(args)
     try:
         written = api.export(store, args.image, args.output, format=args.format,
