@@ -280,10 +280,6 @@ class ImageSource:
         return LayerReader(blob, f"layer {layer.descriptor.digest}", layer.descriptor.digest,
                            layer.descriptor.size, layer.diff_id, progress)
 
-    def open_blob_raw(self, layer: Layer) -> Any:
-        """The layer blob's raw bytes, unchecked (callers verify)."""
-        return self._store.open(layer.path)
-
     # -- picking an image --
 
     def candidates(self) -> list[_Candidate]:
@@ -524,10 +520,6 @@ def parse_source(spec: str) -> tuple[str | None, str, str | None]:
                 raise ImageError(f"{spec!r}: missing path")
             return prefix[:-1], path, (ref if sep and ref else None)
     return None, spec, None
-
-
-def is_source_spec(spec: str) -> bool:
-    return spec == "-" or spec.startswith(TRANSPORTS) or os.path.exists(spec)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -399,6 +399,3 @@ def split_reference(ref: str) -> tuple[str, str]:
         repo = repo[:colon]
     return repo, norm
 
-
-def sorted_unique(items: Sequence[str]) -> list[str]:
-    return sorted(set(items))

@@ -15,7 +15,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from ocilayers.errors import StoreError
 from ocilayers.spec import Digest, chain_ids, split_reference
@@ -443,11 +442,6 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             _rmtree(meta)
 
-    def set_metadata(self, image_id: Digest, name: str, value: bytes) -> None:
-        d = os.path.join(self.imagedb, "metadata", image_id.algorithm, image_id.hex)
-        os.makedirs(d, 0o700, exist_ok=True)
-        write_atomic(os.path.join(d, name), value, 0o600)
-
     def repositories(self) -> dict[str, dict[str, str]]:
         try:
             with open(self.repositories_path, "rb") as f:
@@ -634,12 +628,6 @@ def image_top_chain(config_raw: bytes) -> Digest | None:
     ids = obj.get("rootfs", {}).get("diff_ids") or []
     chains = chain_ids(ids)
     return chains[-1] if chains else None
-
-
-def now_rfc3339() -> str:
-    """RFC 3339 with nanoseconds, as dockerd writes lastUpdated."""
-    t = datetime.now(UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond * 1000:09d}Z"
 
 
 def _rmtree(path: str) -> None:

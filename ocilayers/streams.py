@@ -358,10 +358,3 @@ class IterReader(io.RawIOBase):
         self._buf = self._buf[n:]
         return n
 
-
-def copy_stream(src: Readable, dst: Any, chunk: int = CHUNK) -> int:
-    total = 0
-    while data := src.read(chunk):
-        dst.write(data)
-        total += len(data)
-    return total
