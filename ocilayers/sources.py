@@ -271,14 +271,15 @@ class ImageSource:
             raise ImageError(f"layer {layer.descriptor.digest}: size mismatch: expected "
                              f"{layer.descriptor.size} bytes, got {size}")
 
-    def open_layer(self, layer: Layer,
-                   progress: Callable[[int], None] | None = None) -> LayerReader:
+    def open_layer(self, layer: Layer, progress: Callable[[int], None] | None = None,
+                   readahead: bool = False) -> LayerReader:
         """The decompressed layer; call `.finish()` at the end to verify digest and DiffID.
-        `progress(n)` is told of every n compressed bytes read."""
+        `progress(n)` is told of every n compressed bytes read. With `readahead`, a thread
+        decompresses and hashes ahead of the reader (close the reader to stop it)."""
         self.check_layer_present(layer)
         blob = self._store.open(layer.path)
         return LayerReader(blob, f"layer {layer.descriptor.digest}", layer.descriptor.digest,
-                           layer.descriptor.size, layer.diff_id, progress)
+                           layer.descriptor.size, layer.diff_id, progress, readahead)
 
     # -- picking an image --
 

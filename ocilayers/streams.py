@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 from collections.abc import Callable, Iterator
@@ -174,6 +175,80 @@ def _corrupt_types() -> tuple[type[BaseException], ...]:
     return (EOFError, OSError, zstandard.ZstdError, ValueError, igzip_lib_error())
 
 
+class _Readahead:
+    """Runs a chunk producer (decompression and both hashes: C code that lets go of the GIL)
+    in a thread, a few chunks ahead of the consumer, so one layer can use a second core.
+
+    `next()` returns the next chunk, b"" at the end, or raises what the producer raised.
+    `progress` is called from the consumer's thread only, with the `count()` delta."""
+
+    _DEPTH = 4  # chunks queued at most: memory stays bounded whatever the layer size
+
+    def __init__(self, produce: Callable[[], Iterator[bytes]],
+                 progress: Callable[[int], None] | None, count: Callable[[], int]) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(self._DEPTH)
+        self._stopping = threading.Event()
+        self._done = False
+        self._progress = progress
+        self._count = count
+        self._reported = 0
+        self._thread = threading.Thread(target=self._run, args=(produce,),
+                                        name="ocilayers-readahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Callable[[], Iterator[bytes]]) -> None:
+        item: bytes | BaseException | None = None
+        try:
+            for chunk in produce():
+                if not self._put(chunk):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            item = exc
+        self._put(item)
+
+    def _put(self, item: bytes | BaseException | None) -> bool:
+        import queue
+
+        while not self._stopping.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self) -> bytes:
+        if self._done:
+            return b""
+        item = self._queue.get()
+        if self._progress is not None:
+            count = self._count()
+            if count > self._reported:
+                self._progress(count - self._reported)
+                self._reported = count
+        if isinstance(item, bytes):
+            return item
+        self._done = True
+        self._thread.join()
+        if item is None:
+            return b""
+        raise item
+
+    def stop(self) -> None:
+        """Make the producer quit (at its next chunk) and wait for it."""
+        import queue
+
+        self._stopping.set()
+        self._done = True
+        with contextlib.suppress(queue.Empty):
+            while True:  # frees a producer blocked on a full queue
+                self._queue.get_nowait()
+        self._thread.join()
+
+
 class LayerReader(io.RawIOBase):
     """A layer blob, decompressed; checks blob size+digest and DiffID over every byte.
 
@@ -182,14 +257,16 @@ class LayerReader(io.RawIOBase):
     """
 
     def __init__(self, blob: Readable, what: str, digest: Digest | None, size: int | None,
-                 diff_id: Digest | None, progress: Callable[[int], None] | None = None) -> None:
+                 diff_id: Digest | None, progress: Callable[[int], None] | None = None,
+                 readahead: bool = False) -> None:
         self.what = what
         self._blob = blob
         self._digest = digest
         self._size = size
         self._diff_id = diff_id
         self.compressed = HashingReader(blob, digest.algorithm if digest else "sha256",
-                                        limit=size, what=what, progress=progress)
+                                        limit=size, what=what,
+                                        progress=None if readahead else progress)
         self.compression, plain = decompressor(self.compressed)
         self.plain = HashingReader(plain, diff_id.algorithm if diff_id else "sha256",
                                    what=what)
@@ -198,6 +275,16 @@ class LayerReader(io.RawIOBase):
         # instead of a trip through the decompressor and both hashes each.
         self._buf = b""
         self._pos = 0
+        self._ahead: _Readahead | None = None
+        if readahead:
+            self._ahead = _Readahead(self._read_all, progress,
+                                     lambda: self.compressed.count)
+
+    def _read_all(self) -> Iterator[bytes]:
+        """Every decompressed chunk, then the compressed bytes after the stream (readahead)."""
+        while chunk := self.plain.read(CHUNK):
+            yield chunk
+        self.compressed.drain()
 
     def readable(self) -> bool:
         return True
@@ -227,6 +314,8 @@ class LayerReader(io.RawIOBase):
 
     def _fill(self, size: int = CHUNK) -> bytes:
         try:
+            if self._ahead is not None:
+                return self._ahead.next()
             return self.plain.read(size)
         except _corrupt_types() as exc:
             raise self._corrupt(exc) from None
@@ -238,7 +327,9 @@ class LayerReader(io.RawIOBase):
         return ImageError(f"{self.what}: corrupt {self.compression} stream: {exc}")
 
     def close(self) -> None:
-        """Close the blob underneath (the reader does not own anything else)."""
+        """Stop the readahead thread, if any, and close the blob underneath."""
+        if self._ahead is not None:
+            self._ahead.stop()
         if not self.closed:
             close = getattr(self._blob, "close", None)
             if close is not None:
@@ -248,7 +339,12 @@ class LayerReader(io.RawIOBase):
     def finish(self) -> Digest:
         self._buf, self._pos = b"", 0
         try:
-            self.plain.drain()
+            if self._ahead is not None:
+                while self._ahead.next():  # the thread also drains the compressed stream
+                    pass
+                self._ahead.stop()
+            else:
+                self.plain.drain()
         except _corrupt_types() as exc:
             raise self._corrupt(exc) from None
         self.compressed.drain()  # bytes after the compressed stream still count for the digest

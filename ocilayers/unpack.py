@@ -60,7 +60,7 @@ def build_layer(src: ImageSource, layer: Layer, staging: Staging,
 
     from ocilayers.extract import apply_layer
     from ocilayers.tarsplit import TarSplitWriter
-    with src.open_layer(layer, progress=progress) as reader, open(
+    with src.open_layer(layer, progress=progress, readahead=True) as reader, open(
         staging.tar_split, "wb"
     ) as raw, igzip.GzipFile(
         filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=1  # type: ignore[no-untyped-call]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import re
 import struct
 import tarfile
+import threading
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -101,14 +103,16 @@ BLOBS: list[object] = [
 ]
 
 
+@pytest.mark.parametrize("readahead", [False, True], ids=["inline", "readahead"])
 @pytest.mark.parametrize(("blob", "plain", "kind"), BLOBS)
 @pytest.mark.parametrize("chunk", [
     pytest.param(CHUNK, id="1MiB-reads"),
     pytest.param(7, id="7-byte-reads"),
 ])
 def test_layer_reader_decompresses_and_verifies(blob: bytes, plain: bytes, kind: str,
-                                                chunk: int) -> None:
-    reader = LayerReader(io.BytesIO(blob), "layer", sha256(blob), len(blob), sha256(plain))
+                                                chunk: int, readahead: bool) -> None:
+    reader = LayerReader(io.BytesIO(blob), "layer", sha256(blob), len(blob), sha256(plain),
+                         readahead=readahead)
     assert read_all(reader, chunk) == plain
     assert reader.compression == kind
     assert reader.diff_id == sha256(plain)
@@ -119,13 +123,16 @@ def test_layer_reader_decompresses_and_verifies(blob: bytes, plain: bytes, kind:
     pytest.param(zstd_frame, id="zstd"),
     pytest.param(lambda b: b, id="none"),
 ])
-def test_diff_id_counts_bytes_after_tar_end(compress: Callable[[bytes], bytes]) -> None:
+@pytest.mark.parametrize("readahead", [False, True], ids=["inline", "readahead"])
+def test_diff_id_counts_bytes_after_tar_end(compress: Callable[[bytes], bytes],
+                                            readahead: bool) -> None:
     # The DiffID is the digest of the whole uncompressed stream, trailing junk included
     # (image-spec layer.md); a tar reader stops at the end marker, finish() must drain the rest.
     trailing = b"\0not part of the tar\n" * 5000  # > tarfile's 10 KiB read-ahead
     plain = TAR + trailing
     blob = compress(plain)
-    reader = LayerReader(io.BytesIO(blob), "layer", sha256(blob), len(blob), sha256(plain))
+    reader = LayerReader(io.BytesIO(blob), "layer", sha256(blob), len(blob), sha256(plain),
+                         readahead=readahead)
     with tarfile.open(fileobj=reader, mode="r|") as tf:
         names = [m.name for m in tf]
     assert names == ["hello.txt", "dir/data.bin"]
@@ -148,9 +155,11 @@ GZ = gzip_member(TAR)
     pytest.param(sha256(GZ), len(GZ), sha256(b"other"),
                  str(sha256(b"other")), str(sha256(TAR)), id="diff-id"),
 ])
+@pytest.mark.parametrize("readahead", [False, True], ids=["inline", "readahead"])
 def test_mismatch_names_expected_and_actual(digest: Digest, size: int, diff_id: Digest,
-                                            expected: str, actual: str) -> None:
-    reader = LayerReader(io.BytesIO(GZ), "layer x", digest, size, diff_id)
+                                            expected: str, actual: str,
+                                            readahead: bool) -> None:
+    reader = LayerReader(io.BytesIO(GZ), "layer x", digest, size, diff_id, readahead=readahead)
     with pytest.raises(DigestMismatchError) as info:
         read_all(reader)
     msg = str(info.value)
@@ -179,11 +188,13 @@ BIG = bytes(range(256)) * 400  # 100 KiB, compresses to a few hundred bytes
     pytest.param(gzip_member(BIG), "read", id="gzip-truncated-read-then-finish"),
     pytest.param(zstd_frame(BIG), "read", id="zstd-truncated"),
 ])
-def test_truncated_stream_is_image_error(blob: bytes, how: str) -> None:
+@pytest.mark.parametrize("readahead", [False, True], ids=["inline", "readahead"])
+def test_truncated_stream_is_image_error(blob: bytes, how: str, readahead: bool) -> None:
     # python-zstandard's stream_reader ends quietly at a cut frame, so the DiffID (always
     # known for a real layer) is what catches zstd truncation; gzip notices by itself.
     diff_id = Digest("sha256", hashlib.sha256(BIG).hexdigest())
-    reader = LayerReader(io.BytesIO(_truncate(blob)), "layer", None, None, diff_id)
+    reader = LayerReader(io.BytesIO(_truncate(blob)), "layer", None, None, diff_id,
+                         readahead=readahead)
     with pytest.raises(ImageError, match="layer"):
         if how == "read":
             read_all(reader)
@@ -196,12 +207,16 @@ def test_truncated_stream_is_image_error(blob: bytes, how: str) -> None:
     pytest.param(gzip_member(BIG), _flip(-6), id="gzip-bad-crc"),
     pytest.param(zstd_frame(BIG), _flip(-2), id="zstd-bad-checksum"),
 ])
-def test_corrupt_stream_is_image_error(blob: bytes, mutate: Callable[[bytes], bytes]) -> None:
+@pytest.mark.parametrize("readahead", [False, True], ids=["inline", "readahead"])
+def test_corrupt_stream_is_image_error(blob: bytes, mutate: Callable[[bytes], bytes],
+                                       readahead: bool) -> None:
     # No expected digests here: the stream's own integrity checks must catch it, and the
     # consumer (which only calls read()) must get an ImageError, not a codec's exception.
-    reader = LayerReader(io.BytesIO(mutate(blob)), "layer", None, None, None)
+    reader = LayerReader(io.BytesIO(mutate(blob)), "layer", None, None, None,
+                         readahead=readahead)
     with pytest.raises(ImageError, match="layer"):
         read_all(reader)
+    reader.close()
 
 
 # --- Compressor ---
@@ -254,8 +269,9 @@ def test_compressor_rejects_unknown_kind() -> None:
 
 # --- memory stays bounded ---
 
+@pytest.mark.parametrize("readahead", [False, True], ids=["inline", "readahead"])
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
-def test_layer_reader_memory_is_independent_of_layer_size(kind: str) -> None:
+def test_layer_reader_memory_is_independent_of_layer_size(kind: str, readahead: bool) -> None:
     total = 200 * MiB
     zeros = bytes(MiB)
     blob_buf = io.BytesIO()
@@ -271,7 +287,8 @@ def test_layer_reader_memory_is_independent_of_layer_size(kind: str) -> None:
 
     tracemalloc.start()
     try:
-        reader = LayerReader(io.BytesIO(blob), "layer", sha256(blob), len(blob), diff_id)
+        reader = LayerReader(io.BytesIO(blob), "layer", sha256(blob), len(blob), diff_id,
+                             readahead=readahead)
         n = 0
         while data := reader.read(MiB):
             n += len(data)
@@ -282,3 +299,43 @@ def test_layer_reader_memory_is_independent_of_layer_size(kind: str) -> None:
         tracemalloc.stop()
     assert n == total
     assert peak < 32 * MiB, f"peak {peak / MiB:.1f} MiB"
+
+
+# --- readahead: decompression and hashing in a thread ---
+
+def _readahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ocilayers-readahead"]
+
+
+def test_readahead_thread_stops_when_the_reader_closes_early() -> None:
+    plain = os.urandom(MiB) * 12  # more chunks than the queue holds: the producer blocks
+    blob = gzip_member(plain)
+    with LayerReader(io.BytesIO(blob), "layer", sha256(blob), len(blob), sha256(plain),
+                     readahead=True) as reader:
+        assert reader.read(100) == plain[:100]
+        assert len(_readahead_threads()) == 1
+    assert _readahead_threads() == []
+
+
+def test_readahead_reports_progress_in_the_readers_thread() -> None:
+    plain = os.urandom(3 * MiB)
+    blob = gzip_member(plain)
+    seen: list[tuple[int, int]] = []
+    reader = LayerReader(io.BytesIO(blob), "layer", sha256(blob), len(blob), sha256(plain),
+                         progress=lambda n: seen.append((threading.get_ident(), n)),
+                         readahead=True)
+    with reader:
+        assert read_all(reader) == plain
+    assert {ident for ident, _ in seen} == {threading.get_ident()}
+    assert sum(n for _, n in seen) == len(blob)
+    assert _readahead_threads() == []
+
+
+def test_readahead_error_reaches_the_reader_and_ends_the_thread() -> None:
+    blob = _flip(12)(gzip_member(BIG))
+    reader = LayerReader(io.BytesIO(blob), "layer", None, None, None, readahead=True)
+    with pytest.raises(ImageError, match="corrupt gzip"):
+        read_all(reader)
+    assert reader.read(10) == b""  # the stream is over, not hung
+    reader.close()
+    assert _readahead_threads() == []
