@@ -44,6 +44,10 @@ class LayerStats:
     hardlinks: int = 0
     skipped: int = 0  # AUFS metadata; devices, owners and xattrs a rootless run cannot make
     root_opaque: bool = False  # a `.wh..wh..opq` on the layer root, left to the caller
+    # layerdb `size` (st_size of every non-directory, each inode once), counted while writing;
+    # None when it cannot be known that way: the dir was not empty, or the layer removed
+    # something it had made (then walk the dir: store.diff_size).
+    size: int | None = None
 
 
 def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
@@ -86,6 +90,8 @@ def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
                 while data := reader.read_data():
                     sink(data)
         applier.finish()
+        if applier.size_known:
+            applier.stats.size = applier.size
     finally:
         applier.close()
     return applier.stats
@@ -146,6 +152,10 @@ class _Applier:
         self.umask = umask
         # In a fresh dir every parent is ours (0700 until finish: no setgid to inherit a gid).
         self.fresh = not os.listdir(self.root_fd)
+        # Files and symlinks made, by st_size. Hardlinks add nothing (their inode is one of
+        # ours: counted already), nodes and whiteouts are 0; exact until something is removed.
+        self.size = 0
+        self.size_known = self.fresh
 
     def close(self) -> None:
         self._drop_cache()
@@ -313,6 +323,7 @@ class _Applier:
             self._file(pfd, base, entry, reader, sink)
         elif entry.type == SYM:
             os.symlink(entry.linkname, base, dir_fd=pfd)
+            self.size += len(entry.linkname)  # a symlink's st_size: its target's length
             self._meta_at(pfd, base, entry, is_link=True)
         else:
             fmt = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}[entry.type]
@@ -357,6 +368,7 @@ class _Applier:
                 if sink is not None:
                     sink(data)
                 self.stats.bytes += len(data)
+                self.size += len(data)
             self._meta_now(fd, entry, is_dir=False, path=None)
         finally:
             os.close(fd)
@@ -421,6 +433,7 @@ class _Applier:
 
     def _remove(self, pfd: int, base: bytes, st: os.stat_result, path: bytes) -> None:
         """Remove `base` (at `path`) from `pfd`; `pfd` itself stays valid."""
+        self.size_known = False  # a removed inode may live on through a hardlink
         if stat.S_ISDIR(st.st_mode):
             prefix = path + b"/"
             for p in [p for p in self.dir_meta if p == path or p.startswith(prefix)]:

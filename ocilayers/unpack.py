@@ -77,7 +77,9 @@ def build_layer(src: ImageSource, layer: Layer, staging: Staging,
             ts.trailing(chunk)
         diff_id = reader.finish()
         ts.close()
-    return _Built(diff_id, diff_size(staging.diff), stats)
+    # The size counted while applying; a walk of the dir only when that count is not exact.
+    size = stats.size if stats.size is not None else diff_size(staging.diff)
+    return _Built(diff_id, size, stats)
 
 
 # --- worker processes ---

@@ -30,6 +30,7 @@ import tarbuilder as tb
 
 from ocilayers.errors import ImageError, UnsafeEntryError
 from ocilayers.extract import LayerStats, apply_layer
+from ocilayers.store import diff_size
 from ocilayers.tarstream import TarReader
 
 MODES = ("overlay", "delete")
@@ -114,7 +115,11 @@ def need_mode(caps: dict[str, str | None], mode: str, namespace: str = "trusted"
 
 def apply(layer: list[tb.Member] | bytes, root: Path, **kw: Any) -> LayerStats:
     data = layer if isinstance(layer, bytes) else tb.build(layer)
-    return apply_layer(io.BytesIO(data), root, **kw)
+    stats = apply_layer(io.BytesIO(data), root, **kw)
+    # Every case of every table checks the size counted while applying against a walk.
+    if stats.size is not None:
+        assert stats.size == diff_size(str(root)), "stats.size differs from the dir's size"
+    return stats
 
 
 def xattrs(p: Path) -> dict[str, bytes]:
@@ -1310,17 +1315,18 @@ def test_stats(mode: str, root: Path, caps: dict[str, str | None]) -> None:
              tb.file("big", b"z" * 3_000_000), tb.fifo("p")]
     stats = apply(layer, root, mode=mode)
     assert stats == LayerStats(entries=12, bytes=5 + 3 + 3_000_000, whiteouts=2, opaques=1,
-                               hardlinks=2, skipped=1, **_extra_stats_defaults())
+                               hardlinks=2, skipped=1, size=5 + 3 + 3_000_000 + len(b"b"),
+                               **_extra_stats_defaults())
 
 
 def _extra_stats_defaults() -> dict[str, Any]:
     """LayerStats fields beyond the issue's six keep their defaults (e.g. root_opaque=False)."""
-    six = {"entries", "bytes", "whiteouts", "opaques", "hardlinks", "skipped"}
+    six = {"entries", "bytes", "whiteouts", "opaques", "hardlinks", "skipped", "size"}
     return {f.name: f.default for f in dataclasses.fields(LayerStats) if f.name not in six}
 
 
 def test_stats_empty_layer(root: Path) -> None:
-    assert apply(tb.END, root) == LayerStats(**_extra_stats_defaults())
+    assert apply(tb.END, root) == LayerStats(size=0, **_extra_stats_defaults())
     assert os.listdir(root) == []
 
 
@@ -1362,3 +1368,34 @@ def test_memory_independent_of_layer_size(root: Path) -> None:
         assert peak < 16 * (1 << 20), f"peak {peak / (1 << 20):.1f} MiB"
     finally:
         (root / "big").unlink()
+
+
+# -- the layer size counted while applying (layerdb `size`, no walk of the dir) --
+
+@pytest.mark.parametrize("mode", MODES)
+def test_size_is_counted_while_applying(mode: str, root: Path) -> None:
+    layer = [tb.dir("d"), tb.file("d/a", b"x" * 5000), tb.hardlink("d/b", "d/a"),
+             tb.symlink("d/s", "a-target-of-17-by"), tb.file("e", b""), tb.dir("d/sub"),
+             tb.file("d/sub/c", b"y" * 3)]
+    stats = apply(layer, root, mode=mode)
+    assert stats.size == 5000 + len(b"a-target-of-17-by") + 3
+    assert stats.size == diff_size(str(root))
+
+
+@pytest.mark.parametrize(("layer", "size"), [
+    pytest.param([tb.file("a", b"x" * 10), tb.hardlink("b", "a"), tb.file("a", b"y")], 11,
+                 id="overwritten-file-lives-on-as-a-hardlink"),
+    pytest.param([tb.file("a", b"x" * 10), tb.file("a", b"yy")], 2, id="overwritten-file"),
+    pytest.param([tb.dir("d"), tb.file("d/f", b"x" * 10), tb.symlink("d", "elsewhere")],
+                 len(b"elsewhere"), id="dir-replaced-by-symlink"),
+])
+def test_size_after_a_removal_comes_from_the_dir(layer: list[tb.Member], size: int,
+                                                 root: Path) -> None:
+    stats = apply(layer, root, mode="overlay")
+    assert stats.size is None  # not counted: the caller walks the dir
+    assert diff_size(str(root)) == size
+
+
+def test_size_is_not_counted_into_a_dir_that_was_not_empty(root: Path) -> None:
+    (root / "old").write_bytes(b"z" * 7)
+    assert apply([tb.file("new", b"x")], root, mode="overlay").size is None
