@@ -6,15 +6,14 @@ import argparse
 import json
 import os
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ocilayers import __version__, api
 from ocilayers.errors import OCILayersError
+from ocilayers.spec import IMAGE_FORMATS as FORMATS
 from ocilayers.store import Store
 from ocilayers.streams import COMPRESSIONS
-from ocilayers.writer import FORMATS
 
 PROG = "ocilayers"
 
@@ -458,6 +457,12 @@ def _describe(exc: BaseException) -> str:
     return ": ".join([*reversed(notes), msg]).replace("\n", " ")
 
 
+def _print_traceback() -> None:
+    import traceback  # only for --debug: not worth its import time on every start
+
+    traceback.print_exc()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -470,11 +475,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (OCILayersError, OSError) as exc:
         if args.debug:
-            traceback.print_exc()
+            _print_traceback()
         print(f"{PROG}: error: {_describe(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.debug:
-            traceback.print_exc()
+            _print_traceback()
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130

@@ -40,6 +40,10 @@ LAYER_MEDIA_TYPES = frozenset({
     MEDIA_TYPE_DOCKER_LAYER, MEDIA_TYPE_DOCKER_LAYER_GZIP, MEDIA_TYPE_DOCKER_LAYER_FOREIGN,
 })
 
+# What `convert`/`export` write (defined here, not in writer.py: the CLI lists them without
+# importing the writer).
+IMAGE_FORMATS = ("oci-archive", "oci", "docker-archive")
+
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
 

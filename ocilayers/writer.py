@@ -14,6 +14,7 @@ from ocilayers.errors import DigestMismatchError, ImageError
 from ocilayers.spec import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
+    IMAGE_FORMATS,
     MEDIA_TYPE_OCI_CONFIG,
     MEDIA_TYPE_OCI_INDEX,
     MEDIA_TYPE_OCI_MANIFEST,
@@ -28,7 +29,7 @@ from ocilayers.spec import (
 )
 from ocilayers.streams import CHUNK, COMPRESSIONS, Compressor, HashingWriter, Readable
 
-FORMATS = ("oci-archive", "oci", "docker-archive")
+FORMATS = IMAGE_FORMATS
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 
 
