@@ -13,6 +13,7 @@ import binascii
 import json
 import os
 import re
+from binascii import b2a_base64
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +51,8 @@ _GO_ESCAPE = re.compile('["\\\\\x00-\x1f<>&\u2028\u2029]')
 _GO_SHORT = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def _go_string(s: str) -> str:
-    body = _GO_ESCAPE.sub(lambda m: _GO_SHORT.get(m.group(0), f"\\u{ord(m.group(0)):04x}"), s)
-    return f'"{body}"'
+def _go_escape(s: str) -> str:
+    return _GO_ESCAPE.sub(lambda m: _GO_SHORT.get(m.group(0), f"\\u{ord(m.group(0)):04x}"), s)
 
 
 class TarSplitWriter:
@@ -72,55 +72,54 @@ class TarSplitWriter:
         self._ended = False
         self._lines: list[bytes] = []  # a batch of records: one write per batch, not per line
         self._pending = 0
-        self.on_raw = self._raw.extend  # type: ignore[method-assign,assignment]  # no frame/call
+        # The file record of the entry before is written at the next on_entry (or the end),
+        # so raw bytes only need collecting: no Python frame per header.
+        self.on_raw: Callable[[bytes], None] = self._raw.extend
 
-    def _emit(self, line: str) -> None:
-        data = line.encode()
-        self._lines.append(data)
-        self._pending += len(data) + 1
-        self._pos += 1
+    def _flush(self) -> None:
+        """Records for what came since the last call: the previous entry's file record, then
+        the raw bytes (its padding, the next headers) as one segment."""
+        e = self._entry
+        if e is not None:
+            self._entry = None
+            line = self._file_record(e)
+            self._lines.append(line)
+            self._pending += len(line)
+            self._pos += 1
+        if self._raw:
+            line = b'{"type":2,"payload":"%s","position":%d}' % (
+                b2a_base64(self._raw, newline=False), self._pos)
+            self._lines.append(line)
+            self._pending += len(line)
+            self._pos += 1
+            self._raw.clear()
         if self._pending >= _BATCH:
             self._write_batch()
+
+    def _file_record(self, e: TarEntry) -> bytes:
+        try:
+            name = e.name.decode("utf-8")
+        except UnicodeDecodeError:
+            name_field = b'"name_raw":"%s",' % b2a_base64(e.name, newline=False)
+        else:
+            if _GO_ESCAPE.search(name) is not None:
+                name = _go_escape(name)
+            name_field = b'"name":"%s",' % name.encode()
+        if e.size > 0:
+            return b'{"type":1,%s"size":%d,"payload":"%s","position":%d}' % (
+                name_field, e.size, b2a_base64(self._crc.to_bytes(8, "big"), newline=False),
+                self._pos)
+        return b'{"type":1,%s"payload":null,"position":%d}' % (name_field, self._pos)
 
     def _write_batch(self) -> None:
         if self._lines:
             self._lines.append(b"")
             self._out.write(b"\n".join(self._lines))
             self._lines = []
-            self._pending = 0
-
-    def _flush_raw(self) -> None:
-        if self._raw:
-            payload = base64.b64encode(self._raw).decode()
-            self._emit(f'{{"type":2,"payload":"{payload}","position":{self._pos}}}')
-            self._raw.clear()
-
-    def _flush_file(self) -> None:
-        e = self._entry
-        if e is None:
-            return
-        self._entry = None
-        try:
-            name = e.name.decode("utf-8")
-            name_field = f'"name":{_go_string(name)},'
-        except UnicodeDecodeError:
-            name_field = f'"name_raw":"{base64.b64encode(e.name).decode()}",'
-        size = f'"size":{e.size},' if e.size else ""
-        if e.size > 0:
-            crc = self._crc.to_bytes(8, "big")
-            payload = '"' + base64.b64encode(crc).decode() + '"'
-        else:
-            payload = "null"
-        self._emit(f'{{"type":1,{name_field}{size}"payload":{payload},"position":{self._pos}}}')
-
-    def on_raw(self, data: bytes) -> None:
-        # The file record of the entry before is written first at the next on_entry (or
-        # end), so raw bytes only need collecting: __init__ binds this to bytearray.extend.
-        self._raw += data
+        self._pending = 0
 
     def on_entry(self, entry: TarEntry) -> Callable[[bytes], None]:
-        self._flush_file()
-        self._flush_raw()
+        self._flush()
         self._entry = entry
         self._crc = 0
         return self._data
@@ -131,8 +130,7 @@ class TarSplitWriter:
     def end_of_archive(self) -> None:
         """The tar reader stopped: the last padding and the end blocks form one segment."""
         if not self._ended:
-            self._flush_file()
-            self._flush_raw()
+            self._flush()
             self._ended = True
 
     def trailing(self, chunk: bytes) -> None:
@@ -140,12 +138,13 @@ class TarSplitWriter:
         self.end_of_archive()
         if chunk:
             self._raw += chunk
-            self._flush_raw()
+            self._flush()
 
     def close(self) -> None:
         """Finish the records. Like tar-split, the last record is an empty segment."""
         self.end_of_archive()
-        self._emit(f'{{"type":2,"payload":"","position":{self._pos}}}')
+        self._lines.append(b'{"type":2,"payload":"","position":%d}' % self._pos)
+        self._pos += 1
         self._write_batch()
 
 
