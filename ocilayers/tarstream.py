@@ -8,8 +8,10 @@ chunk, so memory does not depend on layer size.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from zlib import adler32
 
 from ocilayers.errors import ImageError
 
@@ -98,6 +100,12 @@ def parse_number(field_bytes: bytes, what: str = "number") -> int:
     if text.strip(b"01234567"):  # int() would also take signs, "0o" and underscores
         raise TarError(f"invalid {what} field {field_bytes!r} in tar header")
     return int(text, 8)
+
+
+# mode, uid, gid, size, mtime and checksum as Go, GNU tar, bsdtar and Python write them:
+# zero-padded octal ending in NUL (the checksum in NUL, space). Such a header takes the fast
+# path (int() on the digits, nothing to validate); anything else goes through parse_number.
+_CANONICAL_NUMBERS = re.compile(rb"(?:[0-7]{7}\0){3}(?:[0-7]{11}\0){2}[0-7]{6}\0 ")
 
 
 def _cstr(b: bytes) -> bytes:
@@ -251,13 +259,23 @@ class TarReader:
                     self._raw(second)
                 self.ended_cleanly = True
                 return None
-            if not _checksum_ok(block):
-                raise TarError("invalid tar header checksum")
+            canonical = _CANONICAL_NUMBERS.match(block, 100) is not None
+            if canonical:
+                # adler32's low half is 1 + the byte sum mod 65521: exact for 256 bytes (at
+                # most 65280), and a C loop where sum() makes an int per byte.
+                unsigned = ((adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF)
+                            - 2 - sum(block[148:156]) + 8 * 32)
+                if int(block[148:154], 8) != unsigned and not _checksum_ok(block):
+                    raise TarError("invalid tar header checksum")
+                size = int(block[124:135], 8)
+            else:
+                if not _checksum_ok(block):
+                    raise TarError("invalid tar header checksum")
+                size = parse_number(block[124:136], "size")
+                if size < 0:
+                    raise TarError("negative size in tar header")
             raw.append(block)
             typeflag = block[156:157]
-            size = parse_number(block[124:136], "size")
-            if size < 0:
-                raise TarError("negative size in tar header")
             if typeflag == PAX:
                 pax.update(parse_pax(self._payload(size, raw, "PAX header")))
                 continue
@@ -288,27 +306,37 @@ class TarReader:
                 self._raw(raw_bytes)
                 pax.clear()
                 continue
-            return self._make_entry(block, typeflag, size, pax, long_name, long_link, raw)
+            return self._make_entry(block, typeflag, size, pax, long_name, long_link, raw,
+                                    canonical)
 
     def _make_entry(self, block: bytes, typeflag: bytes, size: int, pax: dict[bytes, bytes],
                     long_name: bytes | None, long_link: bytes | None,
-                    raw: list[bytes]) -> TarEntry:
-        if typeflag in (GNU_SPARSE, GNU_MULTIVOL) or any(k.startswith(b"GNU.sparse.")
-                                                          for k in pax):
+                    raw: list[bytes], canonical: bool = False) -> TarEntry:
+        if typeflag in (GNU_SPARSE, GNU_MULTIVOL) or (
+                pax and any(k.startswith(b"GNU.sparse.") for k in pax)):
             raise TarError("sparse and multi-volume tar entries are not supported")
-        magic = block[257:265]
         name = _cstr(block[0:100])
-        if magic[:6] == b"ustar\0":  # POSIX ustar: the prefix field extends the name
+        if block[257:263] == b"ustar\0" and block[345] != 0:  # ustar: a prefix extends the name
             prefix = _cstr(block[345:500])
-            if prefix:
-                name = prefix + b"/" + name
+            name = prefix + b"/" + name
         if long_name is not None:
             name = long_name
-        linkname = long_link if long_link is not None else _cstr(block[157:257])
-        mode = parse_number(block[100:108], "mode") & 0o7777
-        uid = parse_number(block[108:116], "uid")
-        gid = parse_number(block[116:124], "gid")
-        mtime_ns = parse_number(block[136:148], "mtime") * 1_000_000_000
+        if long_link is not None:
+            linkname = long_link
+        elif block[157] == 0:
+            linkname = b""
+        else:
+            linkname = _cstr(block[157:257])
+        if canonical:
+            mode = int(block[100:107], 8) & 0o7777
+            uid = int(block[108:115], 8)
+            gid = int(block[116:123], 8)
+            mtime_ns = int(block[136:147], 8) * 1_000_000_000
+        else:
+            mode = parse_number(block[100:108], "mode") & 0o7777
+            uid = parse_number(block[108:116], "uid")
+            gid = parse_number(block[116:124], "gid")
+            mtime_ns = parse_number(block[136:148], "mtime") * 1_000_000_000
         if typeflag in (CHR, BLK):
             devmajor = parse_number(block[329:337], "devmajor")
             devminor = parse_number(block[337:345], "devminor")

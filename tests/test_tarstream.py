@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import tarbuilder as tb
 
 from ocilayers.errors import ImageError
-from ocilayers.tarstream import TarEntry, TarError, TarReader, parse_number, parse_pax
+from ocilayers.tarstream import BLOCK, TarEntry, TarError, TarReader, parse_number, parse_pax
 
 NS = 1_000_000_000
 
@@ -523,3 +524,35 @@ def test_entry_raw_holds_extension_headers() -> None:
     assert e.raw[156:157] == b"x"
     assert len(e.raw) == 3 * 512  # PAX header, its payload, the entry header
     assert e.pax[b"path"] == b"p" * 120
+
+
+def _reformat_numbers(archive: bytes) -> bytes:
+    """The same archive with every header's numbers written the old way (space-padded octal,
+    space-terminated), so the reader has to take its general path."""
+    out = bytearray(archive)
+    pos = 0
+    while pos + BLOCK <= len(out) and any(out[pos:pos + BLOCK]):
+        block = out[pos:pos + BLOCK]
+        size = int(bytes(block[124:135]), 8)
+        for start, width in ((100, 8), (108, 8), (116, 8), (124, 12), (136, 12)):
+            value = int(bytes(block[start:start + width - 1]), 8)
+            block[start:start + width] = f"{value:o}".rjust(width - 1).encode() + b" "
+        block[148:156] = b" " * 8
+        block[148:156] = f"{sum(block):06o}".encode() + b"\0 "
+        out[pos:pos + BLOCK] = block
+        pos += BLOCK + -(-size // BLOCK) * BLOCK
+    return bytes(out)
+
+
+def test_canonical_fast_path_equals_general_path() -> None:
+    members = [tb.file("a/b.txt", b"x" * 700, mode=0o4755, uid=1234, gid=99, mtime=1_700_000_123),
+               tb.dir("a/d", mode=0o1777, uid=7, gid=8), tb.symlink("a/s", "b.txt"),
+               tb.hardlink("a/h", "a/b.txt"), tb.file("e", b"", mode=0o600)]
+    archive = tb.build(members, fmt="ustar")
+    slow = _reformat_numbers(archive)
+    assert slow != archive
+    fast_entries = list(TarReader(io.BytesIO(archive)))
+    slow_entries = list(TarReader(io.BytesIO(slow)))
+    assert len(fast_entries) == len(members)
+    for f, s in zip(fast_entries, slow_entries, strict=True):
+        assert dataclasses.replace(f, raw=b"") == dataclasses.replace(s, raw=b"")
