@@ -1,62 +1,34 @@
-"""A throwaway dockerd for the `docker load` baseline: its own data root, exec root and socket,
-started with the flags that work on this machine (see FACTS.md), stopped by its pid."""
+"""A throwaway dockerd for the `docker load` baseline: the tests' daemon
+(`tests/throwaway_dockerd.py`: its own data root, exec root and socket, the flags that work on
+this machine, stopped by its pid) plus what the harness measures of it."""
 
 from __future__ import annotations
 
 import os
-import subprocess
+import sys
 import tempfile
-import time
+from pathlib import Path
 
-from inputs import umount_under
-
-DOCKER = "/usr/bin/docker"  # not a newer client that may come first in PATH
-DOCKERD = "/usr/sbin/dockerd"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+from throwaway_dockerd import DOCKER, Daemon, unavailable
 
 
 def available() -> str:
     """'' when a daemon can be tried, else why not."""
-    for exe in (DOCKER, DOCKERD):
-        if not os.access(exe, os.X_OK):
-            return f"{exe} is missing"
-    if os.geteuid() != 0:
-        return "dockerd needs root"
-    return ""
+    return unavailable() or ""
 
 
-class Dockerd:
+class Dockerd(Daemon):
     def __init__(self, data_root: str) -> None:
-        self.data_root = data_root
-        # The socket path must stay short (sun_path is 108 bytes): keep the exec root in /tmp.
-        self.exec_root = tempfile.mkdtemp(prefix="olb-dockerd.", dir="/tmp")
-        self.sock = os.path.join(self.exec_root, "d.sock")
-        self.proc: subprocess.Popen[bytes] | None = None
+        # The socket path must stay short (sun_path is 108 bytes): keep the rest in /tmp.
+        super().__init__(Path(tempfile.mkdtemp(prefix="olb-dockerd.", dir="/tmp")),
+                         Path(data_root))
 
-    @property
-    def host(self) -> str:
-        return f"unix://{self.sock}"
-
-    def start(self, log_path: str, timeout: float = 60) -> None:
-        os.makedirs(self.data_root, exist_ok=True)
-        log = open(log_path, "ab")  # noqa: SIM115 - the daemon keeps it
-        self.proc = subprocess.Popen(
-            [DOCKERD, "--data-root", self.data_root, "--exec-root", self.exec_root,
-             "--pidfile", os.path.join(self.exec_root, "d.pid"), "--host", self.host,
-             "--storage-driver", "overlay2", "--iptables=false", "--ip6tables=false",
-             "--bridge=none"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dockerd exited with {self.proc.returncode} (log: {log_path})")
-            if subprocess.run([DOCKER, "-H", self.host, "version"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL).returncode == 0:
-                return
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"dockerd did not answer within {timeout:.0f} s (log: {log_path})")
+    def start(self, log_path: str | None = None) -> None:  # type: ignore[override]
+        if log_path is not None:
+            self.log_path = Path(log_path)
+        super().start()
 
     def load_argv(self, archive: str) -> list[str]:
         return [DOCKER, "-H", self.host, "load", "-q", "-i", archive]
@@ -83,15 +55,10 @@ class Dockerd:
                     return int(line.split()[1])
         return 0
 
-    def stop(self) -> None:
-        """SIGTERM by pid, SIGKILL after 30 s; then unmount what it leaves (netns/default).
-        Nothing is deleted here: the harness deletes after all timings."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        umount_under(self.exec_root)
-        umount_under(self.data_root)
+    def stop(self) -> list[str]:
+        """Stop it (see Daemon.stop); nothing is deleted here: the harness deletes its dirs
+        after all timings."""
+        problems = super().stop()
+        if problems:
+            print(f"docker load baseline: {'; '.join(problems)}", file=sys.stderr)
+        return problems

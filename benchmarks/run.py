@@ -53,7 +53,7 @@ SETTLE_NOTE = ("ext4 here (no journal) creates files several times slower for ~6
                "many deletions")
 MIB = 1 << 20
 RESULTS_FORMAT = 2
-exec_roots: list[str] = []  # throwaway dockerd exec roots, deleted after all timings
+exec_roots: list[str] = []  # throwaway dockerds' scratch dirs in /tmp, deleted after all timings
 
 
 @dataclass
@@ -217,7 +217,7 @@ def docker_load(img: BenchImage, rd: str) -> Sample:
     VmHWM over the load (reset just before)."""
     os.makedirs(rd)
     d = dockerd.Dockerd(os.path.join(rd, "data"))
-    exec_roots.append(d.exec_root)
+    exec_roots.append(str(d.base))
     try:
         d.start(rd + ".dockerd.log")
         os.sync()

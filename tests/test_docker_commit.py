@@ -50,13 +50,11 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import tarfile
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,12 +62,9 @@ from typing import Any
 
 import pytest
 from conftest import FIXTURES, run_module
+from throwaway_dockerd import Daemon, DaemonError, mounts_under, unavailable
 
-DOCKERD = "/usr/sbin/dockerd"
-DOCKER = "/usr/bin/docker"  # not /usr/local/bin/docker: a newer client may come first in PATH
 IMAGE = "committed:latest"
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 20.0
 BLOCK = 512
 EMPTY_TAR_DIFF_ID = "sha256:" + hashlib.sha256(b"\0" * 1024).hexdigest()
 
@@ -236,143 +231,33 @@ SCENARIOS: dict[str, Scenario] = {
         doc="security.capability kept, user.*/trusted.* dropped, sockets skipped"),
 }
 
-# --- a throwaway dockerd -----------------------------------------------------------------------
-
-
-def _mounts_under(root: str) -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            point = line.split()[4]
-            point = point.encode().decode("unicode_escape") if "\\" in point else point
-            if point == root or point.startswith(root + "/"):
-                out.append(point)
-    return sorted(set(out), key=lambda p: (-p.count("/"), p))
-
-
-def _pids_naming(root: str) -> list[int]:
-    """Live processes whose command line names our scratch dir (unique to this run)."""
-    needle = os.fsencode(root + "/")
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                if needle in f.read():
-                    out.append(int(name))
-        except OSError:
-            continue
-    return out
-
-
-class Daemon:
-    def __init__(self) -> None:
-        # short paths: the unix socket path must stay under 108 bytes
-        self.base = Path(tempfile.mkdtemp(prefix="/tmp/dc-"))
-        self.data_root = self.base / "d"
-        self.exec_root = self.base / "e"
-        self.pidfile = self.base / "p"
-        self.sock = self.base / "s"
-        self.log_path = self.base / "log"
-        self.config = self.base / "cfg"  # the client's DOCKER_CONFIG: never touch ~/.docker
-        self.work = self.base / "w"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def log(self, tail: int = 30) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return "(no log)"
-        return "\n".join(ln for ln in lines[-tail:])
-
-    def start(self) -> None:
-        for d in (self.exec_root, self.config, self.work):
-            d.mkdir(parents=True)
-        argv = [DOCKERD, "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
-                "--pidfile", str(self.pidfile), "--host", f"unix://{self.sock}",
-                "--storage-driver", "overlay2", "--iptables=false", "--ip6tables=false",
-                "--bridge=none"]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dockerd exited with {self.proc.returncode}:\n{self.log()}")
-            probe = self.sock.exists() and self.docker("version", check=False, timeout=10)
-            if probe and probe.returncode == 0:
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"dockerd did not answer within {START_TIMEOUT:.0f} s:\n{self.log()}")
-
-    def docker(self, *args: str, check: bool = True,
-               timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_TLS_VERIFY")}
-        env["DOCKER_CONFIG"] = str(self.config)
-        proc = subprocess.run([DOCKER, "-H", f"unix://{self.sock}", *args], capture_output=True,
-                              text=True, timeout=timeout, check=False, env=env)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout}{proc.stderr}\n--- dockerd log ---\n{self.log()}")
-        return proc
-
-    def stop(self) -> list[str]:
-        """Stop by pid, unmount everything under the scratch dir, remove it. Never raises."""
-        problems: list[str] = []
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                problems.append(f"dockerd {self.proc.pid} ignored SIGTERM; killed")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        root = os.path.realpath(self.base)
-        for pid in _pids_naming(root):  # a containerd/shim our dockerd left behind
-            problems.append(f"leftover process {pid} killed")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        netns = os.path.join(root, "e", "netns", "default")
-        if os.path.ismount(netns):
-            subprocess.run(["umount", netns], capture_output=True, check=False)
-        for _ in range(5):
-            points = _mounts_under(root)
-            if not points:
-                break
-            for p in points:
-                if subprocess.run(["umount", p], capture_output=True, check=False).returncode:
-                    subprocess.run(["umount", "-l", p], capture_output=True, check=False)
-        left = _mounts_under(root)
-        if left:
-            problems.append(f"still mounted: {left}")
-        else:
-            shutil.rmtree(self.base, ignore_errors=True)
-        return problems
-
-
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (dockerd)")
-    for exe in (DOCKERD, DOCKER):
-        if not os.access(exe, os.X_OK):
-            pytest.skip(f"{exe} is not installed (Debian docker.io)")
-    d = Daemon()
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    # short paths: the unix socket path must stay under 108 bytes
+    d = Daemon(Path(tempfile.mkdtemp(prefix="/tmp/dc-")))
     try:
         try:
             d.start()
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        except (DaemonError, OSError, subprocess.TimeoutExpired) as exc:
             pytest.skip(f"dockerd could not be started: {exc}")
         out = d.docker("load", "-i", str(FIXTURES / "docker-save.tar")).stdout
         assert f"Loaded image: {IMAGE}" in out, out
         yield d
     finally:
         problems = d.stop()
+        if not mounts_under(d.base):
+            shutil.rmtree(d.base, ignore_errors=True)
     assert not problems, problems
+
+
+def work_dir(d: Daemon) -> Path:
+    """Scratch space beside the daemon's dirs (removed with them)."""
+    w = d.base / "w"
+    w.mkdir(exist_ok=True)
+    return w
 
 
 # --- an independent tar reader (raw bytes kept) -----------------------------------------------
@@ -584,7 +469,7 @@ def _saved_image(d: Daemon, tag: str, dest: Path) -> tuple[dict[str, Any], bytes
 
 @pytest.fixture(scope="module")
 def base_config(daemon: Daemon) -> dict[str, Any]:
-    config, _ = _saved_image(daemon, IMAGE, daemon.work / "base.tar")
+    config, _ = _saved_image(daemon, IMAGE, work_dir(daemon) / "base.tar")
     return config
 
 
@@ -629,7 +514,7 @@ def _run_scenario(d: Daemon, base_config: dict[str, Any], name: str) -> Result:
     assert str(upper) == info["GraphDriver"]["Data"]["UpperDir"]
     if sc.host_edit is not None:
         sc.host_edit(upper)
-    work = d.work / name
+    work = work_dir(d) / name
     work.mkdir()
     ours_raw, ours_json, ours_err = _pack(upper, work / "ours.tar")
     d.docker("commit", name, f"img:{name}")
