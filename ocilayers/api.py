@@ -64,7 +64,7 @@ def source_layers(src: ImageSource, image: Image) -> list[LayerInput]:
     from ocilayers.writer import LayerInput, verified_layer
 
     def opener(layer: Layer) -> Callable[[], AbstractContextManager[Readable]]:
-        return lambda: verified_layer(lambda: src.open_layer(layer))
+        return lambda: verified_layer(lambda: src.open_layer(layer, readahead=True))
 
     return [LayerInput(layer.diff_id, opener(layer)) for layer in image.layers]
 
@@ -304,7 +304,7 @@ def flatten(arg: str, dest: str, *, root: str | None = None, ref: str | None = N
         with open_source(arg) as src:
             image = src.resolve(ref, platform)
             for layer in image.layers:
-                with src.open_layer(layer) as reader:
+                with src.open_layer(layer, readahead=True) as reader:
                     apply_layer(reader, dest, mode="delete")
                     reader.finish()
             return len(image.layers)
