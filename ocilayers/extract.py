@@ -107,11 +107,11 @@ def _join(parts: Sequence[bytes]) -> bytes:
 
 def _split(name: bytes) -> list[bytes]:
     """Path components; absolute names are taken relative to the root, `..` is refused."""
-    parts = name.split(b"/")
-    if b"" not in parts and b"." not in parts and b".." not in parts:
-        return parts  # the usual name: three C scans instead of a loop
+    split = name.split(b"/")
+    if b"" not in split and b"." not in split and b".." not in split:
+        return split  # the usual name: three C scans instead of a loop
     parts = []
-    for p in name.split(b"/"):
+    for p in split:
         if p in (b"", b"."):
             continue
         if p == b"..":

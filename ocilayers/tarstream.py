@@ -113,11 +113,15 @@ def _cstr(b: bytes) -> bytes:
     return b if i < 0 else b[:i]
 
 
-def _checksum_ok(block: bytes) -> bool:
-    stored = parse_number(block[148:156], "checksum")
-    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+def _checksum_ok(block: bytes, stored: int) -> bool:
+    """Does `stored` match the header's byte sum, the checksum field counted as spaces?"""
+    # adler32's low half is 1 + the byte sum mod 65521: exact for 256 bytes (at most 65280),
+    # and a C loop where sum() makes an int per byte.
+    unsigned = ((adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
+                - sum(block[148:156]) + 8 * 32)
     if stored == unsigned:
         return True
+    # Some old tars summed signed chars (POSIX and GNU accept both).
     signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
     return stored == signed
 
@@ -260,17 +264,13 @@ class TarReader:
                 self.ended_cleanly = True
                 return None
             canonical = _CANONICAL_NUMBERS.match(block, 100) is not None
+            stored = (int(block[148:154], 8) if canonical
+                      else parse_number(block[148:156], "checksum"))
+            if not _checksum_ok(block, stored):
+                raise TarError("invalid tar header checksum")
             if canonical:
-                # adler32's low half is 1 + the byte sum mod 65521: exact for 256 bytes (at
-                # most 65280), and a C loop where sum() makes an int per byte.
-                unsigned = ((adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF)
-                            - 2 - sum(block[148:156]) + 8 * 32)
-                if int(block[148:154], 8) != unsigned and not _checksum_ok(block):
-                    raise TarError("invalid tar header checksum")
                 size = int(block[124:135], 8)
             else:
-                if not _checksum_ok(block):
-                    raise TarError("invalid tar header checksum")
                 size = parse_number(block[124:136], "size")
                 if size < 0:
                     raise TarError("negative size in tar header")
