@@ -105,6 +105,25 @@ def skopeo(*args: str) -> subprocess.CompletedProcess[bytes]:
     return proc
 
 
+class ConfigIds:
+    """What a test image's config bytes (`config`) name: its image ID, DiffIDs and ChainIDs
+    (base first), worked out by the spec, not by the product."""
+
+    config: bytes
+
+    @property
+    def image_id(self) -> str:
+        return "sha256:" + hashlib.sha256(self.config).hexdigest()
+
+    @property
+    def diff_ids(self) -> list[str]:
+        return list(json.loads(self.config)["rootfs"]["diff_ids"])
+
+    @property
+    def chain_ids(self) -> list[str]:
+        return chain_ids_by_spec(self.diff_ids)
+
+
 def chain_ids_by_spec(diff_ids: Sequence[str]) -> list[str]:
     """ChainIDs per image-spec config.md, written out independently of the product.
 

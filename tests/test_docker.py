@@ -44,7 +44,7 @@ from typing import Any
 
 import pytest
 import treecompare as tc
-from conftest import FIXTURES, chain_ids_by_spec, run_module, skopeo
+from conftest import FIXTURES, ConfigIds, run_module, skopeo
 from throwaway_dockerd import (
     Daemon,
     DaemonError,
@@ -61,25 +61,12 @@ HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
-class Img:
+class Img(ConfigIds):
     """One test image: its tag, config bytes and the uncompressed layer tars (base first)."""
 
     tag: str
     config: bytes = field(repr=False)
     layers: tuple[bytes, ...] = field(repr=False)
-
-    @property
-    def image_id(self) -> str:
-        return "sha256:" + hashlib.sha256(self.config).hexdigest()
-
-    @property
-    def diff_ids(self) -> list[str]:
-        return list(json.loads(self.config)["rootfs"]["diff_ids"])
-
-    @property
-    def chains(self) -> list[str]:
-        """ChainIDs as `sha256:<hex>`, base first (written out by the spec, not the product)."""
-        return chain_ids_by_spec(self.diff_ids)
 
 
 def read_docker_save(path: Path) -> Img:
@@ -216,23 +203,23 @@ def diff_dir(root: Path, chain: str) -> Path:
 
 
 def all_chains(env: Env) -> list[str]:
-    return list(dict.fromkeys(c for img in env.images.values() for c in img.chains))
+    return list(dict.fromkeys(c for img in env.images.values() for c in img.chain_ids))
 
 
 def unique_layers(env: Env) -> list[tuple[str, bytes]]:
     """(ChainID, layer tar) for every layer of the test images, each ChainID once."""
     out: dict[str, bytes] = {}
     for img in env.images.values():
-        for chain, layer_tar in zip(img.chains, img.layers, strict=True):
+        for chain, layer_tar in zip(img.chain_ids, img.layers, strict=True):
             out.setdefault(chain, layer_tar)
     return list(out.items())
 
 
 def parent_chain(env: Env, chain: str) -> str | None:
     for img in env.images.values():
-        if chain in img.chains:
-            i = img.chains.index(chain)
-            return img.chains[i - 1] if i else None
+        if chain in img.chain_ids:
+            i = img.chain_ids.index(chain)
+            return img.chain_ids[i - 1] if i else None
     raise KeyError(chain)
 
 
@@ -398,7 +385,7 @@ def test_committed_markers_where_dockerd_has_them(env: Env) -> None:
                 if (root / "overlay2" / cache_id(root, c) / "committed").exists()}
     theirs = marked(env.docker_root)
     assert marked(env.ours) == theirs
-    tops = {img.chains[-1] for img in env.images.values()}
+    tops = {img.chain_ids[-1] for img in env.images.values()}
     parents = {p for c in all_chains(env) if (p := parent_chain(env, c))}
     assert theirs == parents and not (theirs & (tops - parents)), "dockerd's markers moved"
 
@@ -522,7 +509,7 @@ def ours_mounted(root: Path, tag: str, mnt: Path) -> Iterator[Path]:
 def test_merged_view_matches_docker(env: Env, name: str, tmp_path: Path) -> None:
     img = env.images[name]
     with ours_mounted(env.ours, img.tag, tmp_path / "ours") as m1, \
-            docker_layers_mounted(env.docker_root, img.chains, tmp_path / "docker") as m2:
+            docker_layers_mounted(env.docker_root, img.chain_ids, tmp_path / "docker") as m2:
         ours = tc.snapshot(m1, root_entry=True)
         theirs = tc.snapshot(m2, root_entry=True)
     assert len(ours) > 20
@@ -530,7 +517,7 @@ def test_merged_view_matches_docker(env: Env, name: str, tmp_path: Path) -> None
     # wall-clock time when that layer's tar has no entry for it (or it is the root).
     explicit = [explicit_dirs(t) for t in img.layers]
     layer_snaps = [tc.snapshot(diff_dir(env.ours, c), root_entry=True, mtimes=False)
-                   for c in img.chains]
+                   for c in img.chain_ids]
 
     def clock_dir(path: bytes) -> bool:
         if path == b".":

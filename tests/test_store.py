@@ -33,6 +33,7 @@ import treecompare as tc
 from conftest import (
     ERROR_PREFIX,
     FIXTURES,
+    ConfigIds,
     assert_one_line_error,
     chain_ids_by_spec,
     requires_tool,
@@ -77,25 +78,13 @@ def decompress(blob: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
-class SourceImage:
+class SourceImage(ConfigIds):
     """What a test needs to know about an image source, read with json/tarfile only."""
 
     config: bytes
     layer_tars: tuple[bytes, ...]
     blobs: tuple[bytes, ...]  # the layer blobs as stored (compressed or not)
     repo_tags: tuple[str, ...]
-
-    @property
-    def image_id(self) -> str:
-        return "sha256:" + hashlib.sha256(self.config).hexdigest()
-
-    @property
-    def diff_ids(self) -> list[str]:
-        return list(json.loads(self.config)["rootfs"]["diff_ids"])
-
-    @property
-    def chain_ids(self) -> list[str]:
-        return chain_ids_by_spec(self.diff_ids)
 
 
 def _oci_read(get: Callable[[str], bytes]) -> SourceImage:
