@@ -48,7 +48,8 @@ def test_quick_benchmark_prints_table(tmp_path: object) -> None:
                 "ocilayers pack --compression gzip", "tar|gzip -6",
                 "ocilayers pack --compression zstd", "tar|zstd -3", "umoci repack",
                 "ocilayers unpack --jobs 1 (in-process wrapper)",
-                "the same, tar-split writer and size walk no-ops"):
+                "the same, tar-split writer and size walk no-ops",
+                "floor 1/2: inflate + both sha256 only", "floor 2/2: tar -x of the decompressed"):
         assert any(line.startswith(row) for line in lines), row
     assert "ratios of medians" in proc.stdout
     for ratio in ("ocilayers pack (gzip) / tar|gzip -6 = ",
@@ -58,6 +59,7 @@ def test_quick_benchmark_prints_table(tmp_path: object) -> None:
     assert "tar-split + size share of `ocilayers unpack --jobs 1` (gzip), cProfile: " \
         in proc.stdout
     assert "tar-split + size share without a profiler" in proc.stdout
+    assert "unpack floor (gzip): inflate + hashes " in proc.stdout
     with open(out) as f:
         result = json.load(f)
     groups = result["groups"]
@@ -65,6 +67,10 @@ def test_quick_benchmark_prints_table(tmp_path: object) -> None:
     for name in ("unpack", "pack", "tarsplit"):
         assert all("median_wall_s" in r for r in groups[name]["results"]), groups[name]
     assert all("output_bytes" in r for r in groups["pack"]["results"])
+    floor = groups["unpack"]["floor"]
+    assert floor["floor_cpu_s"] == pytest.approx(
+        floor["inflate_and_hash_cpu_s"] + floor["tar_x_cpu_s"], abs=0.002)
+    assert floor["floor_wall_s"] > 0
     assert 0 < groups["tarsplit"]["profile"]["share_of_total"] < 1
     assert "share" in groups["tarsplit"]["ablation"]
     # nothing left behind but the cached inputs, the profile and the results
