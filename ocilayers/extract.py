@@ -27,6 +27,7 @@ from ocilayers.whiteout import NAMESPACES, classify, escape_xattr, is_whiteout_s
 
 MODES = ("overlay", "delete")
 _FD_CACHE = 64  # dir fds kept open: a layer's dirs are mostly visited depth first
+_PATH_MAX = 4095  # Linux PATH_MAX (4096) less the NUL
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -105,8 +106,15 @@ def _join(parts: Sequence[bytes]) -> bytes:
     return b"/".join(parts)
 
 
-def _split(name: bytes) -> list[bytes]:
-    """Path components; absolute names are taken relative to the root, `..` is refused."""
+def _split(name: bytes, limit: int = _PATH_MAX) -> list[bytes]:
+    """Path components; absolute names are taken relative to the root, `..` is refused, and so
+    is a name longer than `limit`: the room PATH_MAX leaves below the target dir. Nothing that
+    works with paths (dockerd, a walk of the dir, a shell) could reach it, and deep paths cost
+    time and memory by the square of their depth here."""
+    if len(name) > limit:
+        raise ImageError(f"'{name[:48].decode('utf-8', 'backslashreplace')}...': path of "
+                         f"{len(name)} bytes is too long: below the target dir it would pass "
+                         f"PATH_MAX ({_PATH_MAX + 1})")
     split = name.split(b"/")
     if b"" not in split and b"." not in split and b".." not in split:
         return split  # the usual name: three C scans instead of a loop
@@ -133,6 +141,7 @@ class _Applier:
                  lowers: Sequence[str | bytes] | None, defer_root_opaque: bool,
                  rootless: bool) -> None:
         self.root_fd = os.open(target, _DIR_FLAGS)
+        self.max_path = _PATH_MAX - len(os.fsencode(os.path.abspath(target))) - 1
         self.mode = mode
         self.namespace = namespace
         self.opaque_name = opaque_xattr(namespace)
@@ -260,7 +269,7 @@ class _Applier:
 
     def apply(self, entry: TarEntry, reader: TarReader, sink: DataSink | None) -> None:
         display = entry.display_name
-        parts = _split(entry.name)
+        parts = _split(entry.name, self.max_path)
         if not parts:
             if not entry.is_dir:
                 raise UnsafeEntryError(f"'{display}': the root entry must be a directory")
@@ -329,7 +338,17 @@ class _Applier:
             self.size += len(entry.linkname)  # a symlink's st_size: its target's length
             self._meta_at(pfd, base, entry, is_link=True)
         else:
+            if self.mode == "overlay" and entry.type == CHR and not (entry.devmajor
+                                                                     or entry.devminor):
+                # In a diff dir it would hide the lower path: a deletion no `.wh.` entry made,
+                # while the image (and a delete-mode flatten) has a device there.
+                raise ImageError(f"'{entry.display_name}': a character device 0/0 is an "
+                                 "overlay whiteout in a diff dir; overlay2 cannot store it")
             fmt = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}[entry.type]
+            if entry.type != FIFO and not (entry.devmajor < 1 << 12 and entry.devminor < 1 << 20):
+                raise ImageError(f"'{entry.display_name}': device {entry.devmajor},"
+                                 f"{entry.devminor} cannot exist on Linux (12-bit major, "
+                                 "20-bit minor)")
             dev = os.makedev(entry.devmajor, entry.devminor) if entry.type != FIFO else 0
             try:
                 os.mknod(base, fmt | (entry.mode & 0o777), dev, dir_fd=pfd)
@@ -449,7 +468,7 @@ class _Applier:
     def _link(self, parts: list[bytes], entry: TarEntry, display: str) -> bool:
         """Make the link; False when its target does not exist yet (retried at the end)."""
         try:
-            tparts = _split(entry.linkname)
+            tparts = _split(entry.linkname, self.max_path)
         except UnsafeEntryError:
             target = entry.linkname.decode("utf-8", "backslashreplace")
             raise UnsafeEntryError(f"'{display}': hardlink target '{target}' escapes root") \
@@ -615,7 +634,7 @@ class _Applier:
 
     def finish(self) -> None:
         for entry in self.deferred_links.values():
-            parts = _split(entry.name)
+            parts = _split(entry.name, self.max_path)
             if not self._link(parts, entry, entry.display_name):
                 raise ImageError(f"'{entry.display_name}': hardlink target "
                                  f"'{entry.linkname.decode('utf-8', 'backslashreplace')}' "

@@ -17,7 +17,11 @@ from ocilayers.errors import ImageError
 
 BLOCK = 512
 _CHUNK = 1 << 20
-_MAX_EXT = 16 << 20  # cap on one PAX / GNU long-name payload: hostile input must not balloon memory
+# Cap on the extension headers (PAX, GNU long names) before one entry, all of them together:
+# hostile input must not balloon memory, one header at a time or with a chain of them.
+_MAX_EXT = 16 << 20
+_MAX_ID = (1 << 32) - 2  # uid_t/gid_t; (uid_t)-1 would tell chown "leave it as it is"
+_NS_RANGE = range(-(1 << 63), 1 << 63)  # mtimes the kernel's timespec takes, in nanoseconds
 
 REG = b"0"
 AREG = b"\0"
@@ -35,6 +39,7 @@ GNU_LONGLINK = b"K"
 GNU_SPARSE = b"S"
 GNU_VOLHDR = b"V"
 GNU_MULTIVOL = b"M"
+_EXTENSIONS = (PAX, PAX_GLOBAL, GNU_LONGNAME, GNU_LONGLINK, GNU_VOLHDR)
 
 TYPE_NAMES = {REG: "file", AREG: "file", CONT: "file", LNK: "hardlink", SYM: "symlink",
               CHR: "char device", BLK: "block device", DIR: "directory", FIFO: "fifo"}
@@ -217,8 +222,6 @@ class TarReader:
             self._pad = 0
 
     def _payload(self, size: int, raw: list[bytes], what: str) -> bytes:
-        if size > _MAX_EXT:
-            raise TarError(f"{what} of {size} bytes is too large")
         padded = -(-size // BLOCK) * BLOCK
         data = self._exact(padded, what)
         raw.append(data)
@@ -244,6 +247,7 @@ class TarReader:
         pax: dict[bytes, bytes] = {}
         long_name: bytes | None = None
         long_link: bytes | None = None
+        held = 0  # bytes of extension headers read for this entry
         while True:
             block = self._read(BLOCK)
             if len(block) < BLOCK:
@@ -276,14 +280,17 @@ class TarReader:
                     raise TarError("negative size in tar header")
             raw.append(block)
             typeflag = block[156:157]
+            if typeflag in _EXTENSIONS:
+                held += BLOCK + size
+                if held > _MAX_EXT:
+                    raise TarError(f"extension headers too large: over {_MAX_EXT >> 20} MiB "
+                                   "before one entry")
             if typeflag == PAX:
                 pax.update(parse_pax(self._payload(size, raw, "PAX header")))
                 continue
             if typeflag == PAX_GLOBAL:
                 # Go's reader returns a global header as an entry of its own (so tar-split
                 # records it); its padding is read with the next header. Appliers skip it.
-                if size > _MAX_EXT:
-                    raise TarError(f"PAX global header of {size} bytes is too large")
                 raw.append(self._exact(size, "PAX global header"))
                 name = _cstr(block[0:100])
                 raw_bytes = b"".join(raw)
@@ -366,12 +373,27 @@ class TarReader:
                     xattrs[key[13:].decode("utf-8", "surrogateescape")] = value
         if not name:
             raise TarError("tar entry with an empty name")
+        _check_fields(name, linkname, uid, gid, mtime_ns, devmajor, devminor, xattrs)
         raw_bytes = b"".join(raw)
         self._raw(raw_bytes)
         return TarEntry(name=name, type=typeflag, mode=mode, uid=uid, gid=gid, size=size,
                         mtime_ns=mtime_ns, linkname=linkname, devmajor=devmajor,
                         devminor=devminor, uname=uname, gname=gname, xattrs=xattrs, pax=pax,
                         raw=raw_bytes)
+
+
+def _check_fields(name: bytes, linkname: bytes, uid: int, gid: int, mtime_ns: int,
+                  devmajor: int, devminor: int, xattrs: dict[str, bytes]) -> None:
+    """Refuse what no file system can hold, before anything is made of it."""
+    shown = name.decode("utf-8", "backslashreplace")
+    if b"\0" in name or b"\0" in linkname or any("\0" in k for k in xattrs):
+        raise TarError(f"'{shown}': NUL byte in the entry's name, link name or an xattr name")
+    if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
+        raise TarError(f"'{shown}': owner {uid}:{gid} is out of range")
+    if mtime_ns not in _NS_RANGE:
+        raise TarError(f"'{shown}': mtime is out of range")
+    if not (0 <= devmajor < 1 << 32 and 0 <= devminor < 1 << 32):
+        raise TarError(f"'{shown}': device number {devmajor},{devminor} is out of range")
 
 
 def _pax_time_ns(value: bytes) -> int:

@@ -539,7 +539,34 @@ HOSTILE: dict[str, Hostile] = {
     "parent-is-file": refused(lambda c: [tb.file("a"), tb.file("a/b")], "a/b", ImageError),
     "unsupported-type": refused(lambda c: tb.entry(tb.header("z", b"Z")) + tb.END, "z",
                                 ImageError),
+    # fields no file system can hold (found by fuzzing: they used to escape as ValueError or
+    # OverflowError from os.*)
+    "pax-path-nul": refused(lambda c: _pax_then("x", {"path": b"x\0/secret"}), None, ImageError),
+    "pax-linkpath-nul": refused(lambda c: _pax_then("s", {"linkpath": b"t\0x"}, b"2"), None,
+                                ImageError),
+    "pax-uid-2^32": refused(lambda c: _pax_then("x", {"uid": "4294967296"}), "x", ImageError),
+    "pax-mtime-huge": refused(lambda c: _pax_then("d", {"mtime": "9" * 30}, b"5"), "d",
+                              ImageError),
+    "chardev-major-2^31": refused(
+        lambda c: tb.entry(tb.header("c", b"3", fields={329: tb.base256((1 << 31) + 5, 8)}))
+        + tb.END, "c", ImageError),
+    "blockdev-minor-2^20": refused(lambda c: [tb.blockdev("b", 8, 1 << 20)], "b", ImageError),
+    "chardev-major-2^40": refused(
+        lambda c: tb.entry(tb.header("c", b"3", fields={329: tb.base256(1 << 40, 8)})) + tb.END,
+        "c", ImageError),
+    "path-over-path-max": refused(lambda c: [tb.file("a/" * 2048 + "f", b"x")], None,
+                                  ImageError),
+    "hardlink-target-over-path-max": refused(
+        lambda c: [tb.file("f", b"x"), tb.hardlink("h", "./" * 2048 + "f")], None, ImageError),
+    # a char device 0/0 would be a whiteout nobody asked for in a diff dir (delete mode makes
+    # the device: test_chardev_0_0_in_delete_mode)
+    "chardev-0-0-overlay": refused(lambda c: [tb.dir("etc"), tb.chardev("etc/passwd", 0, 0)],
+                                   "etc/passwd", ImageError, modes=("overlay",)),
 }
+
+
+def _pax_then(name: str, records: dict[str, Any], type_: bytes = b"0") -> bytes:
+    return tb.pax_header(records) + tb.entry(tb.header(name, type_)) + tb.END
 
 
 @pytest.mark.parametrize(("case", "mode"), [
@@ -565,6 +592,33 @@ def test_hostile(case: Hostile, mode: str, world: World, caps: dict[str, str | N
             case.check(world.root, mode, c)
     finally:
         assert_unchanged(before, world.snap(case.loose))
+
+
+def test_chardev_0_0_in_delete_mode(tmp_path: Path, caps: dict[str, str | None]) -> None:
+    """On a plain rootfs the image's device is what it says: a char device 0/0 over the lower
+    file."""
+    need(caps, "whiteout_mknod")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    apply([tb.dir("etc"), tb.chardev("etc/passwd", 0, 0)], tmp_path, mode="delete")
+    st = os.lstat(tmp_path / "etc" / "passwd")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+@pytest.mark.parametrize("extra,ok", [(0, True), (1, False)], ids=["fits", "one-byte-over"])
+def test_path_up_to_path_max_below_the_target(tmp_path: Path, extra: int, ok: bool) -> None:
+    """The longest name applied is the one whose absolute path still fits PATH_MAX, so that
+    everything working with paths (dockerd, diff_size, a shell) can reach it."""
+    room = 4095 - len(str(tmp_path)) - 1
+    dirs = ("d" * 254 + "/") * ((room - 1) // 255)
+    name = dirs + "f" * (room - len(dirs) + extra)
+    assert len(name) == room + extra and len(name.rsplit("/", 1)[1]) <= 255
+    if ok:
+        apply([tb.file(name, b"deep")], tmp_path, mode="overlay")  # diff_size walks it too
+        assert (tmp_path / name).read_bytes() == b"deep"
+    else:
+        with pytest.raises(ImageError, match="too long"):
+            apply([tb.file(name, b"deep")], tmp_path, mode="overlay")
 
 
 def test_hostile_table_is_big_enough() -> None:

@@ -228,10 +228,10 @@ def test_big_ids(fmt: str, uid: int, gid: int) -> None:
 
 
 def test_raw_base256_fields() -> None:
-    hdr = tb.header("big", size=0, fields={108: tb.base256(2**33, 8), 116: tb.base256(7, 8),
-                                           136: tb.base256(-2, 12)})
+    hdr = tb.header("big", size=0, fields={108: tb.base256(3_000_000_000, 8),
+                                           116: tb.base256(7, 8), 136: tb.base256(-2, 12)})
     [(e, _)] = read_all(tb.entry(hdr) + tb.END)
-    assert (e.uid, e.gid, e.mtime_ns) == (2**33, 7, -2 * NS)
+    assert (e.uid, e.gid, e.mtime_ns) == (3_000_000_000, 7, -2 * NS)
 
 
 def test_base256_size() -> None:
@@ -556,3 +556,89 @@ def test_canonical_fast_path_equals_general_path() -> None:
     assert len(fast_entries) == len(members)
     for f, s in zip(fast_entries, slow_entries, strict=True):
         assert dataclasses.replace(f, raw=b"") == dataclasses.replace(s, raw=b"")
+
+
+# --- fields no file system can hold: refused while parsing, never an OverflowError or
+# ValueError from os.* later (found by fuzzing) ---
+
+@pytest.mark.parametrize("records", [
+    {"path": b"a\0b"},
+    {"linkpath": b"t\0x"},
+    {"SCHILY.xattr.user.a\0b": b"v"},
+], ids=["path", "linkpath", "xattr-name"])
+def test_nul_byte_in_pax_name_refused(records: dict[str, bytes]) -> None:
+    data = tb.pax_header(records) + tb.entry(tb.header("x")) + tb.END
+    with pytest.raises(TarError, match="NUL byte"):
+        read_all(data)
+
+
+def test_nul_byte_in_xattr_value_kept() -> None:
+    """Values are binary: only names can't hold a NUL."""
+    data = tb.pax_header({"SCHILY.xattr.user.a": b"v\0w"}) + tb.entry(tb.header("x")) + tb.END
+    [(e, _)] = read_all(data)
+    assert e.xattrs == {"user.a": b"v\0w"}
+
+
+@pytest.mark.parametrize("pax,fields", [
+    ({"uid": "4294967296"}, {}),
+    ({"gid": "99999999999999999999"}, {}),
+    ({"uid": "4294967295"}, {}),  # (uid_t)-1: chown would leave the owner as it is
+    ({}, {108: tb.base256(-2, 8)}),
+    ({}, {116: tb.base256(1 << 40, 8)}),
+], ids=["pax-uid-2^32", "pax-gid-huge", "pax-uid-minus-1", "b256-uid-negative", "b256-gid-2^40"])
+def test_owner_out_of_range_refused(pax: dict[str, str], fields: dict[int, bytes]) -> None:
+    data = ((tb.pax_header(pax) if pax else b"") + tb.entry(tb.header("x", fields=fields))
+            + tb.END)
+    with pytest.raises(TarError, match=r"owner .* out of range"):
+        read_all(data)
+
+
+def test_largest_owner_kept() -> None:
+    data = tb.pax_header({"uid": "4294967294", "gid": "0"}) + tb.entry(tb.header("x")) + tb.END
+    [(e, _)] = read_all(data)
+    assert (e.uid, e.gid) == (4294967294, 0)
+
+
+@pytest.mark.parametrize("pax,fields", [
+    ({"mtime": "9" * 30}, {}),
+    ({"mtime": "-9223372037"}, {}),
+    ({}, {136: tb.base256(1 << 80, 12)}),
+    ({}, {136: tb.base256(-(1 << 80), 12)}),
+], ids=["pax-huge", "pax-before-1678", "b256-huge", "b256-negative-huge"])
+def test_mtime_out_of_range_refused(pax: dict[str, str], fields: dict[int, bytes]) -> None:
+    data = ((tb.pax_header(pax) if pax else b"") + tb.entry(tb.header("x", fields=fields))
+            + tb.END)
+    with pytest.raises(TarError, match="mtime is out of range"):
+        read_all(data)
+
+
+def test_far_mtimes_in_range_kept() -> None:
+    data = (tb.pax_header({"mtime": "9223372036.854775807"}) + tb.entry(tb.header("a"))
+            + tb.pax_header({"mtime": "-9223372036.854775808"}) + tb.entry(tb.header("b"))
+            + tb.END)
+    assert [e.mtime_ns for e, _ in read_all(data)] == [(1 << 63) - 1, -(1 << 63)]
+
+
+@pytest.mark.parametrize("field,value", [(329, 1 << 40), (329, -5), (337, 1 << 32)],
+                         ids=["major-2^40", "major-negative", "minor-2^32"])
+def test_device_number_out_of_range_refused(field: int, value: int) -> None:
+    hdr = tb.header("c", b"3", fields={field: tb.base256(value, 8)})
+    with pytest.raises(TarError, match=r"device number .* out of range"):
+        read_all(tb.entry(hdr) + tb.END)
+
+
+def test_chain_of_extension_headers_capped() -> None:
+    """Each PAX header below the cap, but a chain of them before one entry: refused once they
+    add up to 16 MiB, not held in memory without end."""
+    one = tb.pax_header({"comment": "c" * ((1 << 20) - 40)})
+    stream = tb.LazyStream([one] * 100 + [tb.entry(tb.header("f")), tb.END])
+    with pytest.raises(TarError, match="extension headers too large"):
+        read_all(stream)
+    assert stream.consumed <= (17 << 20)
+
+
+def test_chain_of_empty_extension_headers_capped() -> None:
+    """Empty PAX headers are 512 bytes each: they count too."""
+    stream = tb.LazyStream([tb.pax_header(b"")] * 40000 + [tb.entry(tb.header("f")), tb.END])
+    with pytest.raises(TarError, match="extension headers too large"):
+        read_all(stream)

@@ -400,6 +400,33 @@ def test_bad_blob_registers_nothing_for_it(tmp_path: Path, capsys: Capsys, jobs:
     verify_ok(capsys, root)
 
 
+def _pax_layer(records: dict[str, str | bytes], name: str = "x") -> bytes:
+    import tarbuilder as tb
+
+    return tb.build([tb.file("ok", b"fine")], end=False) + tb.pax_header(records) \
+        + tb.entry(tb.header(name)) + tb.END
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+@pytest.mark.parametrize("layer", [
+    pytest.param(lambda: _pax_layer({"uid": "4294967296"}), id="uid-2^32"),
+    pytest.param(lambda: _pax_layer({"path": b"a\0b"}), id="nul-in-path"),
+    pytest.param(lambda: _pax_layer({"mtime": "9" * 30}), id="mtime-huge"),
+    pytest.param(lambda: _pax_layer({"path": "a/" * 2100 + "f"}), id="path-over-path-max"),
+])
+def test_unrepresentable_entry_fails_in_one_line(tmp_path: Path, jobs: str, layer: Any) -> None:
+    """Entries no file system can hold (found by fuzzing) end the unpack with one error line
+    and exit 1, register nothing and leave no staging dir, with or without workers."""
+    image = tmp_path / "img"
+    src = write_oci(image, [make_tar([("base", b"x", 0o644)]), layer()])
+    root = tmp_path / "store"
+    proc = run_module(["--root", str(root), "unpack", str(image), "--jobs", jobs])
+    assert_one_line_error(proc.returncode, proc.stderr, "unpack layer sha256:")
+    assert "internal error" not in proc.stderr
+    assert set(read_layers(root)) <= {src.chain_ids[0]}
+    assert staging_dirs(root) == [] and image_ids(root) == set()
+
+
 def test_missing_blob_fails_cleanly(tmp_path: Path, capsys: Capsys) -> None:
     layout = Layout.copy_of("demo", tmp_path / "demo")
     desc = layout.manifest()["layers"][1]
