@@ -483,3 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_traceback()
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug of ours: still one line; --debug shows where it was
+        if args.debug:
+            _print_traceback()
+        print(f"{PROG}: error: internal error ({type(exc).__name__}): {_describe(exc)} "
+              "(--debug prints the traceback)", file=sys.stderr)
+        return 1

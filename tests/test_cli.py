@@ -9,6 +9,7 @@ import pytest
 from conftest import FIXTURES, assert_one_line_error, run_cli, run_module
 
 import ocilayers
+from ocilayers import api
 from ocilayers.cli import build_parser
 
 Capsys = pytest.CaptureFixture[str]
@@ -101,6 +102,27 @@ def test_debug_prints_traceback(position: str, tmp_path: Path, capsys: Capsys) -
 def test_plain_mode_prints_no_traceback(tmp_path: Path, capsys: Capsys) -> None:
     code, out, err = run_cli(["inspect", str(tmp_path / "nope")], capsys)
     assert_one_line_error(code, err, "no such file or directory")
+    assert out == ""
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
+def test_unexpected_exception_is_one_line(debug: bool, tmp_path: Path, capsys: Capsys,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug (any exception that is not ours or an OSError) still ends in one error line and
+    exit 1; --debug adds the traceback before it."""
+    def broken(*args: object, **kw: object) -> None:
+        raise ValueError("embedded null byte")
+
+    monkeypatch.setattr(api, "source_or_image", broken)
+    code, out, err = run_cli([*(["--debug"] if debug else []), "inspect", TINY], capsys)
+    last = "ocilayers: error: internal error (ValueError): embedded null byte (--debug " \
+           "prints the traceback)"
+    if debug:
+        assert code == 1 and err.startswith("Traceback (most recent call last):")
+        assert err.splitlines()[-1] == last
+    else:
+        assert_one_line_error(code, err, "internal error (ValueError)")
+        assert err.strip() == last
     assert out == ""
 
 
