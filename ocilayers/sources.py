@@ -311,7 +311,7 @@ class ImageSource:
         data = self._read_small("manifest.json")
         try:
             entries = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ImageError(f"{self.name}: manifest.json is not valid JSON: {exc}") from None
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise ImageError(f"{self.name}: manifest.json must be a list of objects")

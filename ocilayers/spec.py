@@ -192,7 +192,7 @@ class Descriptor:
 def load_json(data: bytes, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ImageError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ImageError(f"{what} must be a JSON object")

@@ -448,7 +448,7 @@ class Store:
                 obj = json.loads(f.read())
         except FileNotFoundError:
             return {}
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise StoreError(f"{self.repositories_path}: corrupt: {exc}") from None
         repos = obj.get("Repositories") if isinstance(obj, dict) else None
         if not isinstance(repos, dict):

@@ -174,7 +174,8 @@ def read_records(lines: Iterator[bytes]) -> Iterator[Record]:
                 yield Record(SEGMENT, obj.get("position", i), raw or b"")
             else:
                 raise ValueError(f"unknown record type {rtype!r}")
-        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
+                binascii.Error) as exc:
             raise StoreError(f"tar-split record {i}: {exc}") from None
 
 

@@ -431,6 +431,17 @@ def _rewrite_docker_save(tmp: Path, edit: Callable[[list[dict[str, Any]]], str |
     return out
 
 
+def _docker_save_nested_manifest(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
+    """JSON nested deeper than the decoder's recursion limit: an error, not a RecursionError."""
+    data = b"[" * 100_000 + b"]" * 100_000
+    out = tmp / "nested.tar"
+    with tarfile.open(out, "w") as t:
+        ti = tarfile.TarInfo("manifest.json")
+        ti.size = len(data)
+        t.addfile(ti, io.BytesIO(data))
+    return ["inspect", str(out)], ("manifest.json is not valid JSON",)
+
+
 def _docker_save_missing_layer(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
     def edit(manifest: list[dict[str, Any]]) -> str:
         return str(manifest[0]["Layers"][2])  # drop the member the manifest points at
@@ -468,6 +479,7 @@ BROKEN = [
     pytest.param(_truncated_oci_archive, id="truncated-oci-archive"),
     pytest.param(_truncated_gzip_archive, id="truncated-gzipped-archive"),
     pytest.param(_docker_save_missing_layer, id="docker-save-missing-layer"),
+    pytest.param(_docker_save_nested_manifest, id="docker-save-manifest-nested-100k-deep"),
     pytest.param(_docker_save_dangling_layer_path, id="docker-save-dangling-layer-path"),
 ]
 

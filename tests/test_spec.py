@@ -248,6 +248,7 @@ def test_good_documents_parse() -> None:
     pytest.param(Manifest.parse, _doc(GOOD_MANIFEST, mediaType="application/json"),
                  id="manifest-wrong-media-type"),
     pytest.param(Index.parse, b"not json", id="index-not-json"),
+    pytest.param(Index.parse, b"[" * 100_000 + b"]" * 100_000, id="index-nested-100k-deep"),
     pytest.param(Index.parse, _doc(GOOD_INDEX, schemaVersion=3), id="index-schema-3"),
     pytest.param(Index.parse, _doc(GOOD_INDEX, manifests="x"), id="index-manifests-not-list"),
     pytest.param(Index.parse, _doc(GOOD_INDEX,

@@ -211,6 +211,8 @@ def test_read_records_round_trip() -> None:
     pytest.param(b'{"type":3,"payload":null,"position":0}', id="unknown-type"),
     pytest.param(b'{"payload":null,"position":0}', id="no-type"),
     pytest.param(b'{"type":2,"payload":"%%%","position":0}', id="bad-base64"),
+    pytest.param(b"[1]", id="not-an-object"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, id="nested-100k-deep"),
 ])
 def test_read_records_rejects_garbage(line: bytes) -> None:
     with pytest.raises(StoreError):
