@@ -373,7 +373,9 @@ class TarReader:
                     xattrs[key[13:].decode("utf-8", "surrogateescape")] = value
         if not name:
             raise TarError("tar entry with an empty name")
-        _check_fields(name, linkname, uid, gid, mtime_ns, devmajor, devminor, xattrs)
+        if pax or not canonical or typeflag in (CHR, BLK):
+            # (Canonical octal fields are in range, and names cut at their first NUL.)
+            _check_fields(name, linkname, uid, gid, mtime_ns, devmajor, devminor, xattrs)
         raw_bytes = b"".join(raw)
         self._raw(raw_bytes)
         return TarEntry(name=name, type=typeflag, mode=mode, uid=uid, gid=gid, size=size,
@@ -386,7 +388,7 @@ def _check_fields(name: bytes, linkname: bytes, uid: int, gid: int, mtime_ns: in
                   devmajor: int, devminor: int, xattrs: dict[str, bytes]) -> None:
     """Refuse what no file system can hold, before anything is made of it."""
     shown = name.decode("utf-8", "backslashreplace")
-    if b"\0" in name or b"\0" in linkname or any("\0" in k for k in xattrs):
+    if b"\0" in name or b"\0" in linkname or (xattrs and any("\0" in k for k in xattrs)):
         raise TarError(f"'{shown}': NUL byte in the entry's name, link name or an xattr name")
     if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
         raise TarError(f"'{shown}': owner {uid}:{gid} is out of range")
