@@ -386,9 +386,11 @@ class PackResult:
 def pack(upper: str, out: Any, *, base: str | None = None, lowers: Sequence[str] = (),
          compression: str = "gzip", xattrs: str = "all", opaque: str | None = None,
          source_date_epoch: int | None = None, content: bool = False,
-         warn: Callable[[str], None] | None = None) -> PackResult:
+         warn: Callable[[str], None] | None = None,
+         xattr_namespace: str = "trusted") -> PackResult:
     """Write the layer for an upper dir (or for `upper` against the plain tree `base`) into
-    the binary stream `out`, compressed; returns its DiffID, blob digest and size."""
+    the binary stream `out`, compressed; returns its DiffID, blob digest and size.
+    `xattr_namespace` is the overlay mount's: "trusted", or "user" for a `userxattr` mount."""
     from ocilayers.differ import write_layer, write_tree_diff
 
     blob = HashingWriter(out)
@@ -403,7 +405,8 @@ def pack(upper: str, out: Any, *, base: str | None = None, lowers: Sequence[str]
                                 source_date_epoch=source_date_epoch, warn=warn)
     else:
         stats = write_layer(upper, plain, lowers=list(lowers) or None, xattrs=xattrs,
-                            opaque=opaque, source_date_epoch=source_date_epoch, warn=warn)
+                            opaque=opaque, source_date_epoch=source_date_epoch, warn=warn,
+                            xattr_namespace=xattr_namespace)
     compressor.close()
     return PackResult(plain.digest, blob.digest, blob.count, oci_layer_media_type(compression),
                       stats)

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clamp newer mtimes to N (default: $SOURCE_DATE_EPOCH if set)")
     p.add_argument("--content", action="store_true",
                    help="with --base: also compare file bytes when metadata is equal")
+    p.add_argument("--userxattr", action="store_true",
+                   help="the upper dir is from an overlay mounted with -o userxattr (rootless): "
+                        "its overlay metadata is user.overlay.*, not trusted.overlay.*")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pack)
 
@@ -275,16 +278,23 @@ def cmd_pack(args: argparse.Namespace) -> int:
                              "overlay upper dirs")
     if args.content and args.base is None:
         raise OCILayersError("--content needs --base")
+    if args.userxattr and args.base is not None:
+        raise OCILayersError("--userxattr is for overlay upper dirs, not --base")
     sde = args.source_date_epoch
     if sde is None and os.environ.get("SOURCE_DATE_EPOCH"):
-        sde = int(os.environ["SOURCE_DATE_EPOCH"])
+        try:
+            sde = int(os.environ["SOURCE_DATE_EPOCH"])
+        except ValueError:
+            raise OCILayersError("SOURCE_DATE_EPOCH must be a whole number of seconds, not "
+                                 f"{os.environ['SOURCE_DATE_EPOCH']!r}") from None
 
     def warn(msg: str) -> None:
         print(f"{PROG}: warning: {msg}", file=sys.stderr)
 
     kwargs = dict(base=args.base, lowers=args.lower, compression=args.compression,
                   xattrs=args.xattrs, opaque=args.opaque, source_date_epoch=sde,
-                  content=args.content, warn=warn)
+                  content=args.content, warn=warn,
+                  xattr_namespace="user" if args.userxattr else "trusted")
     if args.output == "-":
         result = api.pack(args.upper, sys.stdout.buffer, **kwargs)
         sys.stdout.buffer.flush()

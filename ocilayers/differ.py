@@ -27,7 +27,13 @@ from ocilayers.tarstream import (
     TarEntry,
     encode_header,
 )
-from ocilayers.whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_stat, unescape_xattr
+from ocilayers.whiteout import (
+    NAMESPACES,
+    OPAQUE_MARKER,
+    WHITEOUT_PREFIX,
+    is_whiteout_stat,
+    unescape_xattr,
+)
 
 XATTR_POLICIES = ("all", "docker")
 OPAQUE_POLICIES = ("docker", "lower")
@@ -53,17 +59,18 @@ class PackStats:
     skipped: int = 0  # sockets
 
 
-def _overlay_xattr(path: bytes, key: str) -> bytes | None:
-    for ns in ("trusted", "user"):
-        try:
-            return os.getxattr(path, f"{ns}.overlay.{key}", follow_symlinks=False)
-        except OSError:
-            continue
-    return None
+def _overlay_xattr(path: bytes, key: str, ns: str) -> bytes | None:
+    """The overlay mount's own `<ns>.overlay.<key>`. Only the mount's namespace is overlay
+    metadata: on a default mount `user.overlay.*` is plain content any process can set, and
+    reading it as metadata would let the container forge opaque dirs and redirects."""
+    try:
+        return os.getxattr(path, f"{ns}.overlay.{key}", follow_symlinks=False)
+    except OSError:
+        return None
 
 
-def _is_opaque(path: bytes) -> bool:
-    return _overlay_xattr(path, "opaque") == b"y"
+def _is_opaque(path: bytes, ns: str) -> bool:
+    return _overlay_xattr(path, "opaque", ns) == b"y"
 
 
 def _lstat(path: bytes) -> os.stat_result | None:
@@ -76,8 +83,9 @@ def _lstat(path: bytes) -> os.stat_result | None:
 class _Lowers:
     """The merged view of the lower layers (top-most first), read without mounting them."""
 
-    def __init__(self, lowers: Sequence[str | bytes]) -> None:
+    def __init__(self, lowers: Sequence[str | bytes], ns: str) -> None:
         self.dirs = [os.fsencode(x) for x in lowers]
+        self.ns = ns
 
     def contributing(self, parts: Sequence[bytes]) -> list[bytes]:
         """Paths of dir `parts` in each lower that shows through, top-most first."""
@@ -94,7 +102,7 @@ class _Lowers:
                     break
                 if is_whiteout_stat(st) or not stat.S_ISDIR(st.st_mode):
                     return out  # hides this path in every lower layer below
-                if _is_opaque(cur):
+                if _is_opaque(cur, self.ns):
                     blocked = True
             if present:
                 out.append(cur)
@@ -127,8 +135,10 @@ class _Lowers:
 
 class _Writer:
     def __init__(self, out: Any, xattrs: str, opaque: str, lowers: _Lowers | None,
-                 source_date_epoch: int | None, warn: Callable[[str], None] | None) -> None:
+                 source_date_epoch: int | None, warn: Callable[[str], None] | None,
+                 ns: str = "trusted") -> None:
         self.out = out
+        self.ns = ns
         self.xattr_policy = xattrs
         self.opaque_policy = opaque
         self.lowers = lowers
@@ -271,7 +281,8 @@ def _parts(rel: bytes) -> list[bytes]:
 def write_layer(upper: str | bytes, out: Any, *, lowers: Sequence[str | bytes] | None = None,
                 xattrs: str = "all", opaque: str | None = None,
                 source_date_epoch: int | None = None,
-                warn: Callable[[str], None] | None = None) -> PackStats:
+                warn: Callable[[str], None] | None = None,
+                xattr_namespace: str = "trusted") -> PackStats:
     """Write the overlay upper dir `upper` to `out` (anything with `write`) as a layer tar.
 
     - char 0/0 whiteouts become `.wh.NAME` (never hardlinks, though the kernel links them);
@@ -281,8 +292,12 @@ def write_layer(upper: str | bytes, out: Any, *, lowers: Sequence[str | bytes] |
     - `xattrs="all"` keeps every xattr but security.selinux, system.nfs4_acl and overlay
       bookkeeping; `"docker"` keeps only security.capability, as `docker commit` does;
     - a redirected dir (renamed) or a metacopy file (data still below) needs `lowers` to be
-      written right; without them it is refused, never written wrong.
+      written right; without them it is refused, never written wrong;
+    - `xattr_namespace` is the mount's: "trusted" (default mount) or "user" (`userxattr`,
+      rootless). Only `<namespace>.overlay.*` is read as overlay metadata.
     """
+    if xattr_namespace not in NAMESPACES:
+        raise ValueError(f"xattr_namespace must be one of {NAMESPACES}")
     if xattrs not in XATTR_POLICIES:
         raise ValueError(f"xattrs must be one of {XATTR_POLICIES}")
     opaque = opaque or ("lower" if lowers else "docker")
@@ -290,8 +305,8 @@ def write_layer(upper: str | bytes, out: Any, *, lowers: Sequence[str | bytes] |
         raise ValueError(f"opaque must be one of {OPAQUE_POLICIES}")
     if opaque == "lower" and not lowers:
         raise ValueError("opaque='lower' needs lowers")
-    low = _Lowers(lowers) if lowers else None
-    w = _Writer(out, xattrs, opaque, low, source_date_epoch, warn)
+    low = _Lowers(lowers, xattr_namespace) if lowers else None
+    w = _Writer(out, xattrs, opaque, low, source_date_epoch, warn, xattr_namespace)
     root = os.fsencode(upper)
     if not os.path.isdir(root):
         raise ImageError(f"{os.fsdecode(root)}: not a directory")
@@ -310,19 +325,19 @@ def _walk_upper(w: _Writer, root: bytes, rel: bytes) -> None:
             w.whiteout(crel, st)
             continue
         if stat.S_ISDIR(st.st_mode):
-            redirect = _overlay_xattr(path, "redirect")
+            redirect = _overlay_xattr(path, "redirect", w.ns)
             if redirect is not None:
                 _redirected_dir(w, root, crel, path, st, redirect)
                 continue
             w.entry(crel, path, st)
-            if _is_opaque(path) and (
+            if _is_opaque(path, w.ns) and (
                 w.opaque_policy == "docker"
                 or (w.lowers is not None and w.lowers.has_dir(_parts(crel)))
             ):
                 w.opaque_marker(crel, st)
             _walk_upper(w, root, crel)
             continue
-        if stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy") is not None:
+        if stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy", w.ns) is not None:
             w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path, _parts(crel)))
             continue
         w.entry(crel, path, st)
@@ -340,8 +355,9 @@ def _metacopy_source(w: _Writer, rel: bytes, path: bytes, lower_parts: list[byte
     """Where a metacopy file's data is: its own redirect, else its path in the lowers as seen
     through any renamed dir above it (`lower_parts`)."""
     low = _need_lowers(w, "metacopy file (its data is still in a lower layer)", rel)
-    redirect = _overlay_xattr(path, "redirect")
-    parts = _redirect_parts(lower_parts[:-1], redirect) if redirect else lower_parts
+    redirect = _overlay_xattr(path, "redirect", w.ns)
+    parts = _redirect_parts(lower_parts[:-1], redirect, rel) if redirect is not None \
+        else lower_parts
     src = low.file(parts)
     if src is None or not stat.S_ISREG(os.lstat(src).st_mode):
         raise ImageError(f"'{rel.decode('utf-8', 'backslashreplace')}': metacopy data not "
@@ -349,12 +365,15 @@ def _metacopy_source(w: _Writer, rel: bytes, path: bytes, lower_parts: list[byte
     return src
 
 
-def _redirect_parts(lower_parent: list[bytes], redirect: bytes) -> list[bytes]:
+def _redirect_parts(lower_parent: list[bytes], redirect: bytes, rel: bytes) -> list[bytes]:
     """overlayfs.rst "Redirect dir": absolute from the layer root, or a name in the same dir
-    (the parent as the lowers see it: below a renamed dir, that is the renamed dir's source)."""
-    if redirect.startswith(b"/"):
-        return [p for p in redirect.split(b"/") if p]
-    return [*lower_parent, redirect]
+    (the parent as the lowers see it: below a renamed dir, that is the renamed dir's source).
+    Anything else is refused as the kernel refuses it (and `.`/`..` never leave the lowers)."""
+    parts = redirect[1:].split(b"/") if redirect.startswith(b"/") else [redirect]
+    if any(p in (b"", b".", b"..") or b"/" in p or b"\0" in p for p in parts):
+        raise ImageError(f"'{rel.decode('utf-8', 'backslashreplace')}': invalid overlay "
+                         f"redirect {redirect.decode('utf-8', 'backslashreplace')!r}")
+    return parts if redirect.startswith(b"/") else [*lower_parent, redirect]
 
 
 def _redirected_dir(w: _Writer, root: bytes, rel: bytes, path: bytes, st: os.stat_result,
@@ -366,7 +385,7 @@ def _redirected_dir(w: _Writer, root: bytes, rel: bytes, path: bytes, st: os.sta
     # The content below is complete; a marker only matters to hide a lower dir at the new path.
     if w.opaque_policy == "docker" or low.has_dir(_parts(rel)):
         w.opaque_marker(rel, st)
-    _merged_subtree(w, low, rel, path, _redirect_parts(_parts(rel)[:-1], redirect))
+    _merged_subtree(w, low, rel, path, _redirect_parts(_parts(rel)[:-1], redirect, rel))
 
 
 def _merged_subtree(w: _Writer, low: _Lowers, rel: bytes, upper_dir: bytes | None,
@@ -384,17 +403,18 @@ def _merged_subtree(w: _Writer, low: _Lowers, rel: bytes, upper_dir: bytes | Non
                 continue  # the new dir is opaque: the lower entry is simply left out
             if stat.S_ISDIR(st.st_mode):
                 w.entry(crel, path, st)
-                redirect = _overlay_xattr(path, "redirect")
+                redirect = _overlay_xattr(path, "redirect", w.ns)
                 if redirect is not None:
                     sub_lower: list[bytes] | None = _redirect_parts(
-                        lower_parts if lower_parts is not None else _parts(rel), redirect)
-                elif _is_opaque(path) or lower_parts is None:
+                        lower_parts if lower_parts is not None else _parts(rel), redirect,
+                        crel)
+                elif _is_opaque(path, w.ns) or lower_parts is None:
                     sub_lower = None
                 else:
                     sub_lower = [*lower_parts, name]
                 _merged_subtree(w, low, crel, path, sub_lower)
-            elif stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy") is not None:
-                if lower_parts is None and _overlay_xattr(path, "redirect") is None:
+            elif stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy", w.ns) is not None:
+                if lower_parts is None and _overlay_xattr(path, "redirect", w.ns) is None:
                     raise ImageError(f"'{crel.decode('utf-8', 'backslashreplace')}': metacopy "
                                      "file below an opaque dir has no lower data")
                 here = [*lower_parts, name] if lower_parts is not None else _parts(crel)

@@ -459,7 +459,7 @@ def test_opaque_dir_gets_marker_after_its_entry(upper: Upper, need: Callable[...
     upper.dir("o", mode=0o750, uid=7, gid=8)
     upper.opaque("o", ns)
     upper.stamp_dirs(T0 + 9)
-    out, stats = pack_stats(upper)
+    out, stats = pack_stats(upper, xattr_namespace=ns)
     members = read_members(out)
     assert [m.name for m in members] == [b"o/", b"o/.wh..wh..opq", b"o/.hidden", b"o/child"]
     d, marker = members[0], members[1]
@@ -1512,3 +1512,82 @@ def test_cut_name_field_never_ends_in_a_slash(upper: Upper) -> None:
     m = by_name(pack(upper))[raw]
     assert m.pax[b"path"] == raw
     assert m.field("name") == b"a" * 99 + b"\0"
+
+
+# =============================================================================================
+# What a container can set on its own files is never read as overlay metadata (found by
+# fuzzing: user.overlay.* on a default mount, and redirects with `..`)
+# =============================================================================================
+
+@pytest.mark.parametrize("key,value", [
+    pytest.param("redirect", b"/../../../etc", id="redirect"),
+    pytest.param("opaque", b"y", id="opaque"),
+])
+def test_user_overlay_xattrs_on_a_default_mount_are_content(
+        upper: Upper, lower: Path, need: Callable[..., None], key: str, value: bytes) -> None:
+    """On a default (trusted) mount any process can set user.overlay.*: the kernel ignores it,
+    and so must pack. Reading it would let the container forge an opaque dir (the image loses
+    lower files) or a redirect (pack reads host files)."""
+    need("user")
+    d = upper.dir("old")
+    upper.file("old/mine.txt", b"mine")
+    os.setxattr(d, f"user.overlay.{key}", value)
+    upper.stamp_dirs(T0)
+    members = read_members(pack(upper, lowers=[lower]))
+    assert [m.name for m in members] == [b"old/", b"old/mine.txt"]
+    assert members[0].xattrs == {}, "bookkeeping-shaped xattrs are never written out"
+
+
+def test_user_overlay_metacopy_on_a_default_mount_is_content(
+        upper: Upper, lower: Path, need: Callable[..., None]) -> None:
+    need("user")
+    f = upper.file("etc/passwd", b"container's own\n")
+    os.setxattr(f, "user.overlay.metacopy", b"")
+    os.setxattr(f, "user.overlay.redirect", b"/../../etc/shadow")
+    upper.stamp_dirs(T0)
+    got = by_name(pack(upper, lowers=[lower]))
+    assert got[b"etc/passwd"].data == b"container's own\n"
+
+
+@pytest.mark.parametrize("redirect", [
+    b"/../../etc", b"/old/../../x", b"../old", b"old/sub", b"/old//sub", b"/old/", b"/", b"",
+    b"/./old", b"/ol\0d",
+])
+def test_invalid_redirect_refused(upper: Upper, lower: Path, need: Callable[..., None],
+                                  redirect: bytes) -> None:
+    """The kernel takes an absolute path of plain names or one name in the same dir; pack
+    refuses anything else instead of walking out of the lowers."""
+    need("trusted")
+    upper.whiteout("old")
+    d = upper.dir("new")
+    os.setxattr(d, "trusted.overlay.redirect", redirect)
+    upper.stamp_dirs(T0)
+    with pytest.raises(ImageError, match="invalid overlay redirect"):
+        pack(upper, lowers=[lower])
+
+
+def test_invalid_metacopy_redirect_refused(upper: Upper, lower: Path,
+                                           need: Callable[..., None]) -> None:
+    need("trusted")
+    upper.dir("etc")
+    metacopy(upper.p("etc/hostname2"), 15, redirect=b"/etc/../../secret")
+    upper.stamp_dirs(T0)
+    with pytest.raises(ImageError, match="invalid overlay redirect"):
+        pack(upper, lowers=[lower])
+
+
+def test_userxattr_mount_reads_user_overlay(upper: Upper, lower: Path,
+                                            need: Callable[..., None]) -> None:
+    """With xattr_namespace="user" (a userxattr mount) the user.overlay.* redirect is the
+    kernel's, and a trusted.overlay.* one is not."""
+    need("user", "trusted", "whiteout")
+    upper.whiteout("old")
+    d = upper.dir("new")
+    os.setxattr(d, "user.overlay.redirect", b"old")
+    upper.stamp_dirs(T0)
+    got = names(pack(upper, lowers=[lower], xattr_namespace="user"))
+    assert b"new/a.txt" in got and b"new/sub/b.txt" in got
+    os.removexattr(d, "user.overlay.redirect")
+    os.setxattr(d, "trusted.overlay.redirect", b"old")
+    got = names(pack(upper, lowers=[lower], xattr_namespace="user"))
+    assert b"new/a.txt" not in got
