@@ -986,6 +986,10 @@ def test_source_date_epoch_clamps_newer_times(upper: Upper, need: Callable[..., 
                             capsys)
     assert code == 0, err
     assert a.read_bytes() == b.read_bytes() == pack(upper, source_date_epoch=sde)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    code, _o, err = run_cli(["pack", str(upper.root), "-o", str(b), "--compression", "none"],
+                            capsys)
+    assert_one_line_error(code, err, "SOURCE_DATE_EPOCH must be a whole number of seconds")
 
 
 # =============================================================================================
