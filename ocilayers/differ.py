@@ -84,31 +84,49 @@ class _Lowers:
     """The merged view of the lower layers (top-most first), read without mounting them."""
 
     def __init__(self, lowers: Sequence[str | bytes], ns: str) -> None:
-        self.dirs = [os.fsencode(x) for x in lowers]
+        self.dirs: list[bytes | None] = [os.fsencode(x) for x in lowers]
         self.ns = ns
+        self._memo: dict[tuple[bytes, ...], tuple[list[bytes | None], int]] = {}
 
     def contributing(self, parts: Sequence[bytes]) -> list[bytes]:
         """Paths of dir `parts` in each lower that shows through, top-most first."""
-        out: list[bytes] = []
-        for lower in self.dirs:
-            cur = lower
-            blocked = False
-            present = True
-            for comp in parts:
-                cur = os.path.join(cur, comp)
+        paths, cutoff = self._state(tuple(parts))
+        return [p for p in paths[:cutoff] if p is not None]
+
+    def _state(self, parts: tuple[bytes, ...]) -> tuple[list[bytes | None], int]:
+        """Per lower, the path of dir `parts` in it (None: not there), and how many lowers
+        (top-most first) show through: a whiteout or non-dir on the way hides its lower and
+        all below, an opaque dir all below. Built from the parent's state, one lstat per
+        lower and level, memoised: a walk down a deep tree stays linear."""
+        hit = self._memo.get(parts)
+        if hit is not None:
+            return hit
+        if not parts:
+            state: tuple[list[bytes | None], int] = (list(self.dirs), len(self.dirs))
+        else:
+            parent, cutoff = self._state(parts[:-1])
+            paths: list[bytes | None] = []
+            for i, base in enumerate(parent[:cutoff]):
+                if base is None:
+                    paths.append(None)
+                    continue
+                cur = os.path.join(base, parts[-1])
                 st = _lstat(cur)
                 if st is None:
-                    present = False
-                    break
+                    paths.append(None)
+                    continue
                 if is_whiteout_stat(st) or not stat.S_ISDIR(st.st_mode):
-                    return out  # hides this path in every lower layer below
+                    cutoff = i  # hides this path in this lower and every one below
+                    break
+                paths.append(cur)
                 if _is_opaque(cur, self.ns):
-                    blocked = True
-            if present:
-                out.append(cur)
-            if blocked:
-                return out
-        return out
+                    cutoff = i + 1
+                    break
+            state = (paths, min(cutoff, len(paths)))
+        if len(self._memo) >= 4096:  # a depth-first walk needs its ancestors, not all dirs
+            self._memo.clear()
+        self._memo[parts] = state
+        return state
 
     def has_dir(self, parts: Sequence[bytes]) -> bool:
         return bool(self.contributing(parts))
@@ -316,8 +334,14 @@ def write_layer(upper: str | bytes, out: Any, *, lowers: Sequence[str | bytes] |
 
 
 def _walk_upper(w: _Writer, root: bytes, rel: bytes) -> None:
-    d = os.path.join(root, rel) if rel else root
-    for name in _sorted_names(d):
+    # Depth first with a stack of open dirs, not recursion: a tree may be ~2000 dirs deep.
+    todo = [(rel, root, iter(_sorted_names(root)))]
+    while todo:
+        rel, d, names = todo[-1]
+        name = next(names, None)
+        if name is None:
+            todo.pop()
+            continue
         crel = rel + b"/" + name if rel else name
         path = os.path.join(d, name)
         st = os.lstat(path)
@@ -335,7 +359,7 @@ def _walk_upper(w: _Writer, root: bytes, rel: bytes) -> None:
                 or (w.lowers is not None and w.lowers.has_dir(_parts(crel)))
             ):
                 w.opaque_marker(crel, st)
-            _walk_upper(w, root, crel)
+            todo.append((crel, path, iter(_sorted_names(path))))
             continue
         if stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy", w.ns) is not None:
             w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path, _parts(crel)))
@@ -388,14 +412,31 @@ def _redirected_dir(w: _Writer, root: bytes, rel: bytes, path: bytes, st: os.sta
     _merged_subtree(w, low, rel, path, _redirect_parts(_parts(rel)[:-1], redirect, rel))
 
 
+class _MergedDir:
+    """One dir of a merged subtree being written: upper entries over the lower dir."""
+
+    def __init__(self, low: _Lowers, rel: bytes, upper_dir: bytes | None,
+                 lower_parts: list[bytes] | None) -> None:
+        self.rel, self.upper_dir, self.lower_parts = rel, upper_dir, lower_parts
+        self.upper_names = set(_sorted_names(upper_dir)) if upper_dir is not None else set()
+        self.lower_children = low.children(lower_parts) if lower_parts is not None else {}
+        self.names = iter(sorted(self.upper_names | set(self.lower_children)))
+
+
 def _merged_subtree(w: _Writer, low: _Lowers, rel: bytes, upper_dir: bytes | None,
                     lower_parts: list[bytes] | None) -> None:
-    """Everything below `rel`: upper entries over the lower dir `lower_parts`, fully."""
-    upper_names = _sorted_names(upper_dir) if upper_dir is not None else []
-    lower_children = low.children(lower_parts) if lower_parts is not None else {}
-    for name in sorted(set(upper_names) | set(lower_children)):
+    """Everything below `rel`: upper entries over the lower dir `lower_parts`, fully (depth
+    first with a stack, not recursion)."""
+    todo = [_MergedDir(low, rel, upper_dir, lower_parts)]
+    while todo:
+        cur = todo[-1]
+        name = next(cur.names, None)
+        if name is None:
+            todo.pop()
+            continue
+        rel, upper_dir, lower_parts = cur.rel, cur.upper_dir, cur.lower_parts
         crel = rel + b"/" + name
-        if name in upper_names:
+        if name in cur.upper_names:
             assert upper_dir is not None
             path = os.path.join(upper_dir, name)
             st = os.lstat(path)
@@ -412,7 +453,7 @@ def _merged_subtree(w: _Writer, low: _Lowers, rel: bytes, upper_dir: bytes | Non
                     sub_lower = None
                 else:
                     sub_lower = [*lower_parts, name]
-                _merged_subtree(w, low, crel, path, sub_lower)
+                todo.append(_MergedDir(low, crel, path, sub_lower))
             elif stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy", w.ns) is not None:
                 if lower_parts is None and _overlay_xattr(path, "redirect", w.ns) is None:
                     raise ImageError(f"'{crel.decode('utf-8', 'backslashreplace')}': metacopy "
@@ -423,11 +464,11 @@ def _merged_subtree(w: _Writer, low: _Lowers, rel: bytes, upper_dir: bytes | Non
                 w.entry(crel, path, st)
         else:
             assert lower_parts is not None
-            lpath = lower_children[name]
+            lpath = cur.lower_children[name]
             st = os.lstat(lpath)
             w.entry(crel, lpath, st)
             if stat.S_ISDIR(st.st_mode):
-                _merged_subtree(w, low, crel, None, [*lower_parts, name])
+                todo.append(_MergedDir(low, crel, None, [*lower_parts, name]))
 
 
 # --- two plain trees ---
@@ -493,12 +534,24 @@ def write_tree_diff(new: str | bytes, base: str | bytes, out: Any, *, content: b
 
 def _tree_changes(nroot: bytes, broot: bytes, rel: bytes,
                   content: bool) -> Iterator[tuple[str, bytes, bytes, os.stat_result]]:
-    nd = os.path.join(nroot, rel) if rel else nroot
-    bd = os.path.join(broot, rel) if rel else broot
-    bst = _lstat(bd)
-    base_names = set(os.listdir(bd)) if bst is not None and stat.S_ISDIR(bst.st_mode) else set()
-    new_names = set(os.listdir(nd))
-    for name in sorted(new_names | base_names):
+    """Go's walk order, depth first, with a stack of dirs being compared (not recursion)."""
+    def open_dir(rel: bytes) -> tuple[bytes, bytes, bytes, set[bytes], set[bytes],
+                                      Iterator[bytes]]:
+        nd = os.path.join(nroot, rel) if rel else nroot
+        bd = os.path.join(broot, rel) if rel else broot
+        bst = _lstat(bd)
+        base_names = (set(os.listdir(bd)) if bst is not None and stat.S_ISDIR(bst.st_mode)
+                      else set())
+        new_names = set(os.listdir(nd))
+        return rel, nd, bd, new_names, base_names, iter(sorted(new_names | base_names))
+
+    todo = [open_dir(rel)]
+    while todo:
+        rel, nd, bd, new_names, base_names, names = todo[-1]
+        name = next(names, None)
+        if name is None:
+            todo.pop()
+            continue
         crel = rel + b"/" + name if rel else name
         npath = os.path.join(nd, name)
         if name not in new_names:
@@ -511,4 +564,4 @@ def _tree_changes(nroot: bytes, broot: bytes, rel: bytes,
         if old is None or not _same(st, old, npath, bpath, content):
             yield "changed", crel, npath, st
         if stat.S_ISDIR(st.st_mode):
-            yield from _tree_changes(nroot, broot, crel, content)
+            todo.append(open_dir(crel))
