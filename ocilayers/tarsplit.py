@@ -232,5 +232,10 @@ def assemble(records: Iterator[Record], diff_dir: str | bytes,
 
 def open_records(path: str) -> Iterator[Record]:
     """The records of a `tar-split.json.gz`, streamed."""
+    from ocilayers.streams import igzip_lib_error
+
     with igzip.open(path, "rb") as f:  # type: ignore[no-untyped-call]
-        yield from read_records(iter(f))
+        try:
+            yield from read_records(iter(f))
+        except (EOFError, igzip_lib_error()) as exc:  # cut short, or a corrupt deflate stream
+            raise StoreError(f"{path}: corrupt: {exc}") from None

@@ -450,6 +450,9 @@ def _to_ascii(b: bytes) -> bytes:
 
 
 def _pax_record(key: bytes, value: bytes) -> bytes:
+    if b"=" in key:  # the first "=" ends the key: "user.a=b" would come back as another xattr
+        raise ImageError(f"cannot write {key.decode('utf-8', 'backslashreplace')!r} in a tar "
+                         "PAX record: the name holds an '='")
     size = len(key) + len(value) + 3
     size += len(str(size))
     record = b"%d %s=%s\n" % (size, key, value)

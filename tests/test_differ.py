@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1615,16 +1615,36 @@ def _deep(root: Path, leaf: bytes) -> str:
     return "/".join(["d"] * DEPTH)
 
 
-def test_deep_upper_dir(upper: Upper) -> None:
+@pytest.fixture
+def deep_trees() -> Iterator[list[Path]]:
+    """Dirs holding a _deep chain, removed afterwards without recursion (shutil.rmtree and
+    os.walk recurse in Python 3.11, and pytest would fail to clean them up)."""
+    roots: list[Path] = []
+    yield roots
+    for root in roots:
+        chain = [root]
+        while (chain[-1] / "d").is_dir():
+            chain.append(chain[-1] / "d")
+        for d in reversed(chain):
+            for child in d.iterdir():
+                if not child.is_dir() or child.is_symlink():
+                    child.unlink()
+            if d != root:
+                d.rmdir()
+
+
+def test_deep_upper_dir(upper: Upper, deep_trees: list[Path]) -> None:
+    deep_trees.append(upper.root)
     rel = _deep(upper.root, b"deep")
     got = names(pack(upper))
     assert got == [("/".join(["d"] * i) + "/").encode() for i in range(1, DEPTH + 1)] \
         + [(rel + "/leaf").encode()]
 
 
-def test_deep_tree_diff(tmp_path: Path) -> None:
+def test_deep_tree_diff(tmp_path: Path, deep_trees: list[Path]) -> None:
     new, base = tmp_path / "new", tmp_path / "base"
     base.mkdir()
+    deep_trees.append(new)
     rel = _deep(new, b"deep")
     out = io.BytesIO()
     write_tree_diff(new, base, out)
@@ -1632,11 +1652,23 @@ def test_deep_tree_diff(tmp_path: Path) -> None:
     assert len(names(out.getvalue())) == DEPTH + 1
 
 
-def test_deep_renamed_dir(upper: Upper, tmp_path: Path, need: Callable[..., None]) -> None:
+def test_deep_renamed_dir(upper: Upper, tmp_path: Path, need: Callable[..., None],
+                          deep_trees: list[Path]) -> None:
     need("whiteout", "trusted")
     low = tmp_path / "deeplower"
+    deep_trees.append(low / "old")
     rel = _deep(low / "old", b"deep")
     upper.whiteout("old")
     os.setxattr(upper.dir("new"), "trusted.overlay.redirect", b"old")
     got = by_name(pack(upper, lowers=[low]))
     assert got[f"new/{rel}/leaf".encode()].data == b"deep"
+
+
+def test_xattr_name_with_equals_refused(upper: Upper, need: Callable[..., None]) -> None:
+    """Found by fuzzing: "user.eq=name" came back from the PAX record as user.eq="name=val".
+    Go's archive/tar refuses such a name too; nothing is written wrong."""
+    need("user")
+    f = upper.file("f", b"x")
+    os.setxattr(f, "user.eq=name", b"val")
+    with pytest.raises(ImageError, match="holds an '='"):
+        pack(upper)

@@ -17,6 +17,7 @@ import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tarbuilder as tb
@@ -224,6 +225,19 @@ def test_open_records_reads_gzip(tmp_path: Path) -> None:
     path.write_bytes(gzip.compress(b'{"type":2,"payload":"eA==","position":0}\n'
                                    b'{"type":2,"payload":"","position":1}\n'))
     assert list(open_records(str(path))) == [Record(2, 0, b"x"), Record(2, 1, b"")]
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda gz: gz[: len(gz) // 2], id="truncated"),
+    pytest.param(lambda gz: gz[:10] + b"\xff" * 40 + gz[50:], id="corrupt-deflate"),
+])
+def test_open_records_damaged_gzip_is_a_store_error(tmp_path: Path, damage: Any) -> None:
+    """Found by fuzzing: a cut tar-split.json.gz escaped as EOFError (verify, export and
+    flatten printed 'internal error')."""
+    path = tmp_path / "ts.json.gz"
+    path.write_bytes(damage(gzip.compress(b'{"type":2,"payload":"eA==","position":0}\n' * 500)))
+    with pytest.raises(StoreError, match="corrupt"):
+        list(open_records(str(path)))
 
 
 # ============================================================================================
