@@ -266,6 +266,11 @@ def verify(store: Store, name: str | None = None) -> list[str]:
         recs = list(load_image(store, find_image(store, name)).layers)
     else:
         recs = store.layers()
+        for image_id in store.image_ids():  # every image's chain of layers is still there
+            try:
+                load_image(store, image_id)
+            except OCILayersError as exc:
+                problems.append(f"image {image_id.short}: {exc}")
     for rec in recs:
         try:
             problems += verify_layer(store, rec)

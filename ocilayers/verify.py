@@ -10,6 +10,9 @@ from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, PAX_GLOBAL, SYM, TarRe
 from ocilayers.whiteout import classify, escape_xattr, is_whiteout_stat
 
 _MAX_PROBLEMS = 50
+# Labels the host puts on every new file (SELinux): not content, and not ours to check.
+_HOST_XATTRS = frozenset({"security.selinux"})
+_OPAQUE_XATTRS = frozenset({"trusted.overlay.opaque", "user.overlay.opaque"})
 _TYPES = {DIR: stat.S_IFDIR, SYM: stat.S_IFLNK, CHR: stat.S_IFCHR, BLK: stat.S_IFBLK,
           FIFO: stat.S_IFIFO}
 
@@ -34,6 +37,8 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
     seen: set[bytes] = set()  # every path the tar accounts for, with its parents
     missing_whiteouts: list[tuple[list[bytes], str]] = []
     root_opaque = False
+    opaque_dirs: set[bytes] = set()  # dirs that may be opaque: marked, or whited out and made
+    expected_xattrs: dict[bytes, set[str]] = {}  # path -> on-disk xattr names the tar gave
 
     def bad(msg: str) -> None:
         if len(problems) < _MAX_PROBLEMS:
@@ -63,6 +68,7 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
             continue
         if kind == "opaque":
             account(parts[:-1])
+            opaque_dirs.add(b"/".join(parts[:-1]))
             if not parts[:-1]:
                 root_opaque = True
             elif not _opaque(parent):
@@ -70,6 +76,7 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
             continue
         if kind == "whiteout":
             account([*parts[:-1], target])
+            opaque_dirs.add(b"/".join([*parts[:-1], target]))  # if it comes back, as a new dir
             path = os.path.join(parent, target)
             if not os.path.lexists(path) and not any(
                 _opaque(os.path.join(root, *parts[:i])) for i in range(1, len(parts))
@@ -113,6 +120,7 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
             bad(f"'{shown}': device number changed")
         if want == stat.S_IFREG and st.st_size != entry.size:
             bad(f"'{shown}': size {st.st_size}, tar says {entry.size}")
+        expected_xattrs[b"/".join(parts)] = {escape_xattr(n) for n in entry.xattrs}
         for name, value in entry.xattrs.items():
             try:
                 have = os.getxattr(path, escape_xattr(name), follow_symlinks=False)
@@ -125,12 +133,31 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
             bad(f"'{shown}': whiteout is missing")
     for rel, st in _walk(root):
         if rel in seen:
+            if not is_whiteout_stat(st):
+                extra = _extra_xattrs(os.path.join(root, rel), expected_xattrs.get(rel, set()),
+                                      rel in opaque_dirs or (root_opaque and b"/" not in rel))
+                for name in extra:
+                    bad(f"'{rel.decode('utf-8', 'backslashreplace')}': xattr {name} was added "
+                        "since unpack")
             continue
         if root_opaque and b"/" not in rel and is_whiteout_stat(st):
             continue  # made when the root marker was expanded into whiteouts
         bad(f"'{rel.decode('utf-8', 'backslashreplace')}': not in the layer (added since "
             "unpack)")
     return problems
+
+
+def _extra_xattrs(path: bytes, expected: set[str], may_be_opaque: bool) -> list[str]:
+    """xattrs on `path` the tar did not give it: an added opaque mark or capability changes
+    what a mount shows or what a binary may do, so verify must see them. The opaque mark of a
+    dir the tar marks opaque (or a re-added root dir, when the root marker was expanded) and
+    host labels are expected."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return []
+    return sorted(n for n in names if n not in expected and n not in _HOST_XATTRS
+                  and not (may_be_opaque and n in _OPAQUE_XATTRS))
 
 
 def _walk(root: bytes) -> list[tuple[bytes, os.stat_result]]:

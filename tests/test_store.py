@@ -1076,6 +1076,16 @@ def _overwrite_same_size(p: Path) -> None:
     pytest.param(0, "etc/added", lambda p: _add_file(p, b"data\n"), id="added-file"),
     # the overlay whiteout (char 0/0) that the tar's usr/share/demo/.wh.b.txt became
     pytest.param(1, "usr/share/demo/b.txt", os.unlink, id="whiteout-deleted"),
+    # xattrs the layer never had (found by fuzzing: verify said ok): an opaque mark hides the
+    # lower dir in a mount, a capability changes what a binary may do
+    pytest.param(0, "etc", lambda p: os.setxattr(p, "trusted.overlay.opaque", b"y"),
+                 id="opaque-added"),
+    pytest.param(0, "bin/busybox",
+                 lambda p: os.setxattr(p, "security.capability",
+                                       b"\x01\x00\x00\x02\x00\x20\x00\x00" + b"\x00" * 12),
+                 id="capability-added"),
+    pytest.param(0, "usr/share/demo/c.txt", lambda p: os.setxattr(p, "user.added", b"x"),
+                 id="xattr-added"),
 ])
 def test_verify_names_a_changed_path(root: Path, both: Any, capsys: Capsys, layer: int, rel: str,
                                      change: Callable[[Path], None]) -> None:
@@ -1097,7 +1107,7 @@ def test_verify_names_a_changed_path(root: Path, both: Any, capsys: Capsys, laye
 
 
 @pytest.mark.parametrize("what", ["size", "size-garbage", "link", "link-missing",
-                                  "lower", "cache-id-dir-missing"])
+                                  "lower", "cache-id-dir-missing", "layerdb-entry-missing"])
 def test_verify_catches_store_metadata_damage(root: Path, both: Any, capsys: Capsys,
                                               what: str) -> None:
     rec = _demo_layer(root, 1)
@@ -1117,6 +1127,12 @@ def test_verify_catches_store_metadata_damage(root: Path, both: Any, capsys: Cap
     elif what == "lower":
         (rec.dir(root) / "lower").write_text("l/" + "B" * 26)
         needle = "lower"
+    elif what == "layerdb-entry-missing":
+        # found by fuzzing: the top layer's layerdb entry gone, and verify of the whole store
+        # said ok while `verify IMAGE`, export and flatten failed
+        top = _demo_layer(root, len(read_source(DEMO).diff_ids) - 1)
+        shutil.rmtree(layerdb(root) / "sha256" / top.chain_id.removeprefix("sha256:"))
+        needle = "missing"
     else:
         shutil.rmtree(rec.dir(root))
         needle = rec.cache_id
