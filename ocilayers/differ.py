@@ -292,6 +292,37 @@ def _sorted_names(path: bytes) -> list[bytes]:
     return sorted(os.listdir(path))
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _UpperDir:
+    """A dir of the upper dir, held open: its entries are reached as
+    `/proc/self/fd/<fd>/<name>`, which the kernel resolves from the open dir, not by path. A
+    process still running in the container can swap a dir for a symlink while pack is inside
+    it, and pack still reads the dir it opened, never what the symlink points to."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.path = b"/proc/self/fd/%d" % fd
+        self.names = sorted(os.fsencode(n) for n in os.listdir(fd))
+
+    def child(self, name: bytes, st: os.stat_result, rel: bytes) -> _UpperDir:
+        """Open subdir `name`, lstat'ed as `st` a moment ago; refused if it is not that dir."""
+        fd = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+        try:
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise ImageError(f"'{rel.decode('utf-8', 'backslashreplace')}' changed while "
+                                 "it was packed")
+            return _UpperDir(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def _parts(rel: bytes) -> list[bytes]:
     return rel.split(b"/") if rel else []
 
@@ -328,43 +359,65 @@ def write_layer(upper: str | bytes, out: Any, *, lowers: Sequence[str | bytes] |
     root = os.fsencode(upper)
     if not os.path.isdir(root):
         raise ImageError(f"{os.fsdecode(root)}: not a directory")
-    _walk_upper(w, root, b"")
+    top = _UpperDir(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    try:
+        _walk_upper(w, top)
+    finally:
+        top.close()
     w.finish()
     return w.stats
 
 
-def _walk_upper(w: _Writer, root: bytes, rel: bytes) -> None:
+def _walk_upper(w: _Writer, top: _UpperDir) -> None:
     # Depth first with a stack of open dirs, not recursion: a tree may be ~2000 dirs deep.
-    todo = [(rel, root, iter(_sorted_names(root)))]
-    while todo:
-        rel, d, names = todo[-1]
-        name = next(names, None)
-        if name is None:
-            todo.pop()
-            continue
-        crel = rel + b"/" + name if rel else name
-        path = os.path.join(d, name)
-        st = os.lstat(path)
-        if is_whiteout_stat(st):
-            w.whiteout(crel, st)
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            redirect = _overlay_xattr(path, "redirect", w.ns)
-            if redirect is not None:
-                _redirected_dir(w, root, crel, path, st, redirect)
+    todo = [(b"", top, iter(top.names))]
+    try:
+        while todo:
+            rel, d, names = todo[-1]
+            name = next(names, None)
+            if name is None:
+                todo.pop()
+                if d is not top:
+                    d.close()
                 continue
-            w.entry(crel, path, st)
-            if _is_opaque(path, w.ns) and (
-                w.opaque_policy == "docker"
-                or (w.lowers is not None and w.lowers.has_dir(_parts(crel)))
-            ):
-                w.opaque_marker(crel, st)
-            todo.append((crel, path, iter(_sorted_names(path))))
-            continue
-        if stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy", w.ns) is not None:
-            w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path, _parts(crel)))
-            continue
+            crel = rel + b"/" + name if rel else name
+            try:
+                sub = _upper_entry(w, d, name, crel)
+            except OSError as exc:  # its filename is /proc/self/fd/N/...: say which entry
+                exc.add_note(f"pack '{crel.decode('utf-8', 'backslashreplace')}'")
+                raise
+            if sub is not None:
+                todo.append((crel, sub, iter(sub.names)))
+    finally:
+        for _rel, d, _names in todo:
+            if d is not top:
+                d.close()
+
+
+def _upper_entry(w: _Writer, d: _UpperDir, name: bytes, crel: bytes) -> _UpperDir | None:
+    """Write one entry of the upper dir; a dir to walk next comes back, open."""
+    path = d.path + b"/" + name
+    st = os.lstat(path)
+    if is_whiteout_stat(st):
+        w.whiteout(crel, st)
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        redirect = _overlay_xattr(path, "redirect", w.ns)
+        if redirect is not None:
+            _redirected_dir(w, crel, path, st, redirect, d.child(name, st, crel))
+            return None
         w.entry(crel, path, st)
+        if _is_opaque(path, w.ns) and (
+            w.opaque_policy == "docker"
+            or (w.lowers is not None and w.lowers.has_dir(_parts(crel)))
+        ):
+            w.opaque_marker(crel, st)
+        return d.child(name, st, crel)
+    if stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy", w.ns) is not None:
+        w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path, _parts(crel)))
+        return None
+    w.entry(crel, path, st)
+    return None
 
 
 def _need_lowers(w: _Writer, what: str, rel: bytes) -> _Lowers:
@@ -400,45 +453,68 @@ def _redirect_parts(lower_parent: list[bytes], redirect: bytes, rel: bytes) -> l
     return parts if redirect.startswith(b"/") else [*lower_parent, redirect]
 
 
-def _redirected_dir(w: _Writer, root: bytes, rel: bytes, path: bytes, st: os.stat_result,
-                    redirect: bytes) -> None:
+def _redirected_dir(w: _Writer, rel: bytes, path: bytes, st: os.stat_result,
+                    redirect: bytes, upper: _UpperDir) -> None:
     """A renamed lower dir: its whole content, opaque, at the new path (the old path already
-    holds a whiteout in the upper dir)."""
-    low = _need_lowers(w, "renamed directory (redirect)", rel)
-    w.entry(rel, path, st)
-    # The content below is complete; a marker only matters to hide a lower dir at the new path.
-    if w.opaque_policy == "docker" or low.has_dir(_parts(rel)):
-        w.opaque_marker(rel, st)
-    _merged_subtree(w, low, rel, path, _redirect_parts(_parts(rel)[:-1], redirect, rel))
+    holds a whiteout in the upper dir). Takes over `upper`, the renamed dir held open."""
+    try:
+        low = _need_lowers(w, "renamed directory (redirect)", rel)
+        w.entry(rel, path, st)
+        # The content below is complete; a marker only matters to hide a lower dir at the
+        # new path.
+        if w.opaque_policy == "docker" or low.has_dir(_parts(rel)):
+            w.opaque_marker(rel, st)
+        lower_parts = _redirect_parts(_parts(rel)[:-1], redirect, rel)
+    except BaseException:
+        upper.close()
+        raise
+    _merged_subtree(w, low, rel, upper, lower_parts)
 
 
 class _MergedDir:
-    """One dir of a merged subtree being written: upper entries over the lower dir."""
+    """One dir of a merged subtree being written: upper entries (a dir held open, if the
+    upper dir has it) over the lower dir."""
 
-    def __init__(self, low: _Lowers, rel: bytes, upper_dir: bytes | None,
+    def __init__(self, low: _Lowers, rel: bytes, upper: _UpperDir | None,
                  lower_parts: list[bytes] | None) -> None:
-        self.rel, self.upper_dir, self.lower_parts = rel, upper_dir, lower_parts
-        self.upper_names = set(_sorted_names(upper_dir)) if upper_dir is not None else set()
+        self.rel, self.upper, self.lower_parts = rel, upper, lower_parts
+        self.upper_names = set(upper.names) if upper is not None else set()
         self.lower_children = low.children(lower_parts) if lower_parts is not None else {}
         self.names = iter(sorted(self.upper_names | set(self.lower_children)))
 
 
-def _merged_subtree(w: _Writer, low: _Lowers, rel: bytes, upper_dir: bytes | None,
+def _merged_subtree(w: _Writer, low: _Lowers, rel: bytes, upper: _UpperDir | None,
                     lower_parts: list[bytes] | None) -> None:
     """Everything below `rel`: upper entries over the lower dir `lower_parts`, fully (depth
-    first with a stack, not recursion)."""
-    todo = [_MergedDir(low, rel, upper_dir, lower_parts)]
+    first with a stack, not recursion). Takes over `upper`."""
+    try:
+        todo = [_MergedDir(low, rel, upper, lower_parts)]
+    except BaseException:
+        if upper is not None:
+            upper.close()
+        raise
+    try:
+        _merged_walk(w, low, todo)
+    finally:
+        for cur in todo:
+            if cur.upper is not None:
+                cur.upper.close()
+
+
+def _merged_walk(w: _Writer, low: _Lowers, todo: list[_MergedDir]) -> None:
     while todo:
         cur = todo[-1]
         name = next(cur.names, None)
         if name is None:
             todo.pop()
+            if cur.upper is not None:
+                cur.upper.close()
             continue
-        rel, upper_dir, lower_parts = cur.rel, cur.upper_dir, cur.lower_parts
+        rel, upper, lower_parts = cur.rel, cur.upper, cur.lower_parts
         crel = rel + b"/" + name
         if name in cur.upper_names:
-            assert upper_dir is not None
-            path = os.path.join(upper_dir, name)
+            assert upper is not None
+            path = upper.path + b"/" + name
             st = os.lstat(path)
             if is_whiteout_stat(st):
                 continue  # the new dir is opaque: the lower entry is simply left out
@@ -453,7 +529,12 @@ def _merged_subtree(w: _Writer, low: _Lowers, rel: bytes, upper_dir: bytes | Non
                     sub_lower = None
                 else:
                     sub_lower = [*lower_parts, name]
-                todo.append(_MergedDir(low, crel, path, sub_lower))
+                sub = upper.child(name, st, crel)
+                try:
+                    todo.append(_MergedDir(low, crel, sub, sub_lower))
+                except BaseException:
+                    sub.close()
+                    raise
             elif stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy", w.ns) is not None:
                 if lower_parts is None and _overlay_xattr(path, "redirect", w.ns) is None:
                     raise ImageError(f"'{crel.decode('utf-8', 'backslashreplace')}': metacopy "

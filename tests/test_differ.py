@@ -38,7 +38,7 @@ import pytest
 import treecompare as tc
 from conftest import assert_one_line_error, requires_tool, run_cli
 
-from ocilayers import api
+from ocilayers import api, differ
 from ocilayers.differ import PackStats, UnsupportedUpperError, write_layer, write_tree_diff
 from ocilayers.errors import ImageError
 from ocilayers.extract import apply_layer
@@ -1672,3 +1672,41 @@ def test_xattr_name_with_equals_refused(upper: Upper, need: Callable[..., None])
     os.setxattr(f, "user.eq=name", b"val")
     with pytest.raises(ImageError, match="holds an '='"):
         pack(upper)
+
+
+# =============================================================================================
+# A container that keeps running while pack reads its upper dir (found by fuzzing: a dir
+# swapped for a symlink to a host dir got the host's files packed)
+# =============================================================================================
+
+@pytest.mark.parametrize("when", ["inside", "before-entering"])
+def test_dir_swapped_for_a_symlink_during_pack(upper: Upper, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               when: str) -> None:
+    """The swap happens as pack writes `d/a` (pack is inside d: it goes on reading the dir it
+    opened) or as it writes `d/` (before it opens d: the symlink is refused). Either way no
+    host file reaches the layer."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "b").write_bytes(b"TOPSECRET")
+    (host / "z").write_bytes(b"TOPSECRET")
+    upper.file("d/a", b"a")
+    upper.file("d/b", b"b")
+    upper.stamp_dirs(T0)
+    trigger = b"d/a" if when == "inside" else b"d"
+    real_entry = differ._Writer.entry
+
+    def entry(self: Any, rel: bytes, *args: Any, **kw: Any) -> None:
+        real_entry(self, rel, *args, **kw)
+        if rel == trigger:
+            os.rename(upper.p("d"), upper.p("d.moved"))
+            os.symlink(host, upper.p("d"))
+
+    monkeypatch.setattr(differ._Writer, "entry", entry)
+    if when == "inside":
+        got = by_name(pack(upper))
+        assert got[b"d/b"].data == b"b" and b"d/z" not in got
+    else:
+        with pytest.raises(OSError) as info:
+            pack(upper)
+        assert "pack 'd'" in " ".join(getattr(info.value, "__notes__", []))
