@@ -313,7 +313,17 @@ def _pack_to_file(upper: str, out: str, kwargs: dict[str, Any]) -> api.PackResul
     """Write next to OUT and rename: a failed pack leaves nothing behind."""
     import tempfile
 
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".ocilayers-")
+    where = os.path.realpath(os.path.dirname(os.path.abspath(out)))
+    tops = [os.path.realpath(upper)]
+    if kwargs.get("base") is None:  # (with --base, `upper` is the new tree: the same holds)
+        tops += [os.path.realpath(x) for x in kwargs.get("lowers") or ()]
+    else:
+        tops.append(os.path.realpath(kwargs["base"]))
+    for top in tops:
+        if where == top or where.startswith(top.rstrip("/") + "/"):
+            raise OCILayersError(f"{out}: the output would be written inside {top}, which is "
+                                 "being packed")
+    fd, tmp = tempfile.mkstemp(dir=where, prefix=".ocilayers-")
     try:
         with os.fdopen(fd, "wb") as f:
             result = api.pack(upper, f, **kwargs)

@@ -84,6 +84,9 @@ class _Lowers:
     """The merged view of the lower layers (top-most first), read without mounting them."""
 
     def __init__(self, lowers: Sequence[str | bytes], ns: str) -> None:
+        for x in lowers:
+            if not os.path.isdir(x):
+                raise ImageError(f"lower {os.fsdecode(x)}: not a directory")
         self.dirs: list[bytes | None] = [os.fsencode(x) for x in lowers]
         self.ns = ns
         self._memo: dict[tuple[bytes, ...], tuple[list[bytes | None], int]] = {}
@@ -226,6 +229,11 @@ class _Writer:
     def entry(self, rel: bytes, path: bytes, st: os.stat_result,
               data_from: bytes | None = None) -> None:
         """One filesystem entry (not a whiteout); `data_from` overrides where data is read."""
+        if rel.rpartition(b"/")[2].startswith(WHITEOUT_PREFIX):
+            # Every reader would take it for a whiteout or an opaque marker: the layer would
+            # delete what the container still sees. (`docker commit` writes it all the same.)
+            raise ImageError(f"'{rel.decode('utf-8', 'backslashreplace')}': a name starting "
+                             f"with {WHITEOUT_PREFIX.decode()} cannot be stored in a layer")
         fmt = stat.S_IFMT(st.st_mode)
         if fmt == stat.S_IFSOCK:
             self.stats.skipped += 1

@@ -1710,3 +1710,36 @@ def test_dir_swapped_for_a_symlink_during_pack(upper: Upper, tmp_path: Path,
         with pytest.raises(OSError) as info:
             pack(upper)
         assert "pack 'd'" in " ".join(getattr(info.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("name", [".wh.passwd", ".wh..wh..opq"])
+def test_file_named_like_a_whiteout_refused(upper: Upper, name: str) -> None:
+    """A container can name a file `.wh.passwd`: written as is, every reader of the layer would
+    delete passwd (or empty the dir) that the container still sees."""
+    upper.file(f"etc/{name}", b"x")
+    with pytest.raises(ImageError, match="cannot be stored in a layer"):
+        pack(upper)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_lower_that_is_not_a_dir_refused(upper: Upper, tmp_path: Path, kind: str) -> None:
+    lower = tmp_path / "lower"
+    if kind == "file":
+        lower.write_bytes(b"")
+    upper.file("f", b"x")
+    with pytest.raises(ImageError, match="not a directory"):
+        pack(upper, lowers=[lower])
+
+
+@pytest.mark.parametrize("inside", ["upper", "lower"])
+def test_output_inside_what_is_packed_refused(upper: Upper, tmp_path: Path, capsys: Any,
+                                              inside: str) -> None:
+    """pack's temp file would end up in its own layer."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    upper.file("f", b"x")
+    out = (upper.root if inside == "upper" else lower) / "sub" / ".." / "layer.tar"
+    code, _o, err = run_cli(["pack", str(upper.root), "-o", str(out), "--lower", str(lower)],
+                            capsys)
+    assert_one_line_error(code, err, "inside")
+    assert sorted(os.listdir(upper.root)) == ["f"] and os.listdir(lower) == []
