@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("export", "write a store image out, rebuilding each layer byte for byte")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="file or dir, or - for stdout (archive formats)")
     p.add_argument("--format", choices=FORMATS, default="oci-archive")
     p.add_argument("--compression", choices=COMPRESSIONS, default="gzip")
     p.add_argument("--json", action="store_true")
@@ -144,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("convert", "copy an image into an OCI layout, oci-archive or docker-save tarball")
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="file or dir, or - for stdout (archive formats)")
     pick(p)
     p.add_argument("--format", choices=FORMATS, default="oci-archive")
     p.add_argument("--compression", choices=COMPRESSIONS, default="gzip")
@@ -238,20 +240,46 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     progress = Progress(args)
     try:
-        written = api.convert_image(
-            args.source, args.output, ref=args.ref, platform=args.platform, format=args.format,
+        written = _write_out(args, lambda out: api.convert_image(
+            args.source, out, ref=args.ref, platform=args.platform, format=args.format,
             compression=args.compression, tags=args.tag,
-            progress=progress.layer_callback())
+            progress=progress.layer_callback()))
     finally:
         progress.close()
-    if args.json:
-        _print_json({"manifest_digest": str(written.manifest.digest),
-                     "config_digest": str(written.config.digest),
-                     "layers": [{"digest": str(d.digest), "size": d.size,
-                                 "media_type": d.media_type} for d in written.layers]})
-    else:
-        print(written.manifest.digest)
+    _report_written(args, written)
     return 0
+
+
+def _write_out(args: argparse.Namespace, write: Callable[[str], Any]) -> Any:
+    """Run `write(path)` for `-o OUT`; with `-o -`, into a temp file then copied to stdout
+    (an archive's members are written with their sizes first, so it cannot stream)."""
+    if args.output != "-":
+        return write(args.output)
+    if args.format == "oci":
+        raise OCILayersError("-o - writes an archive to stdout; --format oci is a directory")
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ocilayers-") as tmp:
+        path = os.path.join(tmp, "image.tar")
+        written = write(path)
+        with open(path, "rb") as f:
+            shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+        sys.stdout.buffer.flush()
+    return written
+
+
+def _report_written(args: argparse.Namespace, written: Any) -> None:
+    """The digest (or --json) on stdout; on stderr when stdout carries the image."""
+    stream = sys.stderr if args.output == "-" else sys.stdout
+    if args.json:
+        stream.write(json.dumps(
+            {"manifest_digest": str(written.manifest.digest),
+             "config_digest": str(written.config.digest),
+             "layers": [{"digest": str(d.digest), "size": d.size,
+                         "media_type": d.media_type} for d in written.layers]}, indent=2) + "\n")
+    elif args.output != "-":
+        print(written.manifest.digest)
 
 
 def cmd_unpack(args: argparse.Namespace) -> int:
@@ -412,17 +440,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     store = _existing_store(args)
     progress = Progress(args)
     try:
-        written = api.export(store, args.image, args.output, format=args.format,
-                             compression=args.compression, progress=progress.layer_callback())
+        written = _write_out(args, lambda out: api.export(
+            store, args.image, out, format=args.format, compression=args.compression,
+            progress=progress.layer_callback()))
     finally:
         progress.close()
-    if args.json:
-        _print_json({"manifest_digest": str(written.manifest.digest),
-                     "config_digest": str(written.config.digest),
-                     "layers": [{"digest": str(d.digest), "size": d.size,
-                                 "media_type": d.media_type} for d in written.layers]})
-    else:
-        print(written.manifest.digest)
+    _report_written(args, written)
     return 0
 
 

@@ -21,6 +21,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -1364,3 +1365,24 @@ def test_export_of_a_changed_layer_fails_and_writes_nothing(root: Path, both: An
     assert_one_line_error(code, err, "opt/app/lib/libdemo.txt")
     assert not os.path.lexists(out), os.listdir(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["store"], os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["export", "convert"])
+def test_output_to_stdout_is_the_same_archive(root: Path, tmp_path: Path, capsys: Capsys,
+                                              command: str) -> None:
+    """`-o -` writes the archive to stdout (the digest or --json goes to stderr), byte for byte
+    what `-o FILE` writes; a directory format cannot go there."""
+    unpack(capsys, root, DOCKER_SAVE)
+    what = "committed:latest" if command == "export" else str(DOCKER_SAVE)
+    base = [sys.executable, "-m", "ocilayers", "--root", str(root), command, what,
+            "--format", "docker-archive", "--compression", "none"]
+    out = tmp_path / "out.tar"
+    to_file = subprocess.run([*base, "-o", str(out)], capture_output=True, check=True)
+    piped = subprocess.run([*base, "-o", "-", "--json"], capture_output=True, check=True)
+    assert piped.stdout == out.read_bytes()
+    digest = to_file.stdout.decode().strip()
+    assert json.loads(piped.stderr)["manifest_digest"] == digest
+    assert not (Path.cwd() / "-").exists()
+    bad = subprocess.run([*base[:-4], "--format", "oci", "-o", "-"], capture_output=True,
+                         text=True)
+    assert_one_line_error(bad.returncode, bad.stderr, "--format oci is a directory")
