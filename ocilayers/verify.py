@@ -10,8 +10,10 @@ from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, PAX_GLOBAL, SYM, TarRe
 from ocilayers.whiteout import classify, escape_xattr, is_whiteout_stat
 
 _MAX_PROBLEMS = 50
-# Labels the host puts on every new file (SELinux): not content, and not ours to check.
-_HOST_XATTRS = frozenset({"security.selinux"})
+# Labels the host puts on new files (SELinux, IMA/EVM): not content, and not ours to check.
+_HOST_XATTRS = frozenset({"security.selinux", "security.ima", "security.evm"})
+# What a dir's default ACL (from the layer) gives the entries made in it.
+_INHERITED_ACLS = frozenset({"system.posix_acl_access", "system.posix_acl_default"})
 _OPAQUE_XATTRS = frozenset({"trusted.overlay.opaque", "user.overlay.opaque"})
 _TYPES = {DIR: stat.S_IFDIR, SYM: stat.S_IFLNK, CHR: stat.S_IFCHR, BLK: stat.S_IFBLK,
           FIFO: stat.S_IFIFO}
@@ -39,6 +41,8 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
     root_opaque = False
     opaque_dirs: set[bytes] = set()  # dirs that may be opaque: marked, or whited out and made
     expected_xattrs: dict[bytes, set[str]] = {}  # path -> on-disk xattr names the tar gave
+    links: dict[bytes, bytes] = {}  # hardlink path -> its target's (one inode, one set)
+    acl_dirs: set[bytes] = set()  # dirs with a default ACL: their children inherit ACLs
 
     def bad(msg: str) -> None:
         if len(problems) < _MAX_PROBLEMS:
@@ -100,6 +104,7 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
             if (tst.st_dev, tst.st_ino) != (st.st_dev, st.st_ino):
                 link = entry.linkname.decode(errors="replace")
                 bad(f"'{shown}': no longer a hardlink of '{link}'")
+            links[b"/".join(parts)] = b"/".join(tparts)
             continue
         want = _TYPES.get(entry.type, stat.S_IFREG)
         if stat.S_IFMT(st.st_mode) != want:
@@ -121,6 +126,8 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
         if want == stat.S_IFREG and st.st_size != entry.size:
             bad(f"'{shown}': size {st.st_size}, tar says {entry.size}")
         expected_xattrs[b"/".join(parts)] = {escape_xattr(n) for n in entry.xattrs}
+        if entry.is_dir and "system.posix_acl_default" in entry.xattrs:
+            acl_dirs.add(b"/".join(parts))
         for name, value in entry.xattrs.items():
             try:
                 have = os.getxattr(path, escape_xattr(name), follow_symlinks=False)
@@ -134,7 +141,10 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
     for rel, st in _walk(root):
         if rel in seen:
             if not is_whiteout_stat(st):
-                extra = _extra_xattrs(os.path.join(root, rel), expected_xattrs.get(rel, set()),
+                expected = set(expected_xattrs.get(links.get(rel, rel), ()))
+                if acl_dirs and any(rel == d or rel.startswith(d + b"/") for d in acl_dirs):
+                    expected |= _INHERITED_ACLS
+                extra = _extra_xattrs(os.path.join(root, rel), expected,
                                       rel in opaque_dirs or (root_opaque and b"/" not in rel))
                 for name in extra:
                     bad(f"'{rel.decode('utf-8', 'backslashreplace')}': xattr {name} was added "

@@ -20,6 +20,7 @@ import platform
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -1386,3 +1387,31 @@ def test_output_to_stdout_is_the_same_archive(root: Path, tmp_path: Path, capsys
     bad = subprocess.run([*base[:-4], "--format", "oci", "-o", "-"], capture_output=True,
                          text=True)
     assert_one_line_error(bad.returncode, bad.stderr, "--format oci is a directory")
+
+
+def test_verify_expects_the_xattrs_of_hardlinks_and_inherited_acls(tmp_path: Path,
+                                                                  capsys: Capsys) -> None:
+    """Extra-xattr checks must not flag what the layer itself gives: a hardlink shares its
+    target's xattrs, and entries made in a dir with a default ACL inherit ACLs."""
+    import tarbuilder as tb
+
+    # user::rwx user:1000:r-x group::r-x mask::rwx other::r-x (a named user: not just the mode)
+    acl = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, uid) for tag, perm, uid in
+        [(0x01, 7, 0xFFFFFFFF), (0x02, 5, 1000), (0x04, 5, 0xFFFFFFFF), (0x10, 7, 0xFFFFFFFF),
+         (0x20, 5, 0xFFFFFFFF)])
+    layer = tb.build([
+        tb.file("bin/tool", b"#!/bin/sh\n", mode=0o755, xattrs={"user.note": b"x"}),
+        tb.hardlink("bin/tool2", "bin/tool"),
+        tb.dir("shared", xattrs={"system.posix_acl_default": acl}),
+        tb.file("shared/f", b"f"),
+        tb.dir("shared/sub"),
+        tb.file("shared/sub/g", b"g"),
+    ])
+    image = tmp_path / "img"
+    write_oci(image, [layer])
+    root = tmp_path / "store"
+    unpack(capsys, root, image)
+    assert "system.posix_acl_access" in os.listxattr(
+        next(p for p in (root / "overlay2").glob("*/diff/shared/sub/g")))
+    verify_ok(capsys, root)
