@@ -518,46 +518,56 @@ def _merged_walk(w: _Writer, low: _Lowers, todo: list[_MergedDir]) -> None:
             if cur.upper is not None:
                 cur.upper.close()
             continue
-        rel, upper, lower_parts = cur.rel, cur.upper, cur.lower_parts
-        crel = rel + b"/" + name
-        if name in cur.upper_names:
-            assert upper is not None
-            path = upper.path + b"/" + name
-            st = os.lstat(path)
-            if is_whiteout_stat(st):
-                continue  # the new dir is opaque: the lower entry is simply left out
-            if stat.S_ISDIR(st.st_mode):
-                w.entry(crel, path, st)
-                redirect = _overlay_xattr(path, "redirect", w.ns)
-                if redirect is not None:
-                    sub_lower: list[bytes] | None = _redirect_parts(
-                        lower_parts if lower_parts is not None else _parts(rel), redirect,
-                        crel)
-                elif _is_opaque(path, w.ns) or lower_parts is None:
-                    sub_lower = None
-                else:
-                    sub_lower = [*lower_parts, name]
-                sub = upper.child(name, st, crel)
-                try:
-                    todo.append(_MergedDir(low, crel, sub, sub_lower))
-                except BaseException:
-                    sub.close()
-                    raise
-            elif stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy", w.ns) is not None:
-                if lower_parts is None and _overlay_xattr(path, "redirect", w.ns) is None:
-                    raise ImageError(f"'{crel.decode('utf-8', 'backslashreplace')}': metacopy "
-                                     "file below an opaque dir has no lower data")
-                here = [*lower_parts, name] if lower_parts is not None else _parts(crel)
-                w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path, here))
+        crel = cur.rel + b"/" + name
+        try:
+            _merged_entry(w, low, todo, cur, name, crel)
+        except OSError as exc:  # its filename may be /proc/self/fd/N/...: say which entry
+            exc.add_note(f"pack '{crel.decode('utf-8', 'backslashreplace')}'")
+            raise
+
+
+def _merged_entry(w: _Writer, low: _Lowers, todo: list[_MergedDir], cur: _MergedDir,
+                  name: bytes, crel: bytes) -> None:
+    """Write one entry of a merged subtree; a dir to walk next is pushed on `todo`."""
+    rel, upper, lower_parts = cur.rel, cur.upper, cur.lower_parts
+    if name in cur.upper_names:
+        assert upper is not None
+        path = upper.path + b"/" + name
+        st = os.lstat(path)
+        if is_whiteout_stat(st):
+            return  # the new dir is opaque: the lower entry is simply left out
+        if stat.S_ISDIR(st.st_mode):
+            w.entry(crel, path, st)
+            redirect = _overlay_xattr(path, "redirect", w.ns)
+            if redirect is not None:
+                sub_lower: list[bytes] | None = _redirect_parts(
+                    lower_parts if lower_parts is not None else _parts(rel), redirect,
+                    crel)
+            elif _is_opaque(path, w.ns) or lower_parts is None:
+                sub_lower = None
             else:
-                w.entry(crel, path, st)
+                sub_lower = [*lower_parts, name]
+            sub = upper.child(name, st, crel)
+            try:
+                todo.append(_MergedDir(low, crel, sub, sub_lower))
+            except BaseException:
+                sub.close()
+                raise
+        elif stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy", w.ns) is not None:
+            if lower_parts is None and _overlay_xattr(path, "redirect", w.ns) is None:
+                raise ImageError(f"'{crel.decode('utf-8', 'backslashreplace')}': metacopy "
+                                 "file below an opaque dir has no lower data")
+            here = [*lower_parts, name] if lower_parts is not None else _parts(crel)
+            w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path, here))
         else:
-            assert lower_parts is not None
-            lpath = cur.lower_children[name]
-            st = os.lstat(lpath)
-            w.entry(crel, lpath, st)
-            if stat.S_ISDIR(st.st_mode):
-                todo.append(_MergedDir(low, crel, None, [*lower_parts, name]))
+            w.entry(crel, path, st)
+    else:
+        assert lower_parts is not None
+        lpath = cur.lower_children[name]
+        st = os.lstat(lpath)
+        w.entry(crel, lpath, st)
+        if stat.S_ISDIR(st.st_mode):
+            todo.append(_MergedDir(low, crel, None, [*lower_parts, name]))
 
 
 # --- two plain trees ---

@@ -1743,3 +1743,23 @@ def test_output_inside_what_is_packed_refused(upper: Upper, tmp_path: Path, caps
                             capsys)
     assert_one_line_error(code, err, "inside")
     assert sorted(os.listdir(upper.root)) == ["f"] and os.listdir(lower) == []
+
+
+def test_cli_userxattr(upper: Upper, tmp_path: Path, capsys: Any,
+                       need: Callable[..., None]) -> None:
+    """`pack --userxattr` reads user.overlay.* as the mount's metadata; without it, it is
+    content the kernel ignored. `--base` compares plain trees: --userxattr has no place."""
+    need("user")
+    upper.file("o/child", b"c")
+    upper.opaque("o", "user")
+    upper.stamp_dirs(T0)
+    plain, rootless = tmp_path / "plain.tar", tmp_path / "rootless.tar"
+    for out, extra in ((plain, []), (rootless, ["--userxattr"])):
+        code, _o, err = run_cli(["pack", str(upper.root), "-o", str(out), "--compression",
+                                 "none", *extra], capsys)
+        assert code == 0, err
+    assert b"o/.wh..wh..opq" not in names(plain.read_bytes())
+    assert b"o/.wh..wh..opq" in names(rootless.read_bytes())
+    code, _o, err = run_cli(["pack", str(upper.root), "--base", str(tmp_path), "-o",
+                             str(tmp_path / "x.tar"), "--userxattr"], capsys)
+    assert_one_line_error(code, err, "--userxattr")
