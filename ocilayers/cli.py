@@ -507,6 +507,11 @@ def _print_traceback() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Image fields are the image's: a lone surrogate ("\\ud800" in JSON) must print, not crash.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.root is None:

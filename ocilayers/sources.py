@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 TRANSPORTS = ("oci:", "oci-archive:", "docker-archive:")
 _MAX_NESTING = 8
+# An image archive has a few members per layer (at most 125 layers): far more is not an image,
+# and tarfile keeps every member's header in memory.
+_MAX_MEMBERS = 65536
 
 
 def host_platform() -> Platform:
@@ -98,10 +101,22 @@ class _DirStore:
         return st.st_size
 
     def open(self, rel: str) -> IO[bytes]:
+        import fcntl
+        import stat
+
         try:
-            return open(self._path(rel), "rb")
+            # Non-blocking: a FIFO (or a device) planted in the layout must not hang the open.
+            fd = os.open(self._path(rel), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             raise BlobNotFoundError(f"{rel}: not found in {self.root}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ImageError(f"{rel}: not a regular file in {self.root}")
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def close(self) -> None:
         pass
@@ -119,7 +134,10 @@ class _TarStore:
         self._members: dict[str, tarfile.TarInfo] = {}
         try:
             with tarfile.open(fileobj=fileobj, mode="r:") as tf:
-                for m in tf:
+                for count, m in enumerate(tf, 1):
+                    if count > _MAX_MEMBERS:
+                        raise ImageError(f"{name}: more than {_MAX_MEMBERS} members: not an "
+                                         "image archive")
                     key = _norm_member(m.name)
                     if key is not None:
                         self._members[key] = m

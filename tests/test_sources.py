@@ -492,3 +492,57 @@ def test_broken_source_is_one_line_error(build: Broken, tmp_path: Path, capsys: 
     assert out == ""
     if argv[0] == "convert":
         assert not os.path.lexists(argv[3])
+
+
+# --- found by fuzzing ---
+
+def test_fifo_in_a_layout_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """open() of a FIFO blocks until a writer comes: a layout's files are opened non-blocking
+    and must be regular files."""
+    layout = tmp_path / "fifo"
+    shutil.copytree(FIXTURES / "demo", layout)
+    (layout / "index.json").unlink()
+    os.mkfifo(layout / "index.json")
+    proc = run_module(["inspect", str(layout)])  # (a hang fails by run_module's timeout)
+    assert_one_line_error(proc.returncode, proc.stderr, "index.json: not a regular file")
+
+
+def test_archive_with_too_many_members_refused(tmp_path: Path) -> None:
+    """Not an image: tarfile keeps every member header, so memory would grow with them."""
+    path = tmp_path / "many.tar"
+    empty = tarfile.TarInfo("f")
+    with open(path, "wb") as f:
+        for i in range(65537):
+            empty.name = f"f{i}"
+            f.write(empty.tobuf(format=tarfile.USTAR_FORMAT))
+        f.write(b"\0" * 1024)
+    proc = run_module(["inspect", str(path)])
+    assert_one_line_error(proc.returncode, proc.stderr, "more than 65536 members")
+
+
+def test_lone_surrogate_in_the_config_is_printed(tmp_path: Path) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"): it is the image's text, and printing it
+    must not end in UnicodeEncodeError."""
+    layout = tmp_path / "img"
+    shutil.copytree(FIXTURES / "demo", layout)
+    blobs = layout / "blobs" / "sha256"
+
+    def put(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return digest
+
+    index = json.loads((layout / "index.json").read_text())
+    mdesc = index["manifests"][0]
+    manifest = json.loads((blobs / mdesc["digest"].split(":")[1]).read_bytes())
+    config = json.loads((blobs / manifest["config"]["digest"].split(":")[1]).read_bytes())
+    config["os"] = "linux\ud800"
+    raw = json.dumps(config).encode()  # ensure_ascii: the surrogate travels as \\ud800
+    manifest["config"].update(digest="sha256:" + put(raw), size=len(raw))
+    mraw = json.dumps(manifest).encode()
+    mdesc.update(digest="sha256:" + put(mraw), size=len(mraw))
+    mdesc.pop("platform", None)
+    (layout / "index.json").write_text(json.dumps(index))
+    proc = run_module(["inspect", str(layout)])
+    assert proc.returncode == 0, proc.stderr
+    assert "linux\\ud800" in proc.stdout
