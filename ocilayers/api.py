@@ -199,6 +199,9 @@ def remove_image(store: Store, name: str) -> list[str]:
     removed: list[str] = []
     with store.lock():
         image_id = find_image(store, name)
+        img = load_image(store, image_id)
+        for rec in img.layers:  # a corrupt store file is an error before anything is removed
+            store.check_layer_files(rec)
         tags = store.tags()
         with contextlib.suppress(ImageError):
             norm = normalize_reference(name)
@@ -207,7 +210,6 @@ def remove_image(store: Store, name: str) -> list[str]:
                 removed.append(f"untagged {norm}")
                 if any(i == image_id for t, i in tags.items() if t != norm):
                     return removed
-        img = load_image(store, image_id)
         top = img.layers[-1].chain_id if img.layers else None
         users = store.containers_using(top)
         if users:
@@ -228,6 +230,9 @@ def _prune_layers(store: Store) -> list[str]:
     removed = []
     # children before parents: remove the layers no remaining layer names as parent first
     layers = {r.chain_id: r for r in store.layers()}
+    for r in layers.values():
+        if r.chain_id not in needed:
+            store.check_layer_files(r)  # all checked before the first one goes
     while True:
         parents = {r.parent for r in layers.values() if r.parent is not None}
         leaves = [r for c, r in layers.items() if c not in needed and c not in parents]

@@ -34,7 +34,14 @@ from ocilayers.spec import (
     load_json,
     normalize_reference,
 )
-from ocilayers.streams import CHUNK, LayerReader, decompressor, read_verified, sniff
+from ocilayers.streams import (
+    CHUNK,
+    LayerReader,
+    corrupt_types,
+    decompressor,
+    read_verified,
+    sniff,
+)
 
 if TYPE_CHECKING:
     from tarfile import TarInfo
@@ -553,14 +560,12 @@ def open_source(spec: str) -> Iterator[ImageSource]:
             src = _open_dir(path, ref)
         elif os.path.exists(path):
             raw = open(path, "rb")  # noqa: SIM115 - ownership passes to the store
-            head = raw.read(4)
-            raw.seek(0)
-            if sniff(head) != "none":  # `docker load` takes gzipped archives too
+            if not raw.seekable():  # a pipe: `unpack <(zcat image.tar.gz)`, a FIFO
                 with raw:
                     fobj = stack.enter_context(_spool(raw, path))
+                src = _open_file(fobj, path, ref)
             else:
-                fobj = raw
-            src = _open_file(fobj, path, ref)
+                src = _open_seekable(stack, raw, path, ref)
         else:
             raise ImageError(f"{path}: no such file or directory")
         if transport == "oci" and src.kind != "oci-layout":
@@ -571,6 +576,18 @@ def open_source(spec: str) -> Iterator[ImageSource]:
             raise ImageError(f"{path}: not a {transport} tarball (looks like {src.kind})")
         with src:
             yield src
+
+
+def _open_seekable(stack: contextlib.ExitStack, raw: IO[bytes], path: str,
+                   ref: str | None) -> ImageSource:
+    head = raw.read(4)
+    raw.seek(0)
+    if sniff(head) != "none":  # `docker load` takes gzipped archives too
+        with raw:
+            fobj = stack.enter_context(_spool(raw, path))
+    else:
+        fobj = raw
+    return _open_file(fobj, path, ref)
 
 
 @contextlib.contextmanager
@@ -584,7 +601,7 @@ def _spool(raw: IO[bytes], name: str) -> Iterator[IO[bytes]]:
         kind, plain = decompressor(raw)
         try:
             shutil.copyfileobj(plain, tmp, CHUNK)
-        except (EOFError, OSError) as exc:
+        except corrupt_types() as exc:  # (IsalError and ZstdError are not OSErrors)
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise
             raise ImageError(f"{name}: corrupt {kind} stream: {exc}") from None

@@ -164,13 +164,9 @@ class Descriptor:
         media_type = obj.get("mediaType", "")
         if not isinstance(media_type, str):
             raise ImageError(f"{what}: invalid mediaType")
-        ann = obj.get("annotations") or {}
-        if not isinstance(ann, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in ann.items()
-        ):
-            raise ImageError(f"{what}: annotations must map strings to strings")
+        ann = _annotations(obj, what)
         urls = obj.get("urls") or []
-        return cls(media_type, Digest.parse(obj.get("digest")), size, dict(ann),
+        return cls(media_type, Digest.parse(obj.get("digest")), size, ann,
                    Platform.from_json(obj.get("platform")), tuple(str(u) for u in urls))
 
     def to_json(self) -> dict[str, Any]:
@@ -187,6 +183,15 @@ class Descriptor:
                 p["variant"] = self.platform.variant
             out["platform"] = p
         return out
+
+
+def _annotations(obj: Mapping[str, Any], what: str) -> dict[str, str]:
+    ann = obj.get("annotations") or {}
+    if not isinstance(ann, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in ann.items()
+    ):
+        raise ImageError(f"{what}: annotations must map strings to strings")
+    return dict(ann)
 
 
 def load_json(data: bytes, what: str) -> dict[str, Any]:
@@ -229,7 +234,7 @@ class Index:
         if not isinstance(items, list):
             raise ImageError(f"{what}: 'manifests' must be a list")
         return cls(media_type, tuple(Descriptor.from_json(d, f"{what} entry") for d in items),
-                   dict(obj.get("annotations") or {}))
+                   _annotations(obj, what))
 
 
 @dataclass(frozen=True)
@@ -250,7 +255,7 @@ class Manifest:
         for d in parsed:
             if d.media_type not in LAYER_MEDIA_TYPES:
                 raise ImageError(f"{what}: unsupported layer mediaType {d.media_type!r}")
-        return cls(media_type, config, parsed, dict(obj.get("annotations") or {}))
+        return cls(media_type, config, parsed, _annotations(obj, what))
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"schemaVersion": 2, "mediaType": self.media_type,

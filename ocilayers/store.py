@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ocilayers.errors import StoreError
+from ocilayers.errors import OCILayersError, StoreError
 from ocilayers.spec import Digest, chain_ids, split_reference
 
 MAX_DEPTH = 125  # Docker's overlay2 maxDepth: lowers + init + rw layer stay within 128
@@ -69,8 +69,18 @@ def _write_new(path: str, data: bytes, mode: int) -> None:
 
 
 def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StoreError(f"{path}: corrupt (not UTF-8)") from None
+
+
+# What the store's own files may name. They are read back to build paths that are deleted
+# (rmi, prune) and mounted: a tampered file must never point outside the store.
+_CACHE_ID = re.compile(r"[0-9a-f]{64}")
+_LINK_ID = re.compile(r"[A-Z2-7]{26}")
 
 
 def diff_size(diff_dir: str) -> int:
@@ -296,11 +306,16 @@ class Store:
         try:
             diff = _read_text(os.path.join(d, "diff"))
             cache_id = _read_text(os.path.join(d, "cache-id"))
-            size = int(_read_text(os.path.join(d, "size")))
+            size_text = _read_text(os.path.join(d, "size"))
         except FileNotFoundError:
             return None
+        try:
+            size = int(size_text)
         except ValueError as exc:
             raise StoreError(f"layer {chain_id}: corrupt size file: {exc}") from None
+        if not _CACHE_ID.fullmatch(cache_id):
+            raise StoreError(f"layer {chain_id}: corrupt cache-id {cache_id[:80]!r} (not 64 "
+                             "hex digits)")
         parent_path = os.path.join(d, "parent")
         parent = (Digest.parse(_read_text(parent_path)) if os.path.exists(parent_path)
                   else None)
@@ -320,13 +335,21 @@ class Store:
         return os.path.join(self.overlay, cache_id)
 
     def lower_of(self, cache_id: str) -> str:
+        path = os.path.join(self.layer_path(cache_id), "lower")
         try:
-            return _read_text(os.path.join(self.layer_path(cache_id), "lower"))
+            lower = _read_text(path)
         except FileNotFoundError:
             return ""
+        if not all(p.startswith("l/") and _LINK_ID.fullmatch(p[2:]) for p in lower.split(":")):
+            raise StoreError(f"{path}: corrupt: {lower[:120]!r} is not l/<link>:l/<link>...")
+        return lower
 
     def link_of(self, cache_id: str) -> str:
-        return _read_text(os.path.join(self.layer_path(cache_id), "link"))
+        path = os.path.join(self.layer_path(cache_id), "link")
+        link = _read_text(path)
+        if not _LINK_ID.fullmatch(link):
+            raise StoreError(f"{path}: corrupt: {link[:80]!r} is not a 26-character link name")
+        return link
 
     def chain(self, top: Digest) -> list[LayerRecord]:
         """The layer `top` and its parents, base first."""
@@ -394,15 +417,24 @@ class Store:
     def tar_split_path(self, chain_id: Digest) -> str:
         return os.path.join(self._layer_dir(chain_id), "tar-split.json.gz")
 
+    def check_layer_files(self, rec: LayerRecord) -> None:
+        """Read the layer dir's `link` and `lower` as removal and mount would: StoreError if
+        either is corrupt (a missing one is no error)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.link_of(rec.cache_id)
+        self.lower_of(rec.cache_id)
+
     def remove_layer(self, rec: LayerRecord) -> None:
         """Unregister first (layerdb), then delete the dir: a crash leaves an orphan, never a
         registered layer without its files."""
         ld = self._layer_dir(rec.chain_id)
         gone = os.path.join(self.layerdb, "tmp", f"remove-{rec.chain_id.hex}")
-        os.rename(ld, gone)
         path = self.layer_path(rec.cache_id)
+        link: str | None = None
         with contextlib.suppress(FileNotFoundError):
-            link = self.link_of(rec.cache_id)
+            link = self.link_of(rec.cache_id)  # checked before anything is changed
+        os.rename(ld, gone)
+        if link is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.links, link))
         with contextlib.suppress(FileNotFoundError):
@@ -504,7 +536,10 @@ class Store:
         """Every layer some image, container or running unpack still needs."""
         needed: set[Digest] = set(self.claimed_chains())
         for image_id in self.image_ids():
-            top = image_top_chain(self.image_config(image_id))
+            try:
+                top = image_top_chain(self.image_config(image_id))
+            except StoreError as exc:
+                raise StoreError(f"image {image_id.short}: {exc}") from None
             if top is not None:
                 needed.update(r.chain_id for r in self.chain(top))
         base = os.path.join(self.layerdb, "mounts")
@@ -624,9 +659,13 @@ class Store:
 
 
 def image_top_chain(config_raw: bytes) -> Digest | None:
-    obj = json.loads(config_raw)
-    ids = obj.get("rootfs", {}).get("diff_ids") or []
-    chains = chain_ids(ids)
+    try:
+        obj = json.loads(config_raw)
+        ids = (obj.get("rootfs") or {}).get("diff_ids") or []
+        chains = chain_ids(ids)
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError,
+            OCILayersError) as exc:
+        raise StoreError(f"image config is corrupt: {type(exc).__name__}: {exc}") from None
     return chains[-1] if chains else None
 
 

@@ -168,7 +168,7 @@ def decompressor(raw: Readable) -> tuple[str, Readable]:
     return kind, src
 
 
-def _corrupt_types() -> tuple[type[BaseException], ...]:
+def corrupt_types() -> tuple[type[BaseException], ...]:
     """What decompressors raise on bad data (BadGzipFile is an OSError, IsalError is not)."""
     import zstandard
 
@@ -317,7 +317,7 @@ class LayerReader(io.RawIOBase):
             if self._ahead is not None:
                 return self._ahead.next()
             return self.plain.read(size)
-        except _corrupt_types() as exc:
+        except corrupt_types() as exc:
             raise self._corrupt(exc) from None
 
     def _corrupt(self, exc: BaseException) -> BaseException:
@@ -345,7 +345,7 @@ class LayerReader(io.RawIOBase):
                 self._ahead.stop()
             else:
                 self.plain.drain()
-        except _corrupt_types() as exc:
+        except corrupt_types() as exc:
             raise self._corrupt(exc) from None
         self.compressed.drain()  # bytes after the compressed stream still count for the digest
         if self._size is not None:

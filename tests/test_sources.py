@@ -8,6 +8,7 @@ import io
 import json
 import os
 import platform
+import random
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -431,6 +432,16 @@ def _rewrite_docker_save(tmp: Path, edit: Callable[[list[dict[str, Any]]], str |
     return out
 
 
+def _compressed_garbage(magic: bytes) -> Callable[[Path], tuple[list[str], tuple[str, ...]]]:
+    """Found by fuzzing: gzip or zstd magic, then noise, as a whole archive: the spooling step
+    let IsalError / ZstdError through."""
+    def build(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
+        path = tmp / "garbage.bin"
+        path.write_bytes(magic + bytes(random.Random(7).getrandbits(8) for _ in range(65536)))
+        return ["inspect", str(path)], ("corrupt",)
+    return build
+
+
 def _docker_save_nested_manifest(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
     """JSON nested deeper than the decoder's recursion limit: an error, not a RecursionError."""
     data = b"[" * 100_000 + b"]" * 100_000
@@ -480,6 +491,8 @@ BROKEN = [
     pytest.param(_truncated_gzip_archive, id="truncated-gzipped-archive"),
     pytest.param(_docker_save_missing_layer, id="docker-save-missing-layer"),
     pytest.param(_docker_save_nested_manifest, id="docker-save-manifest-nested-100k-deep"),
+    pytest.param(_compressed_garbage(b"\x1f\x8b\x08\x00"), id="gzip-magic-then-noise"),
+    pytest.param(_compressed_garbage(b"\x28\xb5\x2f\xfd"), id="zstd-magic-then-noise"),
     pytest.param(_docker_save_dangling_layer_path, id="docker-save-dangling-layer-path"),
 ]
 
@@ -546,3 +559,26 @@ def test_lone_surrogate_in_the_config_is_printed(tmp_path: Path) -> None:
     proc = run_module(["inspect", str(layout)])
     assert proc.returncode == 0, proc.stderr
     assert "linux\\ud800" in proc.stdout
+
+
+def test_pipe_as_source_is_spooled(tmp_path: Path) -> None:
+    """A FIFO or a pipe (`unpack <(zcat image.tar.gz)`) cannot seek: it is read once into a
+    temp file, as stdin is, instead of failing with 'not seekable'."""
+    import threading
+
+    fifo = tmp_path / "image.fifo"
+    os.mkfifo(fifo)
+    data = (FIXTURES / "docker-save.tar").read_bytes()
+
+    def feed() -> None:
+        with open(fifo, "wb") as f:
+            f.write(data)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        proc = run_module(["inspect", str(fifo), "--json"])
+    finally:
+        writer.join(timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tags"] == ["committed:latest"]

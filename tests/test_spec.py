@@ -250,6 +250,12 @@ def test_good_documents_parse() -> None:
     pytest.param(Index.parse, b"not json", id="index-not-json"),
     pytest.param(Index.parse, b"[" * 100_000 + b"]" * 100_000, id="index-nested-100k-deep"),
     pytest.param(Index.parse, _doc(GOOD_INDEX, schemaVersion=3), id="index-schema-3"),
+    # found by fuzzing: these ended in ValueError/TypeError from dict()
+    pytest.param(Index.parse, _doc(GOOD_INDEX, annotations="x"), id="index-annotations-str"),
+    pytest.param(Index.parse, _doc(GOOD_INDEX, annotations=[1, 2]),
+                 id="index-annotations-list"),
+    pytest.param(Manifest.parse, _doc(GOOD_MANIFEST, annotations={"k": 5}),
+                 id="manifest-annotation-value-int"),
     pytest.param(Index.parse, _doc(GOOD_INDEX, manifests="x"), id="index-manifests-not-list"),
     pytest.param(Index.parse, _doc(GOOD_INDEX,
                                       mediaType="application/vnd.oci.image.manifest.v1+json"),

@@ -1415,3 +1415,50 @@ def test_verify_expects_the_xattrs_of_hardlinks_and_inherited_acls(tmp_path: Pat
     assert "system.posix_acl_access" in os.listxattr(
         next(p for p in (root / "overlay2").glob("*/diff/shared/sub/g")))
     verify_ok(capsys, root)
+
+
+@pytest.mark.parametrize("command", [["rmi", "committed:latest"], ["prune"]],
+                         ids=["rmi", "prune"])
+@pytest.mark.parametrize("tamper", ["cache-id-up", "cache-id-absolute", "link-up",
+                                    "link-not-utf8", "lower-up", "config-not-json",
+                                    "config-not-object"])
+def test_tampered_store_files_never_reach_outside(root: Path, tmp_path: Path, capsys: Capsys,
+                                                  tamper: str, command: list[str]) -> None:
+    """Found by fuzzing: rmi took a layer's cache-id or link file as a path and deleted what it
+    named, outside the store. Store files that name paths are checked when read; a corrupt
+    one is a one-line error and nothing outside the store (or in it) is removed."""
+    saved = read_source(DOCKER_SAVE)
+    unpack(capsys, root, DOCKER_SAVE)
+    if command[0] == "prune":
+        ok(capsys, root, "untag", "committed:latest")  # so that prune would take the image
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "file").write_bytes(b"mine")
+    top = read_layers(root)[saved.chain_ids[-1]]
+    ldb = layerdb(root) / "sha256" / top.chain_id.removeprefix("sha256:")
+    rel_victim = os.path.relpath(victim, ldb)
+    if tamper == "cache-id-up":
+        (ldb / "cache-id").write_text(os.path.relpath(victim, root / "overlay2"))
+    elif tamper == "cache-id-absolute":
+        (ldb / "cache-id").write_text(str(victim))
+    elif tamper == "link-up":
+        (top.dir(root) / "link").write_text(os.path.relpath(victim / "sub" / "file",
+                                                            root / "overlay2" / "l"))
+    elif tamper == "link-not-utf8":
+        (top.dir(root) / "link").write_bytes(b"\xff" * 26)
+    elif tamper == "lower-up":
+        (top.dir(root) / "lower").write_text("l/../../" + rel_victim)
+    else:
+        image = root / "image" / "overlay2" / "imagedb" / "content" / "sha256" / \
+            saved.image_id.removeprefix("sha256:")
+        image.write_bytes(b"not json" if tamper == "config-not-json" else b"-5")
+    before = sorted(p.name for p in root.rglob("*"))
+    code, _out, err = ol(capsys, root, *command)
+    if code == 0:  # prune: the untagged image still names its layers, nothing to remove
+        assert command[0] == "prune", err
+    else:
+        assert_one_line_error(code, err)
+        assert "internal error" not in err
+    assert (victim / "sub" / "file").read_bytes() == b"mine"
+    if code != 0:
+        assert sorted(p.name for p in root.rglob("*")) == before
