@@ -296,10 +296,6 @@ class _Writer:
         self.out.write(END_OF_ARCHIVE)
 
 
-def _sorted_names(path: bytes) -> list[bytes]:
-    return sorted(os.listdir(path))
-
-
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
