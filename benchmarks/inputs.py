@@ -140,9 +140,7 @@ def ensure_image(kind: str, cache: str, repo: str, base: str = "auto") -> tuple[
         meta["compressed_bytes"] = {c: sum(os.path.getsize(b) for b in img.blobs(c))
                                     for c in ("gzip", "zstd")}
         meta["build_seconds"] = round(time.monotonic() - t0, 1)
-        with open(os.path.join(out, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        os.rename(out, final)
+        publish(out, meta, final)
     finally:
         remove_tree(scratch)
     with open(meta_path) as f:
@@ -597,6 +595,14 @@ def umount_under(path: str) -> None:
     for mnt in _mounts_under(path):
         if subprocess.run(["umount", mnt], stderr=subprocess.DEVNULL).returncode:
             subprocess.run(["umount", "-l", mnt], check=False)
+
+
+def publish(build_dir: str, meta: dict[str, Any], final: str) -> None:
+    """Write `meta.json` into a finished build dir and rename it into place: a cached input
+    exists, complete, or not at all (the meta file is what says it is complete)."""
+    with open(os.path.join(build_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    os.rename(build_dir, final)
 
 
 def remove_tree(path: str) -> None:

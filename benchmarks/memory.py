@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from inputs import log, remove_tree
+from inputs import log, publish, remove_tree
 from measure import run_measured
 
 MEM_RECIPE = "v1"
@@ -202,9 +202,7 @@ def ensure_memory_inputs(cache: str) -> tuple[MemoryInputs, bool]:
             b["path"] = os.path.basename(b["path"])
         meta = {"recipe": MEM_RECIPE, "layers": blobs, "big_file_bytes": BIG_FILE,
                 "small_files": SMALL_FILES, "build_seconds": round(time.monotonic() - t0, 1)}
-        with open(os.path.join(scratch, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        os.rename(scratch, final)
+        publish(scratch, meta, final)
     except BaseException:
         remove_tree(scratch)
         raise

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from inputs import BenchImage, log, ocilayers_argv, overlay, remove_tree, run
+from inputs import BenchImage, log, ocilayers_argv, overlay, publish, remove_tree, run
 
 PACK_RECIPE = "v1"  # bump when a change script changes
 
@@ -136,9 +136,7 @@ def ensure_pack_input(kind: str, cache: str, img: BenchImage) -> tuple[PackInput
         meta = _build(kind, scratch, img)
         meta["image_index_sha256"] = key
         meta["build_seconds"] = round(time.monotonic() - t0, 1)
-        with open(os.path.join(scratch, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        os.rename(scratch, final)
+        publish(scratch, meta, final)
     except BaseException:
         remove_tree(scratch)
         raise
