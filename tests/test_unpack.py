@@ -58,6 +58,7 @@ from test_store import (
     verify_ok,
     write_oci,
 )
+from throwaway_dockerd import pids_referencing
 
 # fixture -> the tags `unpack` must give it (RepoTags / full-reference ref names, normalised;
 # a bare-tag ref name such as skopeo's and umoci's `latest` names no repository).
@@ -498,27 +499,11 @@ def big_image() -> Path:
     return cached("big-2-layers", build)
 
 
-def _processes_mentioning(marker: str) -> list[int]:
-    """Live (non-zombie) processes whose argv contains `marker`."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read()
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker.encode() in argv and state != b"Z":
-            out.append(int(pid))
-    return out
-
-
 def _wait_gone(marker: str, timeout: float = 10.0) -> list[int]:
+    """Live processes (a zombie's cmdline is empty) still naming `marker`, after waiting for
+    them to go for up to `timeout`."""
     deadline = time.monotonic() + timeout
-    while (left := _processes_mentioning(marker)) and time.monotonic() < deadline:
+    while (left := pids_referencing(marker)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
 
@@ -570,7 +555,7 @@ def test_kill_9_mid_layer(big_run: Any, capsys: Capsys, jobs: str) -> None:
     src_diff_ids = json.loads(read_source_config(image))["rootfs"]["diff_ids"]
     chains = chain_ids_by_spec(src_diff_ids)
     proc = start("--jobs", jobs)
-    running = _processes_mentioning(str(root))
+    running = pids_referencing(root)
     assert proc.pid in running
     if jobs != "1":
         assert len(running) >= 2, f"no worker processes seen: {running}"
