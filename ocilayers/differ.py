@@ -99,37 +99,41 @@ class _Lowers:
     def _state(self, parts: tuple[bytes, ...]) -> tuple[list[bytes | None], int]:
         """Per lower, the path of dir `parts` in it (None: not there), and how many lowers
         (top-most first) show through: a whiteout or non-dir on the way hides its lower and
-        all below, an opaque dir all below. Built from the parent's state, one lstat per
-        lower and level, memoised: a walk down a deep tree stays linear."""
-        hit = self._memo.get(parts)
-        if hit is not None:
-            return hit
-        if not parts:
-            state: tuple[list[bytes | None], int] = (list(self.dirs), len(self.dirs))
-        else:
-            parent, cutoff = self._state(parts[:-1])
-            paths: list[bytes | None] = []
-            for i, base in enumerate(parent[:cutoff]):
-                if base is None:
-                    paths.append(None)
-                    continue
-                cur = os.path.join(base, parts[-1])
-                st = _lstat(cur)
-                if st is None:
-                    paths.append(None)
-                    continue
-                if is_whiteout_stat(st) or not stat.S_ISDIR(st.st_mode):
-                    cutoff = i  # hides this path in this lower and every one below
-                    break
-                paths.append(cur)
-                if _is_opaque(cur, self.ns):
-                    cutoff = i + 1
-                    break
-            state = (paths, min(cutoff, len(paths)))
-        if len(self._memo) >= 4096:  # a depth-first walk needs its ancestors, not all dirs
-            self._memo.clear()
-        self._memo[parts] = state
+        all below, an opaque dir all below. Built level by level from the deepest memoised
+        ancestor (a loop, not recursion: a tree may be ~2000 dirs deep), one lstat per lower
+        and level: a walk down a deep tree stays linear."""
+        known = len(parts)
+        while known and parts[:known] not in self._memo:
+            known -= 1
+        state = self._memo.get(parts[:known]) or (list(self.dirs), len(self.dirs))
+        for level in range(known, len(parts)):
+            state = self._child_state(state, parts[level])
+            if len(self._memo) >= 4096:  # a depth-first walk needs its ancestors, not all
+                self._memo.clear()
+            self._memo[parts[:level + 1]] = state
         return state
+
+    def _child_state(self, parent: tuple[list[bytes | None], int],
+                     name: bytes) -> tuple[list[bytes | None], int]:
+        bases, cutoff = parent
+        paths: list[bytes | None] = []
+        for i, base in enumerate(bases[:cutoff]):
+            if base is None:
+                paths.append(None)
+                continue
+            cur = os.path.join(base, name)
+            st = _lstat(cur)
+            if st is None:
+                paths.append(None)
+                continue
+            if is_whiteout_stat(st) or not stat.S_ISDIR(st.st_mode):
+                cutoff = i  # hides this path in this lower and every one below
+                break
+            paths.append(cur)
+            if _is_opaque(cur, self.ns):
+                cutoff = i + 1
+                break
+        return paths, min(cutoff, len(paths))
 
     def has_dir(self, parts: Sequence[bytes]) -> bool:
         return bool(self.contributing(parts))

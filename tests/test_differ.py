@@ -1763,3 +1763,18 @@ def test_cli_userxattr(upper: Upper, tmp_path: Path, capsys: Any,
     code, _o, err = run_cli(["pack", str(upper.root), "--base", str(tmp_path), "-o",
                              str(tmp_path / "x.tar"), "--userxattr"], capsys)
     assert_one_line_error(code, err, "--userxattr")
+
+
+def test_deep_opaque_dir_over_deep_lower(upper: Upper, tmp_path: Path,
+                                         need: Callable[..., None],
+                                         deep_trees: list[Path]) -> None:
+    """An opaque dir 1100 levels down asks the lowers about that path alone (nothing above it
+    is looked up first): the lower lookup must not recurse either."""
+    need("trusted")
+    low = tmp_path / "deeplower"
+    deep_trees.extend([upper.root, low])
+    rel = _deep(low, b"lower")
+    _deep(upper.root, b"upper")
+    os.setxattr(upper.p(rel), "trusted.overlay.opaque", b"y")
+    got = names(pack(upper, lowers=[low]))
+    assert f"{rel}/.wh..wh..opq".encode() in got
