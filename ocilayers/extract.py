@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ocilayers.errors import ImageError, UnsafeEntryError
+from ocilayers.fsutil import remove_at
 from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, PAX_GLOBAL, SYM, TarEntry, TarReader
 from ocilayers.whiteout import NAMESPACES, classify, escape_xattr, is_whiteout_stat, opaque_xattr
 
@@ -118,15 +119,10 @@ def _split(name: bytes, limit: int = _PATH_MAX) -> list[bytes]:
     split = name.split(b"/")
     if b"" not in split and b"." not in split and b".." not in split:
         return split  # the usual name: three C scans instead of a loop
-    parts = []
-    for p in split:
-        if p in (b"", b"."):
-            continue
-        if p == b"..":
-            raise UnsafeEntryError(
-                f"'{name.decode('utf-8', 'backslashreplace')}': path escapes root ('..')")
-        parts.append(p)
-    return parts
+    if b".." in split:
+        raise UnsafeEntryError(
+            f"'{name.decode('utf-8', 'backslashreplace')}': path escapes root ('..')")
+    return [p for p in split if p != b"" and p != b"."]
 
 
 def _lstat(name: bytes, dir_fd: int) -> os.stat_result | None:
@@ -205,16 +201,23 @@ class _Applier:
             self._fds.move_to_end(key)
             return hit if cache else os.dup(hit)
         # Walk from the deepest cached ancestor (tar order is depth first: usually the parent).
+        # Ancestor keys are prefixes of `key` (no list slicing and joining per level: paths
+        # may be 2000 levels deep), and the dirs passed on the way are cached too.
         start = 0
         fd = self.root_fd
+        end = len(key)
         for i in range(len(parts) - 1, 0, -1):
-            anc = self._fds.get(_join(parts[:i]))
+            end = key.rfind(b"/", 0, end)
+            anc = self._fds.get(key[:end])
             if anc is not None:
                 fd = os.dup(anc)
                 start = i
                 break
         try:
             for i in range(start, len(parts)):
+                if i > start and i >= len(parts) - _FD_CACHE // 2:
+                    # (the deepest ones only: one lookup must not evict an fd a caller holds)
+                    self._cache_put(_join(parts[:i]), os.dup(fd))
                 comp = parts[i]
                 try:
                     nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
@@ -461,7 +464,7 @@ class _Applier:
             for p in [p for p in self.dir_meta if p == path or p.startswith(prefix)]:
                 del self.dir_meta[p]
             self._drop_cache(under=path)
-        _remove_at(pfd, base, st)
+        remove_at(pfd, base)
 
     # -- hardlinks --
 
@@ -608,27 +611,31 @@ class _Applier:
             self._clear_lower(parent, display)
 
     def _clear_lower(self, parts: list[bytes], display: str) -> None:
-        """Delete mode: remove everything under `parts` that this layer did not make."""
-        try:
-            dfd = self._dirfd(parts, display, create=False, cache=False)
-        except FileNotFoundError:
-            return
-        try:
-            names = os.listdir(dfd)
-        finally:
-            os.close(dfd)
-        prefix = _join(parts)
-        for name in names:
-            bname = os.fsencode(name)
-            child = prefix + b"/" + bname if prefix else bname
-            dfd = self._dirfd(parts, display, create=False)
-            st = _lstat(bname, dfd)
-            if st is None:
+        """Delete mode: remove everything under `parts` that this layer did not make (a loop
+        over the dirs the layer made, not recursion: they may be 2000 deep)."""
+        todo = [parts]
+        while todo:
+            parts = todo.pop()
+            try:
+                dfd = self._dirfd(parts, display, create=False, cache=False)
+            except FileNotFoundError:
                 continue
-            if child not in self.created:
-                self._remove(dfd, bname, st, child)
-            elif stat.S_ISDIR(st.st_mode):
-                self._clear_lower([*parts, bname], display)
+            try:
+                names = os.listdir(dfd)
+            finally:
+                os.close(dfd)
+            prefix = _join(parts)
+            for name in names:
+                bname = os.fsencode(name)
+                child = prefix + b"/" + bname if prefix else bname
+                dfd = self._dirfd(parts, display, create=False)
+                st = _lstat(bname, dfd)
+                if st is None:
+                    continue
+                if child not in self.created:
+                    self._remove(dfd, bname, st, child)
+                elif stat.S_ISDIR(st.st_mode):
+                    todo.append([*parts, bname])
 
     # -- the end --
 
@@ -649,16 +656,14 @@ class _Applier:
                 raise ImageError("opaque marker on the layer root ('.wh..wh..opq'): overlayfs "
                                  "ignores it there; the lower layers are needed to expand it")
         self._drop_cache()
-        # Directory modes and times last: making children changes a dir's mtime.
+        # Directory modes and times last: making children changes a dir's mtime. Deepest
+        # first, through the fd cache: the one walk down also caches the parents to come.
         for path, entry in sorted(self.dir_meta.items(), key=lambda kv: -kv[0].count(b"/")):
             parts = path.split(b"/") if path else []
-            fd = self._dirfd(parts, path.decode("utf-8", "backslashreplace"), create=False,
-                             cache=False)
-            try:
-                os.fchmod(fd, entry.mode)
-                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-            finally:
-                os.close(fd)
+            fd = self._dirfd(parts, path.decode("utf-8", "backslashreplace"), create=False)
+            os.fchmod(fd, entry.mode)
+            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+        self._drop_cache()
 
 
 def expand_root_opaque(diff: int | str | bytes, lowers: Sequence[str | bytes],
@@ -685,18 +690,3 @@ def expand_root_opaque(diff: int | str | bytes, lowers: Sequence[str | bytes],
     finally:
         if not isinstance(diff, int):
             os.close(root_fd)
-
-
-def _remove_at(dfd: int, name: bytes, st: os.stat_result) -> None:
-    """Remove `name` (a whole tree if it is a dir) from `dfd`, never following symlinks."""
-    if stat.S_ISDIR(st.st_mode):
-        sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-        try:
-            for child in os.listdir(sub):
-                _remove_at(sub, os.fsencode(child),
-                           os.stat(child, dir_fd=sub, follow_symlinks=False))
-        finally:
-            os.close(sub)
-        os.rmdir(name, dir_fd=dfd)
-    else:
-        os.unlink(name, dir_fd=dfd)

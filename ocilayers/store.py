@@ -9,7 +9,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import stat
 import tempfile
 import time
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ocilayers.errors import OCILayersError, StoreError
+from ocilayers.fsutil import rmtree
 from ocilayers.spec import Digest, chain_ids, split_reference
 
 MAX_DEPTH = 125  # Docker's overlay2 maxDepth: lowers + init + rw layer stay within 128
@@ -256,7 +256,7 @@ class Store:
 
     def discard(self, staging: Staging) -> None:
         with contextlib.suppress(FileNotFoundError):
-            _rmtree(staging.path)
+            rmtree(staging.path)
         with contextlib.suppress(OSError):
             os.close(staging.fd)
 
@@ -273,7 +273,7 @@ class Store:
                 if name.startswith(BIRTH_PREFIX):
                     with contextlib.suppress(FileNotFoundError):
                         if now - os.lstat(path).st_mtime > _BIRTH_MAX_AGE:
-                            _rmtree(path)
+                            rmtree(path)
                             removed.append(path)
                     continue
                 if not name.startswith(STAGING_PREFIX):
@@ -288,12 +288,12 @@ class Store:
                     continue  # a live builder holds it
                 finally:
                     os.close(fd)
-                _rmtree(path)
+                rmtree(path)
                 removed.append(path)
         tmp = os.path.join(self.layerdb, "tmp")
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(tmp):  # write-sets are only made under the store lock
-                _rmtree(os.path.join(tmp, name))
+                rmtree(os.path.join(tmp, name))
         return removed
 
     # -- layers --
@@ -438,8 +438,8 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.links, link))
         with contextlib.suppress(FileNotFoundError):
-            _rmtree(path)
-        _rmtree(gone)
+            rmtree(path)
+        rmtree(gone)
 
     # -- images and tags --
 
@@ -472,7 +472,7 @@ class Store:
             os.unlink(self._content(image_id))
         meta = os.path.join(self.imagedb, "metadata", image_id.algorithm, image_id.hex)
         with contextlib.suppress(FileNotFoundError):
-            _rmtree(meta)
+            rmtree(meta)
 
     def repositories(self) -> dict[str, dict[str, str]]:
         try:
@@ -573,7 +573,7 @@ class Store:
                 if (name == "l" or name.startswith((STAGING_PREFIX, BIRTH_PREFIX, CLAIM_PREFIX))
                         or name in known):
                     continue
-                _rmtree(os.path.join(self.overlay, name))
+                rmtree(os.path.join(self.overlay, name))
                 removed.append(f"deleted orphan overlay2/{name}")
         with contextlib.suppress(FileNotFoundError):
             for name in sorted(os.listdir(self.links)):
@@ -669,16 +669,4 @@ def image_top_chain(config_raw: bytes) -> Digest | None:
     return chains[-1] if chains else None
 
 
-def _rmtree(path: str) -> None:
-    def onerror(func: object, p: str, exc: object) -> None:
-        # A read-only dir inside a layer (mode 0555) must still be removable.
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p)
-            else:
-                os.unlink(p)
-
-    shutil.rmtree(path, onerror=onerror)
 

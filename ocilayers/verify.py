@@ -29,6 +29,12 @@ def _opaque(path: bytes) -> bool:
     return False
 
 
+def _below(root: bytes, parts: list[bytes]) -> bytes:
+    """`os.path.join(root, *parts)` for clean parts, in C: that loops in Python, once per part,
+    and a layer's paths may be 2000 parts deep."""
+    return b"/".join([root, *parts])
+
+
 def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
     """Differences between the layer tar `stream` and the overlay-mode diff dir it made.
 
@@ -67,7 +73,7 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
         except ValueError:
             bad(f"'{shown}': invalid whiteout")
             continue
-        parent = os.path.join(root, *parts[:-1]) if len(parts) > 1 else root
+        parent = _below(root, parts[:-1])
         if kind == "meta":
             continue
         if kind == "opaque":
@@ -83,12 +89,12 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
             opaque_dirs.add(b"/".join([*parts[:-1], target]))  # if it comes back, as a new dir
             path = os.path.join(parent, target)
             if not os.path.lexists(path) and not any(
-                _opaque(os.path.join(root, *parts[:i])) for i in range(1, len(parts))
+                _opaque(_below(root, parts[:i])) for i in range(1, len(parts))
             ):
                 missing_whiteouts.append((parts, shown))
             continue
         account(parts)
-        path = os.path.join(root, *parts)
+        path = _below(root, parts)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -97,7 +103,7 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
         if entry.type == LNK:
             tparts = [p for p in entry.linkname.split(b"/") if p not in (b"", b".")]
             try:
-                tst = os.lstat(os.path.join(root, *tparts))
+                tst = os.lstat(_below(root, tparts))
             except FileNotFoundError:
                 bad(f"'{shown}': hardlink target is missing")
                 continue

@@ -1453,3 +1453,60 @@ def test_size_after_a_removal_comes_from_the_dir(layer: list[tb.Member], size: i
 def test_size_is_not_counted_into_a_dir_that_was_not_empty(root: Path) -> None:
     (root / "old").write_bytes(b"z" * 7)
     assert apply([tb.file("new", b"x")], root, mode="overlay").size is None
+
+
+# -- deep trees: removal and opaque clearing are loops, not recursion --
+
+DEEP = 1500  # past Python's recursion limit of 1000; 3000 bytes of path
+
+
+def _chain(n: int = DEEP) -> list[str]:
+    return ["/".join(["d"] * i) for i in range(1, n + 1)]
+
+
+def _levels(root: Path) -> list[list[str]]:
+    """The names in root/d/d/..., level by level (no recursion, no path too long for open)."""
+    out = []
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while True:
+            names = sorted(os.listdir(fd))
+            out.append(names)
+            if "d" not in names or not stat.S_ISDIR(os.stat("d", dir_fd=fd,
+                                                            follow_symlinks=False).st_mode):
+                return out
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def deep_root(root: Path) -> Iterator[Path]:
+    yield root
+    from ocilayers.fsutil import rmtree  # pytest's clean-up recurses
+
+    for name in os.listdir(root):
+        rmtree(root / name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_deep_dir_replaced_in_the_same_layer(mode: str, deep_root: Path) -> None:
+    layer = [*(tb.dir(p) for p in _chain()), tb.file(_chain()[-1] + "/leaf", b"deep"),
+             tb.file("d", b"now a file")]
+    apply(layer, deep_root, mode=mode)
+    assert os.listdir(deep_root) == ["d"] and (deep_root / "d").read_bytes() == b"now a file"
+
+
+def test_a_deep_opaque_dir_clears_every_lower_level(deep_root: Path) -> None:
+    """Delete mode: an opaque dir whose subdirs the layer makes again, 1500 levels of them,
+    loses every lower file at every level."""
+    apply([*(tb.dir(p) for p in _chain()), *(tb.file(p + "/old") for p in _chain())],
+          deep_root, mode="delete")
+    assert _levels(deep_root)[1:3] == [["d", "old"], ["d", "old"]]
+    apply([*(tb.dir(p) for p in _chain()), tb.opaque("d"), tb.file(_chain()[-1] + "/new")],
+          deep_root, mode="delete")
+    levels = _levels(deep_root)
+    assert len(levels) == DEEP + 1
+    assert levels[:-1] == [["d"]] * DEEP and levels[-1] == ["new"]

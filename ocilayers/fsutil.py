@@ -1,0 +1,114 @@
+"""Removing a tree: a loop, not recursion, with one dir open at a time, never following a symlink.
+
+A layer may hold a path up to PATH_MAX deep (2000 nested one-letter dirs). Python 3.11's
+`shutil.rmtree` recurses once per level and ends in RecursionError near 1000, and holding an fd
+per level would run into a 1024 fd limit; this goes down by name and up by `..`, checking
+that `..` is the dir it came from.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from typing import Any
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _ident(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _writable(dfd: int, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Run `fn`; on EACCES (not root, a read-only dir such as a layer's 0555 one) make the
+    dir `dfd` writable and searchable, and run it once more."""
+    try:
+        fn(*args, **kwargs)
+    except PermissionError:
+        os.fchmod(dfd, 0o700)
+        fn(*args, **kwargs)
+
+
+def _open_dir(dfd: int, name: bytes) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dfd)
+    except PermissionError as exc:  # a dir without r or x for us (not root): ours to remove
+        try:
+            os.chmod(name, 0o700, dir_fd=dfd, follow_symlinks=False)
+        except (ValueError, NotImplementedError):  # a symlink by now (fchmodat refuses those)
+            raise exc from None
+        return os.open(name, _DIR_FLAGS, dir_fd=dfd)
+
+
+def _empty_files(fd: int) -> list[bytes]:
+    """Unlink everything in the dir `fd` but its subdirs, and name those."""
+    subdirs = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            name = os.fsencode(entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(name)
+            else:
+                _writable(fd, os.unlink, name, dir_fd=fd)
+    return subdirs
+
+
+def remove_at(dfd: int, name: str | bytes) -> None:
+    """Remove `name` from the dir `dfd`: a file, symlink or node, or a dir with all below it.
+
+    Raises FileNotFoundError if `name` is not there, and OSError (ESTALE) if a dir it is
+    emptying is moved elsewhere meanwhile."""
+    name = os.fsencode(name)
+    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        _writable(dfd, os.unlink, name, dir_fd=dfd)
+        return
+    cur = _open_dir(dfd, name)
+    try:
+        # The dirs from `name` down to `cur`: name, identity, subdirs still to remove.
+        chain: list[tuple[bytes, tuple[int, int], list[bytes]]] = [
+            (name, _ident(cur), _empty_files(cur))]
+        while True:
+            todo = chain[-1][2]
+            if todo:
+                sub = todo.pop()
+                try:
+                    nfd = _open_dir(cur, sub)
+                except FileNotFoundError:
+                    continue
+                os.close(cur)
+                cur = nfd
+                chain.append((sub, _ident(cur), _empty_files(cur)))
+                continue
+            again = _empty_files(cur)  # anything that came meanwhile
+            if again:
+                todo.extend(again)
+                continue
+            done = chain.pop()[0]
+            if not chain:
+                _writable(dfd, os.rmdir, done, dir_fd=dfd)
+                return
+            up = os.open(b"..", _DIR_FLAGS, dir_fd=cur)
+            os.close(cur)
+            cur = up
+            if _ident(cur) != chain[-1][1]:
+                raise OSError(errno.ESTALE, "a directory moved while it was being removed",
+                              os.fsdecode(done))
+            _writable(cur, os.rmdir, done, dir_fd=cur)
+    finally:
+        os.close(cur)
+
+
+def rmtree(path: str | bytes) -> None:
+    """Remove `path` and everything below it (a symlink at `path` is removed, not followed).
+    Raises FileNotFoundError if it is not there."""
+    path = os.fsencode(path)
+    parent, name = os.path.split(path.rstrip(b"/"))
+    pfd = os.open(parent or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        remove_at(pfd, name)
+    finally:
+        os.close(pfd)
