@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -127,28 +127,49 @@ def unpack_image(store: Store, src: ImageSource, image: Image, *, tags: Sequence
     stagings: dict[int, Staging] = {}
     records: list[tuple[LayerRecord, bool]] = []
     with contextlib.ExitStack() as claimed:
-        with store.lock():
-            store.clean_stale()
-            todo = [i for i, layer in enumerate(image.layers)
-                    if store.layer(layer.chain_id) is None]
-            if not todo:  # all there: record and write the image under this one lock
-                _build_all(src, image, [], {}, jobs, None, store, records)
-                image_id = _write_image(store, image, norm_tags)
-                return _result(image_id, norm_tags, records)
-            # Until the image is written its layers are referenced by nothing but this claim,
-            # which keeps a concurrent prune/rmi from taking them (it dies with us: flock).
-            claimed.enter_context(store.claim([layer.chain_id for layer in image.layers]))
-            for i in todo:
-                stagings[i] = store.begin_layer()
         try:
+            with _held_interrupt(), store.lock():
+                store.clean_stale()
+                todo = [i for i, layer in enumerate(image.layers)
+                        if store.layer(layer.chain_id) is None]
+                if not todo:  # all there: record and write the image under this one lock
+                    _build_all(src, image, [], {}, jobs, None, store, records)
+                    image_id = _write_image(store, image, norm_tags)
+                    return _result(image_id, norm_tags, records)
+                # Until the image is written its layers are referenced by nothing but this
+                # claim, which keeps a concurrent prune/rmi from taking them (it dies with us).
+                claimed.enter_context(store.claim([layer.chain_id for layer in image.layers]))
+                for i in todo:
+                    stagings[i] = store.begin_layer()
             _build_all(src, image, todo, stagings, jobs, progress, store, records)
         finally:
             for st in stagings.values():
                 if os.path.exists(st.path):
                     store.discard(st)
-        with store.lock():
+        with _held_interrupt(), store.lock():
             image_id = _write_image(store, image, norm_tags)
     return _result(image_id, norm_tags, records)
+
+
+@contextlib.contextmanager
+def _held_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C back while the store changes in steps that belong together (a layer's
+    registration; an image and its tags): the KeyboardInterrupt comes right after them,
+    never between two. Only Python's default SIGINT handler, in the main thread, is held."""
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if held:
+            raise KeyboardInterrupt
 
 
 def _write_image(store: Store, image: Image, tags: tuple[str, ...]) -> Digest:
@@ -184,7 +205,7 @@ def _build_all(src: ImageSource, image: Image, todo: list[int], stagings: dict[i
                 if i not in built:
                     return
                 b = built[i]
-                with store.lock():
+                with _held_interrupt(), store.lock():
                     rec, reused = _register(store, stagings[i], b, parent)
             else:
                 rec = store.layer(layer.chain_id)  # type: ignore[assignment]

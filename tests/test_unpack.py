@@ -615,6 +615,34 @@ def test_ctrl_c_mid_layer(big_run: Any, jobs: str, debug: bool) -> None:
     check_store(root, images={}, tags={})
 
 
+@pytest.mark.parametrize("step", ["/tar-split.json.gz", "/write-set-"],
+                         ids=["tar-split-moved", "layerdb-entry-renamed"])
+def test_ctrl_c_during_a_registration_waits_for_it(tmp_path: Path, capsys: Capsys,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   step: str) -> None:
+    """SIGINT while a layer is registered (its dir already in place, its layerdb entry not
+    yet) is held until the layer is whole; the unpack stops right after. Before, the
+    KeyboardInterrupt left an orphan dir and a write-set in layerdb/tmp."""
+    root = tmp_path / "store"
+    real_rename = os.rename
+    sent: list[str] = []
+
+    def rename(src: Any, dst: Any, **kw: Any) -> None:
+        if not sent and step in str(src) and "/.staging-" not in str(src):
+            sent.append(str(src))
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the handler runs right here
+        real_rename(src, dst, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+    code, _out, err = ol(capsys, root, "unpack", "--jobs", "1", str(DEMO))
+    monkeypatch.undo()
+    assert sent, "the registration step was never reached"
+    assert code == 130 and err == f"{ERROR_PREFIX}interrupted\n", err
+    assert len(read_layers(root)) == 1  # the layer being registered is whole; none after it
+    assert image_ids(root) == set()
+    check_store(root, images={}, tags={})
+
+
 # ============================================================================================
 # Concurrent runs on one store; --jobs
 # ============================================================================================
