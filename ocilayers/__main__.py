@@ -1,7 +1,5 @@
 """`python -m ocilayers`."""
 
-import sys
+from ocilayers.cli import run
 
-from ocilayers.cli import main
-
-sys.exit(main())
+run()

@@ -537,3 +537,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: internal error ({type(exc).__name__}): {_describe(exc)} "
               "(--debug prints the traceback)", file=sys.stderr)
         return 1
+
+
+def run() -> None:
+    """The `ocilayers` command: `main()`, then exit without the interpreter's tear-down.
+
+    Freeing every module and object one by one takes 20-50 ms after a command is done (more
+    after an unpack: about 2% of a cold one, a tenth of a re-unpack), and nothing of ours
+    needs it: files are closed, locks go with the process. stdout/stderr are flushed and the
+    atexit handlers (weakref finalizers, multiprocessing's) still run; with any other thread
+    alive, or without CPython's atexit._run_exitfuncs, it is a normal exit."""
+    import atexit
+
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except OSError:  # a closed pipe: what is unwritten is lost either way
+            code = code or 1
+    threading = sys.modules.get("threading")
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    if run_exitfuncs is None or (threading is not None and threading.active_count() > 1):
+        sys.exit(code)
+    run_exitfuncs()
+    os._exit(code)
