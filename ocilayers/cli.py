@@ -545,8 +545,9 @@ def run() -> None:
     Freeing every module and object one by one takes 20-50 ms after a command is done (more
     after an unpack: about 2% of a cold one, a tenth of a re-unpack), and nothing of ours
     needs it: files are closed, locks go with the process. stdout/stderr are flushed and the
-    atexit handlers (weakref finalizers, multiprocessing's) still run; with any other thread
-    alive, or without CPython's atexit._run_exitfuncs, it is a normal exit."""
+    atexit handlers (weakref finalizers, multiprocessing's) still run. It is a normal exit
+    with any other thread alive, under a profiler or tracer (cProfile, coverage, pdb: they
+    write their results when the script returns), or without CPython's atexit._run_exitfuncs."""
     import atexit
 
     code = main()
@@ -558,7 +559,8 @@ def run() -> None:
             code = code or 1
     threading = sys.modules.get("threading")
     run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
-    if run_exitfuncs is None or (threading is not None and threading.active_count() > 1):
-        sys.exit(code)
+    if (run_exitfuncs is None or (threading is not None and threading.active_count() > 1)
+            or sys.getprofile() is not None or sys.gettrace() is not None):
+        sys.exit(code)  # (a profiler, coverage or pdb running us wants control back)
     run_exitfuncs()
     os._exit(code)

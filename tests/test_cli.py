@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import pstats
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,6 +88,29 @@ def test_python_m_runs_a_command() -> None:
     proc = run_module(["inspect", TINY, "--json"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["tags"] == ["tiny:latest"]
+
+
+def test_the_command_output_survives_its_quick_exit(tmp_path: Path) -> None:
+    """The command skips the interpreter's tear-down (os._exit): what it wrote must still all
+    arrive, through a pipe and into a file, with its exit code."""
+    proc = run_module(["inspect", TINY, "--json"])
+    assert proc.returncode == 0 and json.loads(proc.stdout)["tags"] == ["tiny:latest"]
+    with open(tmp_path / "out", "w") as out:
+        code = subprocess.run([sys.executable, "-m", "ocilayers", "inspect", TINY, "--json"],
+                              stdout=out, timeout=120).returncode
+    assert code == 0 and json.loads((tmp_path / "out").read_text())["tags"] == ["tiny:latest"]
+    proc = run_module(["--root", str(tmp_path / "none"), "images"])
+    assert_one_line_error(proc.returncode, proc.stderr, "no store")
+
+
+def test_a_profiler_running_the_command_gets_control_back(tmp_path: Path) -> None:
+    """Under cProfile (or coverage, pdb) the command exits normally, so the tool can write
+    its results when the script returns."""
+    prof = tmp_path / "prof"
+    proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "ocilayers",
+                           "inspect", TINY, "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "main" in str(pstats.Stats(str(prof)).stats)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("position", ["before", "after"])
