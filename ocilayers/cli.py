@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -300,7 +301,20 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, as every Go program (dockerd, containerd)
+    does at start: pack holds one fd per level of the dir it packs, and a layer may nest
+    dirs 2000 deep, past the usual soft limit of 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def cmd_pack(args: argparse.Namespace) -> int:
+    _raise_fd_limit()
     if args.base is not None and (args.lower or args.opaque):
         raise OCILayersError("--base compares two plain trees; --lower/--opaque are for "
                              "overlay upper dirs")

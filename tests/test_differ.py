@@ -1641,6 +1641,29 @@ def test_deep_upper_dir(upper: Upper, deep_trees: list[Path]) -> None:
         + [(rel + "/leaf").encode()]
 
 
+def test_deep_upper_dir_under_a_low_fd_limit(upper: Upper, tmp_path: Path,
+                                             deep_trees: list[Path]) -> None:
+    """pack holds an fd per level: the command raises its soft fd limit to the hard one, as
+    Go programs do, so a 1100-deep upper dir packs under a soft limit of 256 too."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 4 * DEPTH:
+        pytest.skip("the hard fd limit is too low for the test")
+    deep_trees.append(upper.root)
+    _deep(upper.root, b"deep")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    out = tmp_path / "layer.tar"
+    proc = subprocess.run([sys.executable, "-m", "ocilayers", "pack", str(upper.root), "-o",
+                           str(out), "--compression", "none"], preexec_fn=low_soft_limit,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(names(out.read_bytes())) == DEPTH + 1
+
+
 def test_deep_tree_diff(tmp_path: Path, deep_trees: list[Path]) -> None:
     new, base = tmp_path / "new", tmp_path / "base"
     base.mkdir()
