@@ -667,6 +667,3 @@ def image_top_chain(config_raw: bytes) -> Digest | None:
             OCILayersError) as exc:
         raise StoreError(f"image config is corrupt: {type(exc).__name__}: {exc}") from None
     return chains[-1] if chains else None
-
-
-
