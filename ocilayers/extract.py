@@ -464,7 +464,7 @@ class _Applier:
             for p in [p for p in self.dir_meta if p == path or p.startswith(prefix)]:
                 del self.dir_meta[p]
             self._drop_cache(under=path)
-        remove_at(pfd, base)
+        remove_at(pfd, base, st)
 
     # -- hardlinks --
 

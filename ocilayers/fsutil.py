@@ -56,13 +56,15 @@ def _empty_files(fd: int) -> list[bytes]:
     return subdirs
 
 
-def remove_at(dfd: int, name: str | bytes) -> None:
+def remove_at(dfd: int, name: str | bytes, st: os.stat_result | None = None) -> None:
     """Remove `name` from the dir `dfd`: a file, symlink or node, or a dir with all below it.
+    `st` is its lstat, if the caller has it already.
 
     Raises FileNotFoundError if `name` is not there, and OSError (ESTALE) if a dir it is
     emptying is moved elsewhere meanwhile."""
     name = os.fsencode(name)
-    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    if st is None:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     if not stat.S_ISDIR(st.st_mode):
         _writable(dfd, os.unlink, name, dir_fd=dfd)
         return
