@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,45 @@ FIXTURE_TRANSPORTS: dict[str, str] = {
 """fixture name -> skopeo transport template; `{path}` is filled with the fixture's path."""
 
 FIXTURE_NON_IMAGES = frozenset({"README.md", "make-fixtures.sh"})
+
+ENV_CLEARED = ("SOURCE_DATE_EPOCH",)
+"""Variables the product reads that a test must not inherit from the machine (a test that needs
+one sets it itself)."""
+
+
+def _isolate_env(mp: pytest.MonkeyPatch, base: Path) -> None:
+    """Point the store root, $HOME and $XDG_DATA_HOME into `base` (a fresh temp dir), so nothing
+    the product or a tool run by a test does reaches /var/lib/ocilayers (the default root as
+    root), the real home or the machine's data dir. The root itself is left absent: no store
+    there, as on a fresh machine. Subprocesses (run_module) inherit all of it."""
+    home = base / "home"
+    data = base / "xdg-data"
+    home.mkdir()
+    data.mkdir()
+    mp.setenv("OCILAYERS_ROOT", str(base / "ocilayers-root"))
+    mp.setenv("HOME", str(home))
+    mp.setenv("XDG_DATA_HOME", str(data))
+    for name in ENV_CLEARED:
+        mp.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The same isolation for the whole session, so module- and session-scoped fixtures (set
+    up before any test's own fixtures) do not see the machine's state either."""
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate_env(mp, tmp_path_factory.mktemp("session-env"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory,
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts with its own fresh store root, $HOME and $XDG_DATA_HOME (outside its
+    tmp_path, which stays empty). A test that sets one of them itself wins: monkeypatch.setenv
+    or delenv in its body or in its own function-scoped fixtures, or its own env= for a
+    subprocess."""
+    _isolate_env(monkeypatch, tmp_path_factory.mktemp("env"))
 
 
 def fixture_params() -> list[Any]:

@@ -113,8 +113,19 @@ def test_a_profiler_running_the_command_gets_control_back(tmp_path: Path) -> Non
     assert "main" in pstats.Stats(str(prof)).get_stats_profile().func_profiles
 
 
+@pytest.fixture
+def no_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Pin the store state: the root (via $OCILAYERS_ROOT, as the default) is a path with no
+    store, so a missing SOURCE is reported as a missing path, whatever store the machine has
+    at /var/lib/ocilayers. (With a store, the message differs: see test_default_root.py.)"""
+    root = tmp_path / "no-store"
+    monkeypatch.setenv("OCILAYERS_ROOT", str(root))
+    return root
+
+
 @pytest.mark.parametrize("position", ["before", "after"])
-def test_debug_prints_traceback(position: str, tmp_path: Path, capsys: Capsys) -> None:
+def test_debug_prints_traceback(position: str, tmp_path: Path, no_store: Path,
+                                capsys: Capsys) -> None:
     missing = str(tmp_path / "nope")
     argv = ["--debug", "inspect", missing] if position == "before" else \
         ["inspect", missing, "--debug"]
@@ -123,12 +134,14 @@ def test_debug_prints_traceback(position: str, tmp_path: Path, capsys: Capsys) -
     assert out == ""
     assert err.startswith("Traceback (most recent call last):")
     assert err.splitlines()[-1] == f"ocilayers: error: {missing}: no such file or directory"
+    assert not no_store.exists()
 
 
-def test_plain_mode_prints_no_traceback(tmp_path: Path, capsys: Capsys) -> None:
+def test_plain_mode_prints_no_traceback(tmp_path: Path, no_store: Path, capsys: Capsys) -> None:
     code, out, err = run_cli(["inspect", str(tmp_path / "nope")], capsys)
     assert_one_line_error(code, err, "no such file or directory")
     assert out == ""
+    assert not no_store.exists()
 
 
 @pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
