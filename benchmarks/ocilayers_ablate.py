@@ -2,8 +2,8 @@
 `size` walk replaced by no-ops, to estimate their share of `unpack` time without a profiler:
     python benchmarks/ocilayers_ablate.py normal|ablated OUT.json -- [ocilayers arguments...]
 `normal` runs the CLI unchanged through the same wrapper (same start-up). `ablated` replaces
-TarSplitWriter and diff_size in ocilayers.tarsplit / ocilayers.store and wherever ocilayers.unpack
-imported them; forked workers inherit that, but use `unpack --jobs 1` to match the profile.
+TarSplitWriter and diff_size in ocilayers.tarsplit / ocilayers.store.layers (where the layer
+ingest imports them); forked workers inherit that, but use `unpack --jobs 1` to match the profile.
 The store it writes has no tar-split records and size 0: throw it away.
 OUT.json says how often the stand-ins were called (0 would mean the patch missed)."""
 
@@ -13,9 +13,8 @@ import json
 import sys
 from typing import Any
 
-import ocilayers.store
+import ocilayers.store.layers
 import ocilayers.tarsplit
-import ocilayers.unpack
 
 mode, out, sep, *args = sys.argv[1:]
 assert sep == "--" and mode in ("normal", "ablated"), __doc__
@@ -47,9 +46,7 @@ def no_size(_diff_dir: str) -> int:
 
 if mode == "ablated":
     for module, name, stand_in in ((ocilayers.tarsplit, "TarSplitWriter", NoTarSplit),
-                                   (ocilayers.unpack, "TarSplitWriter", NoTarSplit),
-                                   (ocilayers.store, "diff_size", no_size),
-                                   (ocilayers.unpack, "diff_size", no_size)):
+                                   (ocilayers.store.layers, "diff_size", no_size)):
         if hasattr(module, name):
             setattr(module, name, stand_in)
             patched.append(f"{module.__name__}.{name}")

@@ -485,7 +485,7 @@ def _func_name(key: tuple[str, int, str]) -> str:
 def tarsplit_share(prof: str) -> dict[str, Any]:
     """From a cProfile of `unpack --jobs 1`: time under the tar-split writer (every function
     of ocilayers/tarsplit.py: TarSplitWriter's methods, crc64, the JSON escaping, and the
-    igzip writes they make) and under store.diff_size (layerdb `size`), over the total.
+    igzip writes they make) and under store.layers.diff_size (layerdb `size`), over the total.
 
     Each function's cumulative time is counted only for the calls that come from outside that
     set, so nested calls (on_entry -> _flush_file -> _emit -> igzip write) count once."""
@@ -499,7 +499,8 @@ def tarsplit_share(prof: str) -> dict[str, Any]:
                 not name.startswith("<") and not name[:1].isupper())
 
     def size_walk(key: tuple[str, int, str]) -> bool:
-        return key[0].endswith(os.path.join("ocilayers", "store.py")) and key[2] == "diff_size"
+        return (key[0].endswith(os.path.join("ocilayers", "store", "layers.py"))
+                and key[2] == "diff_size")
 
     def in_scope(key: tuple[str, int, str]) -> bool:
         return tarsplit(key) or size_walk(key)

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ocilayers import __version__, api
+from ocilayers import __version__, api, shapes
 from ocilayers.errors import OCILayersError
 from ocilayers.spec import IMAGE_FORMATS as FORMATS
 from ocilayers.store import Store
@@ -209,10 +209,9 @@ def _existing_store(args: argparse.Namespace) -> Store:
 def cmd_inspect(args: argparse.Namespace) -> int:
     store = _store(args)
     if api.source_or_image(store, args.source) == "image":
-        img = api.load_image(store, api.find_image(store, args.source))
-        summary = api.store_image_summary(img)
+        img = store.find_image(args.source)
         if args.json:
-            _print_json(summary)
+            _print_json(shapes.store_image(img))
             return 0
         print(f"Image ID:  {img.image_id}")
         if img.tags:
@@ -274,11 +273,7 @@ def _report_written(args: argparse.Namespace, written: Any) -> None:
     """The digest (or --json) on stdout; on stderr when stdout carries the image."""
     stream = sys.stderr if args.output == "-" else sys.stdout
     if args.json:
-        stream.write(json.dumps(
-            {"manifest_digest": str(written.manifest.digest),
-             "config_digest": str(written.config.digest),
-             "layers": [{"digest": str(d.digest), "size": d.size,
-                         "media_type": d.media_type} for d in written.layers]}, indent=2) + "\n")
+        stream.write(json.dumps(shapes.written_image(written), indent=2) + "\n")
     elif args.output != "-":
         print(written.manifest.digest)
 
@@ -291,7 +286,7 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     if args.json:
-        _print_json(result.to_json())
+        _print_json(shapes.unpack_result(result))
     else:
         print(result.image_id)
     reused = sum(1 for x in result.layers if x.reused)
@@ -314,6 +309,9 @@ def _raise_fd_limit() -> None:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
+    from ocilayers.pack import source_date_epoch
+    from ocilayers.whiteout import TRUSTED, USERXATTR
+
     _raise_fd_limit()
     if args.base is not None and (args.lower or args.opaque):
         raise OCILayersError("--base compares two plain trees; --lower/--opaque are for "
@@ -322,60 +320,26 @@ def cmd_pack(args: argparse.Namespace) -> int:
         raise OCILayersError("--content needs --base")
     if args.userxattr and args.base is not None:
         raise OCILayersError("--userxattr is for overlay upper dirs, not --base")
-    sde = args.source_date_epoch
-    if sde is None and os.environ.get("SOURCE_DATE_EPOCH"):
-        try:
-            sde = int(os.environ["SOURCE_DATE_EPOCH"])
-        except ValueError:
-            raise OCILayersError("SOURCE_DATE_EPOCH must be a whole number of seconds, not "
-                                 f"{os.environ['SOURCE_DATE_EPOCH']!r}") from None
 
     def warn(msg: str) -> None:
         print(f"{PROG}: warning: {msg}", file=sys.stderr)
 
-    kwargs = dict(base=args.base, lowers=args.lower, compression=args.compression,
-                  xattrs=args.xattrs, opaque=args.opaque, source_date_epoch=sde,
-                  content=args.content, warn=warn,
-                  xattr_namespace="user" if args.userxattr else "trusted")
+    kwargs: dict[str, Any] = dict(
+        base=args.base, lowers=args.lower, compression=args.compression, xattrs=args.xattrs,
+        opaque=args.opaque, source_date_epoch=source_date_epoch(args.source_date_epoch),
+        content=args.content, warn=warn, fmt=USERXATTR if args.userxattr else TRUSTED)
     if args.output == "-":
         result = api.pack(args.upper, sys.stdout.buffer, **kwargs)
         sys.stdout.buffer.flush()
         report = sys.stderr
     else:
-        result = _pack_to_file(args.upper, args.output, kwargs)
+        result = api.pack_to_file(args.upper, args.output, **kwargs)
         report = sys.stdout
     if args.json:
-        report.write(json.dumps(result.to_json(), indent=2) + "\n")
+        report.write(json.dumps(shapes.pack_result(result), indent=2) + "\n")
     elif report is sys.stdout:
         print(result.digest)
     return 0
-
-
-def _pack_to_file(upper: str, out: str, kwargs: dict[str, Any]) -> api.PackResult:
-    """Write next to OUT and rename: a failed pack leaves nothing behind."""
-    import tempfile
-
-    where = os.path.realpath(os.path.dirname(os.path.abspath(out)))
-    tops = [os.path.realpath(upper)]
-    if kwargs.get("base") is None:  # (with --base, `upper` is the new tree: the same holds)
-        tops += [os.path.realpath(x) for x in kwargs.get("lowers") or ()]
-    else:
-        tops.append(os.path.realpath(kwargs["base"]))
-    for top in tops:
-        if where == top or where.startswith(top.rstrip("/") + "/"):
-            raise OCILayersError(f"{out}: the output would be written inside {top}, which is "
-                                 "being packed")
-    fd, tmp = tempfile.mkstemp(dir=where, prefix=".ocilayers-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            result = api.pack(upper, f, **kwargs)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return result
 
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -393,17 +357,12 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    store = _existing_store(args)
-    with store.lock():
-        image_id = api.find_image(store, args.image)
-        store.set_tag(args.ref, image_id)
+    api.tag(_existing_store(args), args.image, args.ref)
     return 0
 
 
 def cmd_untag(args: argparse.Namespace) -> int:
-    store = _existing_store(args)
-    with store.lock():
-        store.remove_tag(args.ref)
+    api.untag(_existing_store(args), args.ref)
     return 0
 
 

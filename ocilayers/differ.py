@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ocilayers.errors import ImageError
+from ocilayers.errors import UnsupportedUpperError, UpperDirError
+from ocilayers.fsutil import DIR_FLAGS
 from ocilayers.tarstream import (
     BLK,
     BLOCK,
@@ -28,9 +29,10 @@ from ocilayers.tarstream import (
     encode_header,
 )
 from ocilayers.whiteout import (
-    NAMESPACES,
     OPAQUE_MARKER,
+    TRUSTED,
     WHITEOUT_PREFIX,
+    OverlayFormat,
     is_whiteout_stat,
     unescape_xattr,
 )
@@ -43,10 +45,6 @@ _DROPPED_XATTRS = frozenset({"security.selinux", "system.nfs4_acl"})
 _TYPE_BITS = {stat.S_IFDIR: (DIR, 0o040000), stat.S_IFLNK: (SYM, 0o120000),
               stat.S_IFCHR: (CHR, 0o020000), stat.S_IFBLK: (BLK, 0o060000),
               stat.S_IFIFO: (FIFO, 0o010000), stat.S_IFREG: (REG, 0o100000)}
-
-
-class UnsupportedUpperError(ImageError):
-    """The upper dir alone is not the diff (redirect/metacopy) and no lowers were given."""
 
 
 @dataclass
@@ -86,7 +84,7 @@ class _Lowers:
     def __init__(self, lowers: Sequence[str | bytes], ns: str) -> None:
         for x in lowers:
             if not os.path.isdir(x):
-                raise ImageError(f"lower {os.fsdecode(x)}: not a directory")
+                raise UpperDirError(f"lower {os.fsdecode(x)}: not a directory")
         self.dirs: list[bytes | None] = [os.fsencode(x) for x in lowers]
         self.ns = ns
         self._memo: dict[tuple[bytes, ...], tuple[list[bytes | None], int]] = {}
@@ -217,11 +215,11 @@ class _Writer:
             while left > 0:
                 data = os.read(fd, min(_CHUNK, left))
                 if not data:
-                    raise ImageError(f"'{shown}' shrank while it was packed")
+                    raise UpperDirError(f"'{shown}' shrank while it was packed")
                 self.out.write(data)
                 left -= len(data)
             if os.read(fd, 1):
-                raise ImageError(f"'{shown}' grew while it was packed")
+                raise UpperDirError(f"'{shown}' grew while it was packed")
         finally:
             os.close(fd)
         self.stats.bytes += size
@@ -236,7 +234,7 @@ class _Writer:
         if rel.rpartition(b"/")[2].startswith(WHITEOUT_PREFIX):
             # Every reader would take it for a whiteout or an opaque marker: the layer would
             # delete what the container still sees. (`docker commit` writes it all the same.)
-            raise ImageError(f"'{rel.decode('utf-8', 'backslashreplace')}': a name starting "
+            raise UpperDirError(f"'{rel.decode('utf-8', 'backslashreplace')}': a name starting "
                              f"with {WHITEOUT_PREFIX.decode()} cannot be stored in a layer")
         fmt = stat.S_IFMT(st.st_mode)
         if fmt == stat.S_IFSOCK:
@@ -300,7 +298,6 @@ class _Writer:
         self.out.write(END_OF_ARCHIVE)
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class _UpperDir:
@@ -316,11 +313,11 @@ class _UpperDir:
 
     def child(self, name: bytes, st: os.stat_result, rel: bytes) -> _UpperDir:
         """Open subdir `name`, lstat'ed as `st` a moment ago; refused if it is not that dir."""
-        fd = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+        fd = os.open(name, DIR_FLAGS, dir_fd=self.fd)
         try:
             now = os.fstat(fd)
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                raise ImageError(f"'{rel.decode('utf-8', 'backslashreplace')}' changed while "
+                raise UpperDirError(f"'{rel.decode('utf-8', 'backslashreplace')}' changed while "
                                  "it was packed")
             return _UpperDir(fd)
         except BaseException:
@@ -339,7 +336,7 @@ def write_layer(upper: str | bytes, out: Any, *, lowers: Sequence[str | bytes] |
                 xattrs: str = "all", opaque: str | None = None,
                 source_date_epoch: int | None = None,
                 warn: Callable[[str], None] | None = None,
-                xattr_namespace: str = "trusted") -> PackStats:
+                fmt: OverlayFormat = TRUSTED) -> PackStats:
     """Write the overlay upper dir `upper` to `out` (anything with `write`) as a layer tar.
 
     - char 0/0 whiteouts become `.wh.NAME` (never hardlinks, though the kernel links them);
@@ -350,11 +347,9 @@ def write_layer(upper: str | bytes, out: Any, *, lowers: Sequence[str | bytes] |
       bookkeeping; `"docker"` keeps only security.capability, as `docker commit` does;
     - a redirected dir (renamed) or a metacopy file (data still below) needs `lowers` to be
       written right; without them it is refused, never written wrong;
-    - `xattr_namespace` is the mount's: "trusted" (default mount) or "user" (`userxattr`,
-      rootless). Only `<namespace>.overlay.*` is read as overlay metadata.
+    - `fmt` is the mount's overlay format: TRUSTED (a default mount) or USERXATTR (mounted
+      with `-o userxattr`, rootless). Only its `<namespace>.overlay.*` is overlay metadata.
     """
-    if xattr_namespace not in NAMESPACES:
-        raise ValueError(f"xattr_namespace must be one of {NAMESPACES}")
     if xattrs not in XATTR_POLICIES:
         raise ValueError(f"xattrs must be one of {XATTR_POLICIES}")
     opaque = opaque or ("lower" if lowers else "docker")
@@ -362,11 +357,11 @@ def write_layer(upper: str | bytes, out: Any, *, lowers: Sequence[str | bytes] |
         raise ValueError(f"opaque must be one of {OPAQUE_POLICIES}")
     if opaque == "lower" and not lowers:
         raise ValueError("opaque='lower' needs lowers")
-    low = _Lowers(lowers, xattr_namespace) if lowers else None
-    w = _Writer(out, xattrs, opaque, low, source_date_epoch, warn, xattr_namespace)
+    low = _Lowers(lowers, fmt.xattr_namespace) if lowers else None
+    w = _Writer(out, xattrs, opaque, low, source_date_epoch, warn, fmt.xattr_namespace)
     root = os.fsencode(upper)
     if not os.path.isdir(root):
-        raise ImageError(f"{os.fsdecode(root)}: not a directory")
+        raise UpperDirError(f"{os.fsdecode(root)}: not a directory")
     top = _UpperDir(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
     try:
         _walk_upper(w, top)
@@ -445,7 +440,7 @@ def _metacopy_source(w: _Writer, rel: bytes, path: bytes, lower_parts: list[byte
         else lower_parts
     src = low.file(parts)
     if src is None or not stat.S_ISREG(os.lstat(src).st_mode):
-        raise ImageError(f"'{rel.decode('utf-8', 'backslashreplace')}': metacopy data not "
+        raise UpperDirError(f"'{rel.decode('utf-8', 'backslashreplace')}': metacopy data not "
                          "found in the lower layers")
     return src
 
@@ -456,7 +451,7 @@ def _redirect_parts(lower_parent: list[bytes], redirect: bytes, rel: bytes) -> l
     Anything else is refused as the kernel refuses it (and `.`/`..` never leave the lowers)."""
     parts = redirect[1:].split(b"/") if redirect.startswith(b"/") else [redirect]
     if any(p in (b"", b".", b"..") or b"/" in p or b"\0" in p for p in parts):
-        raise ImageError(f"'{rel.decode('utf-8', 'backslashreplace')}': invalid overlay "
+        raise UpperDirError(f"'{rel.decode('utf-8', 'backslashreplace')}': invalid overlay "
                          f"redirect {redirect.decode('utf-8', 'backslashreplace')!r}")
     return parts if redirect.startswith(b"/") else [*lower_parent, redirect]
 
@@ -555,7 +550,7 @@ def _merged_entry(w: _Writer, low: _Lowers, todo: list[_MergedDir], cur: _Merged
                 raise
         elif stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy", w.ns) is not None:
             if lower_parts is None and _overlay_xattr(path, "redirect", w.ns) is None:
-                raise ImageError(f"'{crel.decode('utf-8', 'backslashreplace')}': metacopy "
+                raise UpperDirError(f"'{crel.decode('utf-8', 'backslashreplace')}': metacopy "
                                  "file below an opaque dir has no lower data")
             here = [*lower_parts, name] if lower_parts is not None else _parts(crel)
             w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path, here))
@@ -621,7 +616,7 @@ def write_tree_diff(new: str | bytes, base: str | bytes, out: Any, *, content: b
     nroot, broot = os.fsencode(new), os.fsencode(base)
     for root in (nroot, broot):
         if not os.path.isdir(root):
-            raise ImageError(f"{os.fsdecode(root)}: not a directory")
+            raise UpperDirError(f"{os.fsdecode(root)}: not a directory")
     for kind, rel, path, st in _tree_changes(nroot, broot, b"", content):
         if kind == "deleted":
             w.whiteout(rel, st, shared_inode=False)

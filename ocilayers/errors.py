@@ -1,4 +1,16 @@
-"""The error hierarchy: one root, and a handful of kinds a caller can act on."""
+"""Every error class ocilayers raises on purpose: one root, and the kinds a caller can act on.
+
+    OCILayersError
+    ├── ImageError (also ValueError): an image or its source is malformed or unsupported
+    │   ├── BlobNotFoundError, DigestMismatchError, RefError
+    │   ├── UnsafeEntryError: a layer entry would escape its target or forge overlay metadata
+    │   └── TarError: a layer is not a well-formed tar
+    ├── UpperDirError (also ValueError): a local upper dir or tree cannot be packed as asked
+    │   └── UnsupportedUpperError: the upper dir alone is not the diff (redirect, metacopy)
+    └── StoreError: the store is missing, corrupt, locked or lacks what was asked
+        ├── ImageNotFoundError: no tag, ID or ID prefix matches
+        └── ChangedError: a diff dir no longer matches its tar-split records
+"""
 
 
 class OCILayersError(Exception):
@@ -25,5 +37,26 @@ class UnsafeEntryError(ImageError):
     """A layer entry would escape its target or forge overlay metadata."""
 
 
+class TarError(ImageError):
+    """The layer is not a well-formed tar archive."""
+
+
+class UpperDirError(OCILayersError, ValueError):
+    """A local upper dir, lower dir or tree cannot be packed as asked (it changed while it was
+    read, holds a name no layer can carry, is not a directory, ...)."""
+
+
+class UnsupportedUpperError(UpperDirError):
+    """The upper dir alone is not the diff (redirect/metacopy) and no lowers were given."""
+
+
 class StoreError(OCILayersError):
     """The store is missing, corrupt, locked or asked for something it lacks."""
+
+
+class ImageNotFoundError(StoreError):
+    """No tag, ID or ID prefix in the store matches."""
+
+
+class ChangedError(StoreError):
+    """A diff dir no longer matches its tar-split records."""

@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ocilayers.errors import ImageError, UnsafeEntryError
-from ocilayers.fsutil import remove_at
+from ocilayers.fsutil import DIR_FLAGS, remove_at
 from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, PAX_GLOBAL, SYM, TarEntry, TarReader
-from ocilayers.whiteout import NAMESPACES, classify, escape_xattr, is_whiteout_stat, opaque_xattr
+from ocilayers.whiteout import TRUSTED, OverlayFormat, classify, escape_xattr, is_whiteout_stat
 
 MODES = ("overlay", "delete")
 _FD_CACHE = 64  # dir fds kept open: a layer's dirs are mostly visited depth first
 _PATH_MAX = 4095  # Linux PATH_MAX (4096) less the NUL
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # on_entry(entry) may return a callable that then receives each chunk of the entry's data.
@@ -53,29 +52,27 @@ class LayerStats:
 
 
 def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
-                xattr_namespace: str = "trusted", on_entry: EntryHook | None = None,
+                fmt: OverlayFormat | None = None, on_entry: EntryHook | None = None,
                 on_raw: Callable[[bytes], None] | None = None,
                 lowers: Sequence[str | bytes] | None = None,
-                defer_root_opaque: bool = False,
-                rootless: bool | None = None) -> LayerStats:
+                defer_root_opaque: bool = False) -> LayerStats:
     """Apply the (decompressed) layer tar `stream` to `target_dir`, which must exist.
 
     `lowers` (top-most first) are the lower layers' diff dirs; overlay mode needs them only to
     expand an opaque marker on the layer root (overlayfs ignores opaque on a layer's root dir)
     with `expand_root_opaque`. Without them it is refused, unless `defer_root_opaque`: then
     `stats.root_opaque` tells the caller to expand it once the lowers are known.
-    `rootless` (default: not euid 0) skips what an unprivileged user cannot make (device
-    nodes, foreign owners, trusted.* xattrs) and counts it in `skipped`.
+    `fmt` (default `OverlayFormat.native()`) names the opaque xattr's namespace; with
+    `fmt.rootless` (default: not euid 0) what an unprivileged user cannot make (device nodes,
+    foreign owners, trusted.* xattrs) is skipped and counted in `skipped`.
     Raises UnsafeEntryError for entries that would escape the target; OSErrors carry a note
     naming the entry. The caller owns the partial dir on failure. Reads the stream only up to
     the end-of-archive marker.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    if xattr_namespace not in NAMESPACES:
-        raise ValueError(f"xattr_namespace must be one of {NAMESPACES}")
-    applier = _Applier(target_dir, mode, xattr_namespace, lowers, defer_root_opaque,
-                       os.geteuid() != 0 if rootless is None else rootless)
+    applier = _Applier(target_dir, mode, fmt or OverlayFormat.native(), lowers,
+                       defer_root_opaque)
     try:
         reader = TarReader(stream, on_raw)
         for entry in reader:
@@ -133,17 +130,16 @@ def _lstat(name: bytes, dir_fd: int) -> os.stat_result | None:
 
 
 class _Applier:
-    def __init__(self, target: str | bytes, mode: str, namespace: str,
-                 lowers: Sequence[str | bytes] | None, defer_root_opaque: bool,
-                 rootless: bool) -> None:
-        self.root_fd = os.open(target, _DIR_FLAGS)
+    def __init__(self, target: str | bytes, mode: str, fmt: OverlayFormat,
+                 lowers: Sequence[str | bytes] | None, defer_root_opaque: bool) -> None:
+        self.root_fd = os.open(target, DIR_FLAGS)
         self.max_path = _PATH_MAX - len(os.fsencode(os.path.abspath(target))) - 1
         self.mode = mode
-        self.namespace = namespace
-        self.opaque_name = opaque_xattr(namespace)
+        self.fmt = fmt
+        self.opaque_name = fmt.opaque_xattr
         self.lowers = lowers
         self.defer_root_opaque = defer_root_opaque
-        self.rootless = rootless
+        self.rootless = fmt.rootless
         self.stats = LayerStats()
         self.created: set[bytes] = set()  # paths this layer made (entries and implicit parents)
         self.whited: set[bytes] = set()  # paths this layer whited out (overlay mode)
@@ -220,7 +216,7 @@ class _Applier:
                     self._cache_put(_join(parts[:i]), os.dup(fd))
                 comp = parts[i]
                 try:
-                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                    nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
                     if not create:
                         raise
@@ -250,7 +246,7 @@ class _Applier:
         self.created.add(path)
         if path in self.whited and self.mode == "overlay":
             self._set_opaque_at(fd, comp, path)
-        return os.open(comp, _DIR_FLAGS, dir_fd=fd)
+        return os.open(comp, DIR_FLAGS, dir_fd=fd)
 
     def _replace_parent(self, fd: int, parts: Sequence[bytes], display: str,
                         create: bool) -> int:
@@ -364,7 +360,7 @@ class _Applier:
             self._meta_at(pfd, base, entry, is_link=False)
 
     def _dir_entry(self, pfd: int, base: bytes, path: bytes, entry: TarEntry) -> None:
-        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        fd = os.open(base, DIR_FLAGS, dir_fd=pfd)
         try:
             self._meta_now(fd, entry, is_dir=True, path=path)
         except BaseException:
@@ -565,7 +561,7 @@ class _Applier:
         return False
 
     def _set_opaque_at(self, pfd: int, base: bytes, path: bytes) -> None:
-        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        fd = os.open(base, DIR_FLAGS, dir_fd=pfd)
         try:
             os.setxattr(fd, self.opaque_name, b"y")
         finally:
@@ -649,7 +645,7 @@ class _Applier:
         if self.root_opaque:
             if self.lowers is not None:
                 self._drop_cache()
-                expand_root_opaque(self.root_fd, self.lowers, self.namespace)
+                expand_root_opaque(self.root_fd, self.lowers, self.fmt)
             elif self.defer_root_opaque:
                 self.stats.root_opaque = True
             else:
@@ -667,10 +663,10 @@ class _Applier:
 
 
 def expand_root_opaque(diff: int | str | bytes, lowers: Sequence[str | bytes],
-                       namespace: str = "trusted") -> None:
+                       fmt: OverlayFormat = TRUSTED) -> None:
     """overlayfs ignores opaque on a layer's root, so hide the lowers' root entries explicitly:
     a whiteout for each lower root name the layer lacks, opaque for each dir it has."""
-    root_fd = diff if isinstance(diff, int) else os.open(diff, _DIR_FLAGS)
+    root_fd = diff if isinstance(diff, int) else os.open(diff, DIR_FLAGS)
     try:
         before = os.fstat(root_fd)
         names: set[bytes] = set()
@@ -681,9 +677,9 @@ def expand_root_opaque(diff: int | str | bytes, lowers: Sequence[str | bytes],
             if st is None:
                 os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=root_fd)
             elif stat.S_ISDIR(st.st_mode):
-                fd = os.open(name, _DIR_FLAGS, dir_fd=root_fd)
+                fd = os.open(name, DIR_FLAGS, dir_fd=root_fd)
                 try:
-                    os.setxattr(fd, opaque_xattr(namespace), b"y")
+                    os.setxattr(fd, fmt.opaque_xattr, b"y")
                 finally:
                     os.close(fd)
         os.utime(root_fd, ns=(before.st_atime_ns, before.st_mtime_ns))

@@ -1,4 +1,5 @@
-"""Removing a tree: a loop, not recursion, with one dir open at a time, never following a symlink.
+"""File-system helpers every level shares: the dir-open flags, atomic writes (temp name, then
+rename), and removing a tree as a loop with one dir open at a time, never following a symlink.
 
 A layer may hold a path up to PATH_MAX deep (2000 nested one-letter dirs). Python 3.11's
 `shutil.rmtree` recurses once per level and ends in RecursionError near 1000, and holding an fd
@@ -8,13 +9,43 @@ that `..` is the dir it came from.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from collections.abc import Callable
-from typing import Any
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+"""Open a dir to walk or resolve from: never through a symlink, never inherited by a child."""
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Callable[[], str], mode: int = 0o644, *, prefix: str = ".tmp-",
+                  dir: str | None = None) -> Iterator[IO[bytes]]:
+    """A binary file to fill; on success it replaces `path` in one rename, so readers never
+    see a partial file. On any failure the temp file is removed and `path` is untouched.
+
+    `path` may be a callable, asked for the name once the file is written (a blob named by
+    its digest); the temp file is then made in `dir`."""
+    where = dir if callable(path) else os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=where, prefix=prefix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.chmod(tmp, mode)
+        os.replace(tmp, path() if callable(path) else path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` atomically (see `atomic_output`)."""
+    with atomic_output(path, mode) as f:
+        f.write(data)
 
 
 def _ident(fd: int) -> tuple[int, int]:
@@ -34,13 +65,13 @@ def _writable(dfd: int, fn: Callable[..., None], *args: Any, **kwargs: Any) -> N
 
 def _open_dir(dfd: int, name: bytes) -> int:
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dfd)
+        return os.open(name, DIR_FLAGS, dir_fd=dfd)
     except PermissionError as exc:  # a dir without r or x for us (not root): ours to remove
         try:
             os.chmod(name, 0o700, dir_fd=dfd, follow_symlinks=False)
         except (ValueError, NotImplementedError):  # a symlink by now (fchmodat refuses those)
             raise exc from None
-        return os.open(name, _DIR_FLAGS, dir_fd=dfd)
+        return os.open(name, DIR_FLAGS, dir_fd=dfd)
 
 
 def _empty_files(fd: int) -> list[bytes]:
@@ -93,7 +124,7 @@ def remove_at(dfd: int, name: str | bytes, st: os.stat_result | None = None) -> 
             if not chain:
                 _writable(dfd, os.rmdir, done, dir_fd=dfd)
                 return
-            up = os.open(b"..", _DIR_FLAGS, dir_fd=cur)
+            up = os.open(b"..", DIR_FLAGS, dir_fd=cur)
             os.close(cur)
             cur = up
             if _ident(cur) != chain[-1][1]:

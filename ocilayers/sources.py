@@ -1,4 +1,5 @@
-"""Image sources: OCI layout dirs, oci-archive and docker-save tarballs, read in place."""
+"""Image sources: OCI layout dirs, oci-archive and docker-save tarballs, read in place, and
+image resolution (ref, platform, index -> manifest -> config -> layers) over a content store."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import posixpath
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
+from ocilayers.cas import ContentReader, DirFiles, Files, LayoutBlobs, TarFiles
 from ocilayers.errors import BlobNotFoundError, ImageError, RefError
 from ocilayers.spec import (
     ANNOTATION_CONTAINERD_NAME,
@@ -43,14 +45,8 @@ from ocilayers.streams import (
     sniff,
 )
 
-if TYPE_CHECKING:
-    from tarfile import TarInfo
-
 TRANSPORTS = ("oci:", "oci-archive:", "docker-archive:")
 _MAX_NESTING = 8
-# An image archive has a few members per layer (at most 125 layers): far more is not an image,
-# and tarfile keeps every member's header in memory.
-_MAX_MEMBERS = 65536
 
 
 def host_platform() -> Platform:
@@ -62,140 +58,6 @@ def host_platform() -> Platform:
     return Platform("linux", arch, variant)
 
 
-# --- blob stores: where the bytes live ---
-
-class _Section:
-    """A read-only window [offset, offset+size) of a file descriptor, read with pread."""
-
-    def __init__(self, fd: int, offset: int, size: int) -> None:
-        self._fd = fd
-        self._pos = offset
-        self._end = offset + size
-
-    def read(self, n: int = -1) -> bytes:
-        left = self._end - self._pos
-        if n is None or n < 0 or n > left:
-            n = left
-        if n <= 0:
-            return b""
-        data = os.pread(self._fd, n, self._pos)
-        if not data:
-            raise ImageError("archive is truncated")
-        self._pos += len(data)
-        return data
-
-    def close(self) -> None:
-        pass
-
-
-class _DirStore:
-    """Files of an unpacked layout directory, confined to it."""
-
-    def __init__(self, root: str) -> None:
-        self.root = os.path.realpath(root)
-
-    def _path(self, rel: str) -> str:
-        path = os.path.realpath(os.path.join(self.root, rel))
-        if path != self.root and not path.startswith(self.root + os.sep):
-            raise ImageError(f"path {rel!r} escapes the image directory")
-        return path
-
-    def size(self, rel: str) -> int | None:
-        try:
-            st = os.stat(self._path(rel))
-        except FileNotFoundError:
-            return None
-        return st.st_size
-
-    def open(self, rel: str) -> IO[bytes]:
-        import fcntl
-        import stat
-
-        try:
-            # Non-blocking: a FIFO (or a device) planted in the layout must not hang the open.
-            fd = os.open(self._path(rel), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
-            raise BlobNotFoundError(f"{rel}: not found in {self.root}") from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ImageError(f"{rel}: not a regular file in {self.root}")
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-            return os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def close(self) -> None:
-        pass
-
-
-class _TarStore:
-    """Members of a tar archive, read in place (no extraction) through their data offsets."""
-
-    def __init__(self, fileobj: IO[bytes], name: str) -> None:
-        self.name = name
-        self._file = fileobj
-        self._fd = fileobj.fileno()
-        import tarfile  # only archives need it
-
-        self._members: dict[str, tarfile.TarInfo] = {}
-        try:
-            with tarfile.open(fileobj=fileobj, mode="r:") as tf:
-                for count, m in enumerate(tf, 1):
-                    if count > _MAX_MEMBERS:
-                        raise ImageError(f"{name}: more than {_MAX_MEMBERS} members: not an "
-                                         "image archive")
-                    key = _norm_member(m.name)
-                    if key is not None:
-                        self._members[key] = m
-        except tarfile.TarError as exc:
-            raise ImageError(f"{name}: not a readable tar archive: {exc}") from None
-
-    def _lookup(self, rel: str) -> TarInfo | None:
-        key: str | None = _norm_member(rel)
-        for _ in range(_MAX_NESTING):
-            if key is None:
-                return None
-            m = self._members.get(key)
-            if m is None or m.isreg():
-                return m
-            if m.issym():  # docker save links repeated layers: <id>/layer.tar -> ../<id2>/layer.tar
-                key = _norm_member(posixpath.join(posixpath.dirname(key), m.linkname))
-            elif m.islnk():
-                key = _norm_member(m.linkname)
-            else:
-                return None
-        raise ImageError(f"{self.name}: too many levels of links at {rel!r}")
-
-    def has(self, rel: str) -> bool:
-        return self._lookup(rel) is not None
-
-    def size(self, rel: str) -> int | None:
-        m = self._lookup(rel)
-        return None if m is None else m.size
-
-    def open(self, rel: str) -> _Section:
-        m = self._lookup(rel)
-        if m is None:
-            raise BlobNotFoundError(f"{rel}: not found in {self.name}")
-        return _Section(self._fd, m.offset_data, m.size)
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _norm_member(name: str) -> str | None:
-    norm = posixpath.normpath("/" + name).lstrip("/")
-    return norm or None
-
-
-_Store = _DirStore | _TarStore
-
-
-def _blob_path(digest: Digest) -> str:
-    return f"blobs/{digest.algorithm}/{digest.hex}"
-
-
 # --- the resolved image ---
 
 @dataclass(frozen=True)
@@ -203,7 +65,6 @@ class Layer:
     descriptor: Descriptor
     diff_id: Digest
     chain_id: Digest
-    path: str  # where the blob lives inside the source
 
 
 @dataclass(frozen=True)
@@ -246,14 +107,17 @@ class _Candidate:
 class ImageSource:
     """An opened source. Use `open_source()`; `resolve()` picks one image."""
 
-    def __init__(self, store: _Store, kind: str, name: str, ref: str | None) -> None:
-        self._store = store
+    def __init__(self, files: Files, kind: str, name: str, ref: str | None) -> None:
+        self._files = files
+        self._layout = LayoutBlobs(files)
+        # Resolution below reads every blob through this ContentReader only.
+        self.blobs: ContentReader = self._layout
         self.kind = kind
         self.name = name
         self.transport_ref = ref
 
     def close(self) -> None:
-        self._store.close()
+        self.blobs.close()
 
     def __enter__(self) -> ImageSource:
         return self
@@ -265,23 +129,22 @@ class ImageSource:
 
     def _read_small(self, rel: str) -> bytes:
         """A small metadata file of the source (index.json, manifest.json)."""
-        size = self._store.size(rel)
+        size = self._files.size(rel)
         if size is None:
             raise BlobNotFoundError(f"{self.name}: {rel} is missing")
         if size > 64 << 20:
             raise ImageError(f"{self.name}: {rel} is too large")
-        f = self._store.open(rel)
+        f = self._files.open(rel)
         try:
             return f.read(size)
         finally:
             f.close()
 
     def read_blob(self, desc: Descriptor, what: str) -> bytes:
-        rel = _blob_path(desc.digest)
-        size = self._store.size(rel)
+        size = self.blobs.blob_size(desc.digest)
         if size is None:
             raise BlobNotFoundError(f"{what} {desc.digest}: blob is missing")
-        f = self._store.open(rel)
+        f = self.blobs.open_blob(desc.digest)
         try:
             return read_verified(f, desc.digest, desc.size, f"{what} {desc.digest}")
         finally:
@@ -289,7 +152,7 @@ class ImageSource:
 
     def check_layer_present(self, layer: Layer) -> None:
         """Cheap check (no read): the blob exists and has the declared size."""
-        size = self._store.size(layer.path)
+        size = self.blobs.blob_size(layer.descriptor.digest)
         if size is None:
             raise BlobNotFoundError(f"layer {layer.descriptor.digest}: blob is missing")
         if size != layer.descriptor.size:
@@ -302,7 +165,7 @@ class ImageSource:
         `progress(n)` is told of every n compressed bytes read. With `readahead`, a thread
         decompresses and hashes ahead of the reader (close the reader to stop it)."""
         self.check_layer_present(layer)
-        blob = self._store.open(layer.path)
+        blob = self.blobs.open_blob(layer.descriptor.digest)
         return LayerReader(blob, f"layer {layer.descriptor.digest}", layer.descriptor.digest,
                            layer.descriptor.size, layer.diff_id, progress, readahead)
 
@@ -410,6 +273,14 @@ class ImageSource:
         # image-spec image-index.md: pick the first entry that matches.
         return matching[0]
 
+    def resolve_descriptor(self, desc: Descriptor,
+                           platform: Platform | str | None = None) -> Image:
+        """The image a manifest or index descriptor names (an index resolved by platform),
+        read from `self.blobs`: resolution by digest, for any content store."""
+        if isinstance(platform, str):
+            platform = Platform.parse(platform)
+        return self._oci_image(desc, platform, None)
+
     def _oci_image(self, desc: Descriptor, platform: Platform | None,
                    cand: _Candidate | None) -> Image:
         for _ in range(_MAX_NESTING):
@@ -433,7 +304,7 @@ class ImageSource:
 
     def _finish(self, manifest: Manifest, manifest_digest: Digest | None,
                 platform: Platform | None, cand: _Candidate | None,
-                annotations: Mapping[str, str], paths: list[str] | None = None) -> Image:
+                annotations: Mapping[str, str]) -> Image:
         cfg_desc = manifest.config
         if cfg_desc.media_type and cfg_desc.media_type not in CONFIG_MEDIA_TYPES:
             raise ImageError(f"config {cfg_desc.digest}: not an image config "
@@ -446,11 +317,8 @@ class ImageSource:
             raise ImageError(f"config {cfg_desc.digest}: {len(config.diff_ids)} diff_ids for "
                              f"{len(manifest.layers)} layers")
         chains = chain_ids(config.diff_ids)
-        layers = tuple(
-            Layer(d, diff, chain, paths[i] if paths else _blob_path(d.digest))
-            for i, (d, diff, chain) in enumerate(
-                zip(manifest.layers, config.diff_ids, chains, strict=True))
-        )
+        layers = tuple(Layer(d, diff, chain) for d, diff, chain in
+                       zip(manifest.layers, config.diff_ids, chains, strict=True))
         return Image(self.name, self.kind, manifest, manifest_digest, config, cfg_desc.digest,
                      layers, cand.names if cand else (),
                      (cand.bare_tags + cand.names) if cand else (), dict(annotations))
@@ -465,13 +333,13 @@ class ImageSource:
         ):
             raise ImageError(f"{self.name}: manifest.json entry needs Config and Layers")
         cfg_digest = _digest_from_path(cfg_path)
-        cfg_size = self._store.size(cfg_path)
+        cfg_size = self._files.size(cfg_path)
         if cfg_size is None:
             raise BlobNotFoundError(f"{self.name}: config {cfg_path} is missing")
         if cfg_digest is None:
             raise ImageError(f"{self.name}: cannot tell the digest of config {cfg_path!r}")
         cfg_desc = Descriptor(MEDIA_TYPE_DOCKER_CONFIG, cfg_digest, cfg_size)
-        f = self._store.open(cfg_path)
+        f = self._files.open(cfg_path)
         try:
             config_raw = read_verified(f, cfg_digest, cfg_size, f"config {cfg_digest}")
         finally:
@@ -485,16 +353,18 @@ class ImageSource:
             descs.append(self._docker_layer_descriptor(path, diff_id))
         manifest = Manifest(MEDIA_TYPE_DOCKER_MANIFEST, cfg_desc, tuple(descs))
         chains = chain_ids(config.diff_ids)
-        layers = tuple(Layer(d, diff, c, p) for d, diff, c, p in
-                       zip(descs, config.diff_ids, chains, layer_paths, strict=True))
+        layers = tuple(Layer(d, diff, c) for d, diff, c in
+                       zip(descs, config.diff_ids, chains, strict=True))
         return Image(self.name, self.kind, manifest, None, config, cfg_digest, layers,
                      cand.names, tuple(str(t) for t in (e.get("RepoTags") or [])), {})
 
     def _docker_layer_descriptor(self, path: str, diff_id: Digest) -> Descriptor:
-        size = self._store.size(path)
+        """A descriptor for a docker-save layer file, whose digest its path may not name;
+        the file becomes an alias of that digest in the content store."""
+        size = self._files.size(path)
         if size is None:
             raise BlobNotFoundError(f"{self.name}: layer {path} is missing")
-        f = self._store.open(path)
+        f = self._files.open(path)
         try:
             head = f.read(4)
         finally:
@@ -507,7 +377,7 @@ class ImageSource:
             if kind == "none":
                 digest = diff_id  # an uncompressed blob's digest is its DiffID (checked on read)
             else:
-                f = self._store.open(path)
+                f = self._files.open(path)
                 try:
                     h = diff_id.hasher()
                     while chunk := f.read(CHUNK):
@@ -515,6 +385,7 @@ class ImageSource:
                 finally:
                     f.close()
                 digest = Digest(diff_id.algorithm, h.hexdigest())
+        self._layout.alias(digest, path)
         return Descriptor(media_type, digest, size)
 
 
@@ -612,7 +483,7 @@ def _spool(raw: IO[bytes], name: str) -> Iterator[IO[bytes]]:
 
 
 def _open_dir(path: str, ref: str | None) -> ImageSource:
-    store = _DirStore(path)
+    store = DirFiles(path)
     if store.size("index.json") is not None or store.size("oci-layout") is not None:
         if store.size("manifest.json") is not None:
             return ImageSource(store, "docker-archive", path, ref)
@@ -623,7 +494,7 @@ def _open_dir(path: str, ref: str | None) -> ImageSource:
     raise ImageError(f"{path}: not an OCI layout or docker-save directory")
 
 
-def _check_layout(store: _DirStore | _TarStore, name: str) -> None:
+def _check_layout(store: Files, name: str) -> None:
     if store.size("oci-layout") is None:
         raise ImageError(f"{name}: oci-layout file is missing")
     f = store.open("oci-layout")
@@ -639,7 +510,7 @@ def _check_layout(store: _DirStore | _TarStore, name: str) -> None:
 
 def _open_file(fobj: IO[bytes], name: str, ref: str | None) -> ImageSource:
     try:
-        store = _TarStore(fobj, name)
+        store = TarFiles(fobj, name)
     except BaseException:
         fobj.close()
         raise

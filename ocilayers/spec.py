@@ -408,3 +408,24 @@ def split_reference(ref: str) -> tuple[str, str]:
         repo = repo[:colon]
     return repo, norm
 
+
+
+# --- editing a config (the image builder's one place for it) ---
+
+def config_with(data: Mapping[str, Any], *, diff_ids: Iterable[Digest] = (),
+                history: Iterable[HistoryEntry] = (), created: str | None = None,
+                author: str | None = None) -> dict[str, Any]:
+    """A copy of config `data` with `diff_ids` appended to `rootfs.diff_ids` and `history`
+    to `history`; `created` and `author` set the top-level fields when given. Nothing else
+    of the base (Docker's own fields included) changes."""
+    out: dict[str, Any] = json.loads(json.dumps(data))  # a deep copy that stays plain JSON
+    rootfs = out.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+    rootfs["diff_ids"] = list(rootfs.get("diff_ids") or []) + [str(d) for d in diff_ids]
+    added = [h.to_json() for h in history]
+    if added or "history" in out:
+        out["history"] = list(out.get("history") or []) + added
+    if created is not None:
+        out["created"] = created
+    if author is not None:
+        out["author"] = author
+    return out

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -24,7 +25,8 @@ class Readable(Protocol):
 
 
 def sniff(head: bytes) -> str:
-    """Compression of a stream from its first bytes; media types lie (FACTS.md: skopeo)."""
+    """Compression of a stream from its first bytes; media types lie (skopeo 1.9 writes raw
+    tar blobs labelled +gzip with --dest-oci-accept-uncompressed-layers)."""
     if head.startswith(GZIP_MAGIC):
         return "gzip"
     if head.startswith(ZSTD_MAGIC):
@@ -84,6 +86,15 @@ class HashingReader(io.RawIOBase):
     def drain(self) -> None:
         while self.read(CHUNK):
             pass
+
+    @property
+    def digest(self) -> Digest:
+        return Digest(self.hash.name, self.hash.hexdigest())
+
+    def finish(self) -> Digest:
+        """Read to the end; the digest of everything read (a layer's DiffID, for a tar)."""
+        self.drain()
+        return self.digest
 
 
 def check_digest(what: str, expected: Digest, actual_hex: str) -> None:
@@ -454,3 +465,47 @@ class IterReader(io.RawIOBase):
         self._buf = self._buf[n:]
         return n
 
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    """What `write_layer_blob` made: the DiffID of the tar, and the blob's digest, size and
+    media type (OCI's, for its compression)."""
+
+    diff_id: Digest
+    digest: Digest
+    size: int
+    media_type: str
+
+
+class LayerBlobWriter:
+    """The compress-and-hash chain: uncompressed tar bytes in through `write()`, the
+    compressed blob out to `out`; `close()` returns the LayerBlob. `out` is not closed."""
+
+    def __init__(self, out: Any, compression: str, *, threads: int = 0) -> None:
+        self._blob = HashingWriter(out)
+        self._compressor = Compressor(self._blob, compression, threads=threads)
+        self._plain = HashingWriter(self._compressor)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        return self._plain.write(data)
+
+    def close(self) -> LayerBlob:
+        from ocilayers.spec import oci_layer_media_type
+
+        self._compressor.close()
+        return LayerBlob(self._plain.digest, self._blob.digest, self._blob.count,
+                         oci_layer_media_type(self._compressor.compression))
+
+
+def write_layer_blob(tar: Readable, out: Any, compression: str, *,
+                     progress: Callable[[int], None] | None = None,
+                     threads: int = 0) -> LayerBlob:
+    """Tar in, blob out: compress the uncompressed layer `tar` into `out`, streaming, and
+    return its DiffID, digest, size and media type. `progress(n)` hears of every n tar bytes."""
+    w = LayerBlobWriter(out, compression, threads=threads)
+    while data := tar.read(CHUNK):
+        w.write(data)
+        if progress is not None:
+            progress(len(data))
+    return w.close()

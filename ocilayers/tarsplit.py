@@ -21,7 +21,7 @@ from typing import Any
 import anycrc
 from isal import igzip
 
-from ocilayers.errors import StoreError
+from ocilayers.errors import ChangedError, StoreError
 from ocilayers.tarstream import TarEntry
 
 SEGMENT = 2
@@ -177,10 +177,6 @@ def read_records(lines: Iterator[bytes]) -> Iterator[Record]:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
                 binascii.Error) as exc:
             raise StoreError(f"tar-split record {i}: {exc}") from None
-
-
-class ChangedError(StoreError):
-    """A diff dir no longer matches its tar-split records."""
 
 
 def clean_name(name: bytes) -> bytes:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from zlib import adler32
 
-from ocilayers.errors import ImageError
+from ocilayers.errors import TarError, UpperDirError
 
 BLOCK = 512
 _CHUNK = 1 << 20
@@ -43,10 +43,6 @@ _EXTENSIONS = (PAX, PAX_GLOBAL, GNU_LONGNAME, GNU_LONGLINK, GNU_VOLHDR)
 
 TYPE_NAMES = {REG: "file", AREG: "file", CONT: "file", LNK: "hardlink", SYM: "symlink",
               CHR: "char device", BLK: "block device", DIR: "directory", FIFO: "fifo"}
-
-
-class TarError(ImageError):
-    """The layer is not a well-formed tar archive."""
 
 
 @dataclass(slots=True)
@@ -451,7 +447,7 @@ def _to_ascii(b: bytes) -> bytes:
 
 def _pax_record(key: bytes, value: bytes) -> bytes:
     if b"=" in key:  # the first "=" ends the key: "user.a=b" would come back as another xattr
-        raise ImageError(f"cannot write {key.decode('utf-8', 'backslashreplace')!r} in a tar "
+        raise UpperDirError(f"cannot write {key.decode('utf-8', 'backslashreplace')!r} in a tar "
                          "PAX record: the name holds an '='")
     size = len(key) + len(value) + 3
     size += len(str(size))

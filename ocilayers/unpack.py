@@ -12,13 +12,11 @@ from typing import TYPE_CHECKING, Any
 from ocilayers.errors import ImageError, OCILayersError, StoreError
 from ocilayers.sources import Image, ImageSource, Layer
 from ocilayers.spec import Digest, normalize_reference
-from ocilayers.store import MAX_DEPTH, LayerRecord, Staging, Store, diff_size
-from ocilayers.streams import CHUNK
+from ocilayers.store import MAX_DEPTH, LayerRecord, Staging, Store
+from ocilayers.store.layers import Built, fill_staging
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
-
-    from ocilayers.extract import LayerStats
 
 # (layer index, compressed bytes read so far, blob size); called in the parent process.
 ProgressFn = Callable[[int, int, int], None]
@@ -39,47 +37,16 @@ class UnpackResult:
     tags: tuple[str, ...]
     layers: tuple[UnpackedLayer, ...]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"image_id": str(self.image_id), "tags": list(self.tags),
-                "layers": [{"diff_id": str(x.diff_id), "chain_id": str(x.chain_id),
-                            "cache_id": x.cache_id, "diff_size": x.diff_size,
-                            "reused": x.reused} for x in self.layers]}
-
-
-@dataclass(frozen=True)
-class _Built:
-    diff_id: Digest
-    size: int
-    stats: LayerStats
-
 
 def build_layer(src: ImageSource, layer: Layer, staging: Staging,
-                progress: Callable[[int], None] | None = None) -> _Built:
+                progress: Callable[[int], None] | None = None) -> Built:
     """Decompress, verify and apply one layer into its staging dir, recording tar-split."""
-    from isal import igzip
-
-    from ocilayers.extract import apply_layer
-    from ocilayers.tarsplit import TarSplitWriter
-    with src.open_layer(layer, progress=progress, readahead=True) as reader, open(
-        staging.tar_split, "wb"
-    ) as raw, igzip.GzipFile(
-        filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=1  # type: ignore[no-untyped-call]
-    ) as gz:
-        ts = TarSplitWriter(gz)
+    with src.open_layer(layer, progress=progress, readahead=True) as reader:
         try:
-            stats = apply_layer(reader, staging.diff, mode="overlay", on_entry=ts.on_entry,
-                                on_raw=ts.on_raw, defer_root_opaque=True)
+            return fill_staging(staging, reader)
         except (OSError, OCILayersError) as exc:
             exc.add_note(f"unpack layer {layer.descriptor.digest.short}")
             raise
-        ts.end_of_archive()
-        while chunk := reader.read(CHUNK):
-            ts.trailing(chunk)
-        diff_id = reader.finish()
-        ts.close()
-    # The size counted while applying; a walk of the dir only when that count is not exact.
-    size = stats.size if stats.size is not None else diff_size(staging.diff)
-    return _Built(diff_id, size, stats)
 
 
 # --- worker processes ---
@@ -102,7 +69,7 @@ def _worker_init() -> None:
     gc.disable()  # the entry loop makes no cycles; the cyclic GC only costs time here
 
 
-def _worker_build(index: int, staging_path: str, cache_id: str) -> _Built:
+def _worker_build(index: int, staging_path: str, cache_id: str) -> Built:
     src: ImageSource = _WORKER["source"]
     image: Image = _WORKER["image"]
     counters: Any = _WORKER["counters"]
@@ -122,30 +89,31 @@ def unpack_image(store: Store, src: ImageSource, image: Image, *, tags: Sequence
     norm_tags = tuple(dict.fromkeys(normalize_reference(t) for t in tags))
     store.init()
     for layer in image.layers:
-        if store.layer(layer.chain_id) is None:
+        if store.layers.get(layer.chain_id) is None:
             src.check_layer_present(layer)
     stagings: dict[int, Staging] = {}
     records: list[tuple[LayerRecord, bool]] = []
     with contextlib.ExitStack() as claimed:
         try:
             with _held_interrupt(), store.lock():
-                store.clean_stale()
+                store.layers.clean_stale()
                 todo = [i for i, layer in enumerate(image.layers)
-                        if store.layer(layer.chain_id) is None]
+                        if store.layers.get(layer.chain_id) is None]
                 if not todo:  # all there: record and write the image under this one lock
                     _build_all(src, image, [], {}, jobs, None, store, records)
                     image_id = _write_image(store, image, norm_tags)
                     return _result(image_id, norm_tags, records)
                 # Until the image is written its layers are referenced by nothing but this
                 # claim, which keeps a concurrent prune/rmi from taking them (it dies with us).
-                claimed.enter_context(store.claim([layer.chain_id for layer in image.layers]))
+                claimed.enter_context(
+                    store.layers.claim([layer.chain_id for layer in image.layers]))
                 for i in todo:
-                    stagings[i] = store.begin_layer()
+                    stagings[i] = store.layers.begin()
             _build_all(src, image, todo, stagings, jobs, progress, store, records)
         finally:
             for st in stagings.values():
                 if os.path.exists(st.path):
-                    store.discard(st)
+                    store.layers.discard(st)
         with _held_interrupt(), store.lock():
             image_id = _write_image(store, image, norm_tags)
     return _result(image_id, norm_tags, records)
@@ -173,9 +141,9 @@ def _held_interrupt() -> Iterator[None]:
 
 
 def _write_image(store: Store, image: Image, tags: tuple[str, ...]) -> Digest:
-    image_id = store.put_image(image.config.raw)
+    image_id = store.images.put(image.config.raw)
     for t in tags:
-        store.set_tag(t, image_id)
+        store.images.set_tag(t, image_id)
     return image_id
 
 
@@ -188,11 +156,11 @@ def _result(image_id: Digest, tags: tuple[str, ...],
 
 def _build_all(src: ImageSource, image: Image, todo: list[int], stagings: dict[int, Staging],
                jobs: int | None, progress: ProgressFn | None, store: Store,
-               records: list[tuple[LayerRecord, bool]]) -> dict[int, _Built]:
+               records: list[tuple[LayerRecord, bool]]) -> dict[int, Built]:
     """Build the missing layers (in parallel when it pays) and register every layer in chain
     order as soon as it and its parents are ready."""
     jobs = max(1, jobs or os.cpu_count() or 1)
-    built: dict[int, _Built] = {}
+    built: dict[int, Built] = {}
     next_to_register = 0
 
     def register_ready() -> None:
@@ -206,9 +174,9 @@ def _build_all(src: ImageSource, image: Image, todo: list[int], stagings: dict[i
                     return
                 b = built[i]
                 with _held_interrupt(), store.lock():
-                    rec, reused = _register(store, stagings[i], b, parent)
+                    rec, reused = store.layers.register_built(stagings[i], b, parent)
             else:
-                rec = store.layer(layer.chain_id)  # type: ignore[assignment]
+                rec = store.layers.get(layer.chain_id)  # type: ignore[assignment]
                 if rec is None:
                     raise StoreError(f"layer {layer.chain_id} vanished from the store")
                 reused = True
@@ -235,7 +203,7 @@ def _build_all(src: ImageSource, image: Image, todo: list[int], stagings: dict[i
 
 def _build_in_process(src: ImageSource, image: Image, todo: list[int],
                       stagings: dict[int, Staging], progress: ProgressFn | None,
-                      built: dict[int, _Built], register_ready: Callable[[], None]) -> None:
+                      built: dict[int, Built], register_ready: Callable[[], None]) -> None:
     for i in todo:
         layer = image.layers[i]
         cb = None
@@ -251,8 +219,8 @@ def _build_in_process(src: ImageSource, image: Image, todo: list[int],
 
 def _build_in_pool(src: ImageSource, image: Image, todo: list[int],
                    stagings: dict[int, Staging], jobs: int, progress: ProgressFn | None,
-                   built: dict[int, _Built], register_ready: Callable[[], None]
-                   ) -> dict[int, _Built]:
+                   built: dict[int, Built], register_ready: Callable[[], None]
+                   ) -> dict[int, Built]:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -264,7 +232,7 @@ def _build_in_pool(src: ImageSource, image: Image, todo: list[int],
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx,
                                initializer=_worker_init)
     try:
-        futures: dict[Future[_Built], int] = {
+        futures: dict[Future[Built], int] = {
             pool.submit(_worker_build, i, stagings[i].path, stagings[i].cache_id): i
             for i in order
         }
@@ -288,15 +256,4 @@ def _build_in_pool(src: ImageSource, image: Image, todo: list[int],
     pool.shutdown(wait=True)
     register_ready()
     return built
-
-
-def _register(store: Store, staging: Staging, b: _Built,
-              parent: Digest | None) -> tuple[LayerRecord, bool]:
-    from ocilayers.extract import expand_root_opaque
-
-    if b.stats.root_opaque and parent is not None:
-        lowers = [os.path.join(store.layer_path(r.cache_id), "diff")
-                  for r in reversed(store.chain(parent))]
-        expand_root_opaque(staging.diff, lowers)
-    return store.register_layer(staging, b.diff_id, parent, b.size)
 

@@ -1,9 +1,11 @@
-"""Both whiteout dialects: tar `.wh.` names (image-spec layer.md) and overlayfs whiteouts/xattrs."""
+"""Both whiteout dialects: tar `.wh.` names (image-spec layer.md) and overlayfs whiteouts/xattrs,
+and `OverlayFormat`, the one value that says which overlay xattr namespace a dir uses."""
 
 from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 
 from ocilayers.errors import UnsafeEntryError
 
@@ -13,6 +15,37 @@ OPAQUE_MARKER = b".wh..wh..opq"
 WHITEOUT_META_PREFIX = b".wh..wh."
 
 NAMESPACES = ("trusted", "user")
+
+
+@dataclass(frozen=True)
+class OverlayFormat:
+    """How a diff dir holds overlay metadata, passed as one value (as umoci's OnDiskFormat)
+    instead of loose strings.
+
+    `xattr_namespace`: "trusted" for a default overlay mount, "user" for one mounted with
+    `-o userxattr` (rootless; overlayfs.rst "Permission model"). `rootless`: the applier may
+    not make device nodes, foreign owners or trusted.* xattrs and skips them."""
+
+    xattr_namespace: str = "trusted"
+    rootless: bool = False
+
+    def __post_init__(self) -> None:
+        if self.xattr_namespace not in NAMESPACES:
+            raise ValueError(f"xattr_namespace must be one of {NAMESPACES}, "
+                             f"not {self.xattr_namespace!r}")
+
+    @classmethod
+    def native(cls, xattr_namespace: str = "trusted") -> OverlayFormat:
+        """The default for this process: rootless unless euid 0."""
+        return cls(xattr_namespace, os.geteuid() != 0)
+
+    @property
+    def opaque_xattr(self) -> str:
+        return opaque_xattr(self.xattr_namespace)
+
+
+TRUSTED = OverlayFormat("trusted")
+USERXATTR = OverlayFormat("user")
 
 
 def opaque_xattr(namespace: str) -> str:

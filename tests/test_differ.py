@@ -39,10 +39,11 @@ import treecompare as tc
 from conftest import assert_one_line_error, requires_tool, run_cli
 
 from ocilayers import api, differ
-from ocilayers.differ import PackStats, UnsupportedUpperError, write_layer, write_tree_diff
-from ocilayers.errors import ImageError
+from ocilayers.differ import PackStats, write_layer, write_tree_diff
+from ocilayers.errors import UnsupportedUpperError, UpperDirError
 from ocilayers.extract import apply_layer
 from ocilayers.tarstream import TarReader
+from ocilayers.whiteout import USERXATTR, OverlayFormat
 
 NS = 1_000_000_000
 T0 = 1_700_000_000  # every synthetic mtime is T0 + something
@@ -459,7 +460,7 @@ def test_opaque_dir_gets_marker_after_its_entry(upper: Upper, need: Callable[...
     upper.dir("o", mode=0o750, uid=7, gid=8)
     upper.opaque("o", ns)
     upper.stamp_dirs(T0 + 9)
-    out, stats = pack_stats(upper, xattr_namespace=ns)
+    out, stats = pack_stats(upper, fmt=OverlayFormat(ns))
     members = read_members(out)
     assert [m.name for m in members] == [b"o/", b"o/.wh..wh..opq", b"o/.hidden", b"o/child"]
     d, marker = members[0], members[1]
@@ -1169,7 +1170,7 @@ def test_without_lowers_it_is_refused(upper: Upper, lower: Path, need: Callable[
     upper.stamp_dirs()
     with pytest.raises(UnsupportedUpperError, match=msg):
         pack(upper)
-    assert issubclass(UnsupportedUpperError, ImageError)
+    assert issubclass(UnsupportedUpperError, UpperDirError)
     outdir = tmp_path / "out"
     outdir.mkdir()
     out = outdir / "layer.tar"
@@ -1399,7 +1400,7 @@ def test_metacopy_inside_a_renamed_dir_never_takes_hidden_data(
     upper.stamp_dirs()
     try:
         out = pack(upper, lowers=[low])
-    except ImageError:
+    except UpperDirError:
         pytest.fail("refused a layer the lowers fully describe (y/f is x/f below)")
     data = by_name(out)[b"y/f"].data
     assert data != b"data of y/f", "wrote the hidden lower y/f's bytes: a wrong layer"
@@ -1566,7 +1567,7 @@ def test_invalid_redirect_refused(upper: Upper, lower: Path, need: Callable[...,
     d = upper.dir("new")
     os.setxattr(d, "trusted.overlay.redirect", redirect)
     upper.stamp_dirs(T0)
-    with pytest.raises(ImageError, match="invalid overlay redirect"):
+    with pytest.raises(UpperDirError, match="invalid overlay redirect"):
         pack(upper, lowers=[lower])
 
 
@@ -1576,24 +1577,24 @@ def test_invalid_metacopy_redirect_refused(upper: Upper, lower: Path,
     upper.dir("etc")
     metacopy(upper.p("etc/hostname2"), 15, redirect=b"/etc/../../secret")
     upper.stamp_dirs(T0)
-    with pytest.raises(ImageError, match="invalid overlay redirect"):
+    with pytest.raises(UpperDirError, match="invalid overlay redirect"):
         pack(upper, lowers=[lower])
 
 
 def test_userxattr_mount_reads_user_overlay(upper: Upper, lower: Path,
                                             need: Callable[..., None]) -> None:
-    """With xattr_namespace="user" (a userxattr mount) the user.overlay.* redirect is the
+    """With fmt=USERXATTR (a userxattr mount) the user.overlay.* redirect is the
     kernel's, and a trusted.overlay.* one is not."""
     need("user", "trusted", "whiteout")
     upper.whiteout("old")
     d = upper.dir("new")
     os.setxattr(d, "user.overlay.redirect", b"old")
     upper.stamp_dirs(T0)
-    got = names(pack(upper, lowers=[lower], xattr_namespace="user"))
+    got = names(pack(upper, lowers=[lower], fmt=USERXATTR))
     assert b"new/a.txt" in got and b"new/sub/b.txt" in got
     os.removexattr(d, "user.overlay.redirect")
     os.setxattr(d, "trusted.overlay.redirect", b"old")
-    got = names(pack(upper, lowers=[lower], xattr_namespace="user"))
+    got = names(pack(upper, lowers=[lower], fmt=USERXATTR))
     assert b"new/a.txt" not in got
 
 
@@ -1693,7 +1694,7 @@ def test_xattr_name_with_equals_refused(upper: Upper, need: Callable[..., None])
     need("user")
     f = upper.file("f", b"x")
     os.setxattr(f, "user.eq=name", b"val")
-    with pytest.raises(ImageError, match="holds an '='"):
+    with pytest.raises(UpperDirError, match="holds an '='"):
         pack(upper)
 
 
@@ -1740,7 +1741,7 @@ def test_file_named_like_a_whiteout_refused(upper: Upper, name: str) -> None:
     """A container can name a file `.wh.passwd`: written as is, every reader of the layer would
     delete passwd (or empty the dir) that the container still sees."""
     upper.file(f"etc/{name}", b"x")
-    with pytest.raises(ImageError, match="cannot be stored in a layer"):
+    with pytest.raises(UpperDirError, match="cannot be stored in a layer"):
         pack(upper)
 
 
@@ -1750,7 +1751,7 @@ def test_lower_that_is_not_a_dir_refused(upper: Upper, tmp_path: Path, kind: str
     if kind == "file":
         lower.write_bytes(b"")
     upper.file("f", b"x")
-    with pytest.raises(ImageError, match="not a directory"):
+    with pytest.raises(UpperDirError, match="not a directory"):
         pack(upper, lowers=[lower])
 
 

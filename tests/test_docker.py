@@ -5,7 +5,8 @@ One module-scoped daemon ("A") loads `fixtures/docker-save.tar` and a docker-arc
 into a fresh store. Then:
 
 1. the stores agree file by file: layerdb ChainIDs and each layer's `diff`/`parent`/`size`, the
-   config bytes in imagedb, repositories.json, the mode of every store file/dir STORE.md lists,
+   config bytes in imagedb, repositories.json, the mode of every store file/dir
+   docs/store-format.md lists,
    `link`/`lower` structure, where `committed` markers are, and the tar-split records (same
    records modulo how raw segments are split; `tar-split asm` rebuilds the same tar from both);
    each layer's diff dir holds the same entries with the same metadata;
@@ -278,7 +279,8 @@ def test_repositories_json_matches(env: Env) -> None:
 
 
 def _store_paths(root: Path) -> dict[str, int]:
-    """Relative path -> st_mode for every store file/dir STORE.md lists (not inside diff/)."""
+    """Relative path -> st_mode for every store file/dir docs/store-format.md lists (not
+    inside diff/)."""
     out: dict[str, int] = {}
     for top in ("overlay2", "image"):
         for dirpath, dirnames, filenames in os.walk(root / top):

@@ -32,6 +32,7 @@ from ocilayers.errors import ImageError, UnsafeEntryError
 from ocilayers.extract import LayerStats, apply_layer
 from ocilayers.store import diff_size
 from ocilayers.tarstream import TarReader
+from ocilayers.whiteout import TRUSTED, OverlayFormat
 
 MODES = ("overlay", "delete")
 NS = 1_000_000_000
@@ -510,7 +511,7 @@ HOSTILE: dict[str, Hostile] = {
     "xattr-forging-user-opaque": Hostile(
         lambda c: [tb.dir("d", xattrs={"user.overlay.opaque": b"y"})],
         check=_escaped("user.overlay.opaque"), needs=("user_xattr",),
-        kw={"xattr_namespace": "user"}),
+        kw={"fmt": OverlayFormat.native("user")}),
     "xattr-forging-on-root-entry": Hostile(
         lambda c: [tb.dir("./", xattrs={OPAQUE: b"y"})], check=_escaped(OPAQUE),
         needs=("trusted_xattr",)),
@@ -574,7 +575,7 @@ def _pax_then(name: str, records: dict[str, Any], type_: bytes = b"0") -> bytes:
     for name, case in HOSTILE.items() for mode in case.modes])
 def test_hostile(case: Hostile, mode: str, world: World, caps: dict[str, str | None]) -> None:
     need(caps, *case.needs)
-    need_mode(caps, mode, case.kw.get("xattr_namespace", "trusted"))
+    need_mode(caps, mode, case.kw.get("fmt", TRUSTED).xattr_namespace)
     c = C(str(world.out), str(world.ext))
     if case.prepare is not None:
         case.prepare(world.root, c)
@@ -1020,7 +1021,8 @@ def test_overlay_whiteout_device(root: Path, caps: dict[str, str | None]) -> Non
 def test_overlay_opaque_xattr_namespace(namespace: str, root: Path,
                                         caps: dict[str, str | None]) -> None:
     need_mode(caps, "overlay", namespace)
-    apply([tb.dir("d"), tb.opaque("d"), tb.opaque("e/f")], root, xattr_namespace=namespace)
+    apply([tb.dir("d"), tb.opaque("d"), tb.opaque("e/f")], root,
+          fmt=OverlayFormat.native(namespace))
     other = "user" if namespace == "trusted" else "trusted"
     for d in (root / "d", root / "e" / "f"):
         assert os.getxattr(d, f"{namespace}.overlay.opaque") == b"y"
@@ -1113,7 +1115,7 @@ def test_overlay_escapes_image_overlay_xattrs(namespace: str, root: Path,
     apply([tb.dir("forged", xattrs={OPAQUE: b"y", "user.overlay.opaque": b"y"}),
            tb.dir("real", xattrs={OPAQUE: b"n"}), tb.opaque("real"),
            tb.file("f", xattrs={"trusted.overlay.origin": b"\x00\xfb", "user.ok": b"1"})],
-          root, xattr_namespace=namespace)
+          root, fmt=OverlayFormat.native(namespace))
     assert xattrs(root / "forged") == {"trusted.overlay.overlay.opaque": b"y",
                                        "user.overlay.overlay.opaque": b"y"}
     want_real = {"trusted.overlay.overlay.opaque": b"n", f"{namespace}.overlay.opaque": b"y"}
@@ -1216,6 +1218,7 @@ def test_existing_paths(case: Hostile, mode: str, world: World,
 ROOTLESS_SCRIPT = r"""
 import ctypes, dataclasses, io, json, os, sys
 from ocilayers.extract import apply_layer
+from ocilayers.whiteout import OverlayFormat
 variant, target = sys.argv[1], sys.argv[2]
 tar = sys.stdin.buffer.read()
 os.chdir(target)  # the ancestors (pytest's 0700 basetemp) need not be searchable afterwards
@@ -1231,8 +1234,8 @@ if sys.argv[3:] == ["probe"]:
     print(json.dumps({"ok": True}))
     sys.exit(0)
 try:
-    stats = apply_layer(io.BytesIO(tar), ".", mode="overlay", xattr_namespace="user",
-                        rootless=True)
+    stats = apply_layer(io.BytesIO(tar), ".", mode="overlay",
+                        fmt=OverlayFormat("user", rootless=True))
 except Exception as exc:
     print(json.dumps({"error": f"{type(exc).__name__}: {exc} {getattr(exc, '__notes__', '')}"}))
     sys.exit(0)
@@ -1388,7 +1391,7 @@ def test_bad_arguments(root: Path) -> None:
     with pytest.raises(ValueError, match="mode"):
         apply(tb.END, root, mode="aufs")
     with pytest.raises(ValueError, match="xattr_namespace"):
-        apply(tb.END, root, xattr_namespace="security")
+        apply(tb.END, root, fmt=OverlayFormat.native("security"))
 
 
 # -- memory --

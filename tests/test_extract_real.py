@@ -6,7 +6,7 @@ Three kinds of check, all comparing full-metadata snapshots (tests/treecompare.p
   every field the archive format can carry;
 - the kernel: each layer of a real image is applied in overlay mode into its own diff dir, the
   diff dirs are mounted read-only as an overlay, and the merged view must equal the delete-mode
-  flattened tree and `umoci unpack`'s rootfs (also with xattr_namespace="user" in a user
+  flattened tree and `umoci unpack`'s rootfs (also with the "user" overlay format in a user
   namespace, where the mount needs `userxattr`);
 - a synthetic multi-layer scenario (tar built here with tarfile) with every whiteout shape:
   overlay mount == delete-mode flatten after every layer.
@@ -39,6 +39,7 @@ import treecompare as tc
 from ocilayers.extract import apply_layer
 from ocilayers.sources import ImageSource, Layer, open_source
 from ocilayers.streams import LayerReader
+from ocilayers.whiteout import OverlayFormat
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 TESTS = Path(__file__).resolve().parent
@@ -100,10 +101,10 @@ def apply_image(spec: str, work: Path, namespace: str = "trusted") -> Applied:
                 names.append((entry.name, entry.is_dir))
 
             with layer_stream(src, layer) as reader:
-                apply_layer(reader, diff, mode="overlay", xattr_namespace=namespace,
+                apply_layer(reader, diff, mode="overlay", fmt=OverlayFormat.native(namespace),
                             lowers=[str(d) for d in reversed(out.diffs)], on_entry=record)
             with layer_stream(src, layer) as reader:
-                apply_layer(reader, flat, mode="delete", xattr_namespace=namespace)
+                apply_layer(reader, flat, mode="delete", fmt=OverlayFormat.native(namespace))
             out.diffs.append(diff)
             out.entries.append(names)
     return out
@@ -831,7 +832,8 @@ def test_overlay_named_image_xattrs_stay_content(view: str, tmp_path: Path, over
     for k, layer in enumerate((l1, l2)):
         diff = tmp_path / f"diff{k}"
         diff.mkdir()
-        apply_layer(io.BytesIO(layer.build()), diff, mode="overlay", xattr_namespace=namespace)
+        apply_layer(io.BytesIO(layer.build()), diff, mode="overlay",
+                    fmt=OverlayFormat.native(namespace))
         diffs.append(diff)
     other_escaped = other.replace(".overlay.", ".overlay.overlay.", 1)
     want_upper = tuple(sorted([(other_escaped, b"plain content"), ("user.plain", b"p")]))

@@ -1,10 +1,10 @@
 """store.py and the commands on an existing store: images, inspect, tag/untag, rmi, prune, verify,
 mount/umount, flatten, export; plus the store-layout oracle the unpack tests share.
 
-Every expectation about the on-disk format comes from STORE.md (Docker's overlay2 driver and layer
-store), written out here independently of the product: ChainIDs with hashlib, sizes with lstat,
-links and lowers by reading the files. The kernel's overlayfs, umoci and skopeo are the outside
-oracles. Each test gets its own `--root` under tmp_path.
+Every expectation about the on-disk format comes from docs/store-format.md (Docker's overlay2
+driver and layer store), written out here independently of the product: ChainIDs with hashlib,
+sizes with lstat, links and lowers by reading the files. The kernel's overlayfs, umoci and
+skopeo are the outside oracles. Each test gets its own `--root` under tmp_path.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def clean(name: str) -> str:
 
 
 def layer_root_mode(tar: bytes) -> int:
-    """The mode the layer's diff/ should get: the root entry's, else 0755 (STORE.md)."""
+    """The mode the layer's diff/ should get: the root entry's, else 0755 (docs/store-format.md)."""
     for m in tar_members(tar):
         if m.isdir() and clean(m.name) == "":
             return m.mode & 0o7777
@@ -314,7 +314,7 @@ def verify_ok(capsys: Capsys, root: Path) -> None:
 
 
 # ============================================================================================
-# The store, read back by hand (STORE.md)
+# The store, read back by hand (docs/store-format.md)
 # ============================================================================================
 
 def layerdb(root: Path) -> Path:
@@ -378,7 +378,8 @@ def tags_of(root: Path) -> dict[str, str]:
 
 
 def diff_size(diff: Path) -> int:
-    """STORE.md `size`: st_size of every non-directory in diff/, each inode counted once."""
+    """docs/store-format.md `size`: st_size of every non-directory in diff/, each inode counted
+    once."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for dirpath, dirnames, filenames in os.walk(diff):
@@ -399,7 +400,7 @@ def _mode(path: Path) -> int:
 def check_store(root: Path, *, images: Mapping[str, bytes] | None = None,
                 tags: Mapping[str, str] | None = None,
                 root_modes: Mapping[str, int] | None = None, fresh: bool = True) -> None:
-    """Assert the whole store matches STORE.md.
+    """Assert the whole store matches docs/store-format.md.
 
     `images`: image ID -> exact config bytes expected in imagedb (all of them, no others).
     `tags`: normalised `repo:tag` -> image ID expected in repositories.json (exactly).
@@ -429,7 +430,7 @@ def check_store(root: Path, *, images: Mapping[str, bytes] | None = None,
     mode_is(overlay, 0o710)
     mode_is(overlay / "l", 0o700)
     mode_is(layerdb(root), 0o700)
-    # layerdb/sha256 itself: STORE.md is silent; moby's filestore makes it with MkdirAll 0755
+    # layerdb/sha256 itself: moby's filestore makes it with MkdirAll 0755
     want(_mode(layerdb(root) / "sha256") in (0o700, 0o755), "layerdb/sha256: mode")
     tmp = layerdb(root) / "tmp"
     if tmp.exists():
@@ -586,7 +587,7 @@ def check_store(root: Path, *, images: Mapping[str, bytes] | None = None,
         for d in (root / "image" / "overlay2", content):
             stray = [n for n in os.listdir(d) if n.startswith(".")]
             want(not stray, f"{d.relative_to(root)}: temp files left {stray}")
-    assert not problems, "store does not match STORE.md:\n  " + "\n  ".join(problems)
+    assert not problems, "store does not match docs/store-format.md:\n  " + "\n  ".join(problems)
 
 
 def tar_split_names(root: Path, chain: str) -> list[str]:
@@ -746,7 +747,7 @@ def test_clean_stale_never_takes_a_staging_dir_being_made(tmp_path: Path) -> Non
 
     def cleaner() -> None:
         while not stop.is_set():
-            store.clean_stale()
+            store.layers.clean_stale()
 
     thread = threading.Thread(target=cleaner)
     thread.start()
@@ -755,13 +756,13 @@ def test_clean_stale_never_takes_a_staging_dir_being_made(tmp_path: Path) -> Non
         while not problems and rounds < 2000 and time.monotonic() < deadline:
             rounds += 1
             try:
-                staging = store.begin_layer()
+                staging = store.layers.begin()
             except OSError as exc:
-                problems.append(f"begin_layer: {exc!r}")
+                problems.append(f"begin: {exc!r}")
                 continue
             if not os.path.isdir(staging.diff):
                 problems.append(f"{staging.path}: removed while its builder holds it")
-            store.discard(staging)
+            store.layers.discard(staging)
     finally:
         stop.set()
         thread.join()
@@ -774,15 +775,15 @@ def test_clean_stale_removes_only_unheld_staging_dirs(tmp_path: Path) -> None:
 
     store = Store(str(tmp_path / "store"))
     store.init()
-    held = store.begin_layer()
+    held = store.layers.begin()
     stale = tmp_path / "store" / "overlay2" / (".staging-" + "cd" * 32)
     (stale / "diff" / "x").mkdir(parents=True)
     (stale / "diff" / "x" / "f").write_text("left by a kill -9")
     os.chmod(stale / "diff" / "x", 0o555)  # read-only dirs inside a layer must not stop it
-    removed = store.clean_stale()
+    removed = store.layers.clean_stale()
     assert removed == [str(stale)]
     assert not stale.exists() and os.path.isdir(held.diff)
-    store.discard(held)
+    store.layers.discard(held)
     assert not os.path.exists(held.path)
 
 
@@ -997,7 +998,7 @@ def test_prune_removes_unreferenced_layers_and_orphans(root: Path, both: Any,
     top = layers[saved.chain_ids[-1]]
     # drop the committed image (untag, then its config only), as a crash inside rmi would leave
     ok(capsys, root, "untag", "committed:latest")
-    Store(str(root)).remove_image(Digest.parse(saved.image_id))
+    Store(str(root)).images.remove(Digest.parse(saved.image_id))
     orphan = root / "overlay2" / ("ab" * 32)
     (orphan / "diff" / "etc").mkdir(parents=True)
     (orphan / "diff" / "etc" / "leftover").write_text("x")
@@ -1045,7 +1046,7 @@ def test_a_layer_deeper_than_the_recursion_limit(root: Path, tmp_path: Path,
     from ocilayers.store import Store
 
     unpack(capsys, root, tmp_path / "img")
-    Store(str(root)).remove_image(Digest.parse(image_id))
+    Store(str(root)).images.remove(Digest.parse(image_id))
     layers = read_layers(root)
     shutil.move(layers[img.chain_ids[0]].dir(root) / "diff", root / "overlay2" / ("ab" * 32))
     out = ok(capsys, root, "prune")

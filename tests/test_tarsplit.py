@@ -23,10 +23,9 @@ import pytest
 import tarbuilder as tb
 from conftest import requires_tool
 
-from ocilayers.errors import StoreError
+from ocilayers.errors import ChangedError, StoreError
 from ocilayers.extract import apply_layer
 from ocilayers.tarsplit import (
-    ChangedError,
     Record,
     TarSplitWriter,
     assemble,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import tarbuilder as tb
 
-from ocilayers.errors import ImageError
-from ocilayers.tarstream import BLOCK, TarEntry, TarError, TarReader, parse_number, parse_pax
+from ocilayers.errors import ImageError, TarError
+from ocilayers.tarstream import BLOCK, TarEntry, TarReader, parse_number, parse_pax
 
 NS = 1_000_000_000
 

@@ -1,4 +1,5 @@
-"""unpack.py / `ocilayers unpack`: the store it writes (STORE.md, byte for byte), tags, --json,
+"""unpack.py / `ocilayers unpack`: the store it writes (docs/store-format.md, byte for byte),
+tags, --json,
 tar-split records against the real `tar-split` binary, layer reuse, crash safety (bad blobs,
 kill -9, Ctrl-C), concurrent runs on one store, and --jobs.
 

@@ -1,0 +1,207 @@
+"""The image builder: a new image from a base config and layers, existing blobs copied
+untouched, new layers compressed through one `write_layer_blob`, config edits and history,
+handed to a destination (umoci's `mutate`: the one place an image is put together).
+
+convert and export rebuild every layer of an image with it; commit, append and squash add
+layers and history on top of a base."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ocilayers.cas import Blob, ContentWriter
+from ocilayers.errors import DigestMismatchError
+from ocilayers.spec import (
+    MEDIA_TYPE_OCI_CONFIG,
+    MEDIA_TYPE_OCI_MANIFEST,
+    Descriptor,
+    Digest,
+    HistoryEntry,
+    ImageConfig,
+    Manifest,
+    config_with,
+    dump_json,
+)
+from ocilayers.streams import CHUNK, Readable, write_layer_blob
+
+ProgressFn = Callable[[int, int], None]  # (layer index, bytes just read)
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """A layer as an uncompressed tar to compress: `open()` gives the stream. `diff_id` is
+    what the tar must hash to (None for a new layer: it is whatever the tar hashes to)."""
+
+    diff_id: Digest | None
+    open: Callable[[], AbstractContextManager[Readable]]
+
+
+@dataclass(frozen=True)
+class BlobInput:
+    """An existing compressed layer blob, copied as it is (same digest, same media type)."""
+
+    descriptor: Descriptor
+    diff_id: Digest
+    open: Callable[[], AbstractContextManager[Blob]]
+
+
+@dataclass(frozen=True)
+class WrittenImage:
+    manifest: Descriptor
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+    manifest_raw: bytes = b""
+    config_raw: bytes = b""
+
+
+class Destination(Protocol):
+    """Where a built image goes: blobs by digest, then the manifest and its tags."""
+
+    @property
+    def blobs(self) -> ContentWriter: ...
+
+    def commit(self, image: WrittenImage, tags: Sequence[str]) -> None: ...
+
+
+@dataclass
+class _NewLayer:
+    layer: LayerInput
+    history: HistoryEntry | None
+
+
+@dataclass
+class ImageBuilder:
+    """Start from a base (`from_config`), keep or re-encode its layers, add layers, edit the
+    config, then `write()` into a destination."""
+
+    base_raw: bytes
+    base: ImageConfig
+    _kept: list[LayerInput | BlobInput] = field(default_factory=list)
+    _added: list[_NewLayer] = field(default_factory=list)
+    _history: list[HistoryEntry] = field(default_factory=list)  # empty_layer entries, in order
+    _edits: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    created: str | None = None
+    author: str | None = None
+
+    @classmethod
+    def from_config(cls, raw: bytes, what: str = "base config") -> ImageBuilder:
+        return cls(raw, ImageConfig.parse(raw, what))
+
+    # -- layers --
+
+    def keep_layer(self, layer: LayerInput | BlobInput) -> None:
+        """One of the base's own layers, in order: re-encoded (LayerInput, its DiffID
+        checked) or copied as it is (BlobInput)."""
+        if len(self._kept) >= len(self.base.diff_ids):
+            raise ValueError("more layers kept than the base config has")
+        want = self.base.diff_ids[len(self._kept)]
+        if layer.diff_id != want:
+            raise DigestMismatchError(f"layer {len(self._kept) + 1}: DiffID {layer.diff_id}, "
+                                      f"the base config says {want}")
+        self._kept.append(layer)
+
+    def add_layer(self, layer: LayerInput, history: HistoryEntry | None = None) -> None:
+        """A new layer on top; its DiffID goes into `rootfs.diff_ids` once written, and
+        `history` (if any) into the history."""
+        self._added.append(_NewLayer(layer, history))
+
+    # -- config --
+
+    def add_history(self, entry: HistoryEntry) -> None:
+        """A history entry with no layer of its own (`empty_layer`), after the new layers."""
+        self._history.append(entry)
+
+    def edit_config(self, edit: Callable[[dict[str, Any]], None]) -> None:
+        """Change the config object in place when the image is written (e.g. `--change`)."""
+        self._edits.append(edit)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self._added or self._history or self._edits or self.created
+                    or self.author)
+
+    def config_bytes(self, new_diff_ids: Sequence[Digest]) -> bytes:
+        """The base config's exact bytes when nothing changed (the image ID stays), else
+        the edited config, serialised deterministically."""
+        if not self.changed:
+            return self.base_raw
+        history = [h for n in self._added if (h := n.history) is not None] + self._history
+        obj = config_with(self.base.data, diff_ids=new_diff_ids, history=history,
+                          created=self.created, author=self.author)
+        for edit in self._edits:
+            edit(obj)
+        return dump_json(obj)
+
+    # -- writing --
+
+    def write(self, dest: Destination, *, compression: str = "gzip",
+              tags: Sequence[str] = (), progress: ProgressFn | None = None) -> WrittenImage:
+        if len(self._kept) != len(self.base.diff_ids):
+            raise ValueError(f"{len(self._kept)} of the base's {len(self.base.diff_ids)} "
+                             "layers were given")
+        descs: list[Descriptor] = []
+        new_ids: list[Digest] = []
+        for i, item in enumerate([*self._kept, *(n.layer for n in self._added)]):
+            cb = (lambda n, i=i: progress(i, n)) if progress else None
+            if isinstance(item, BlobInput):
+                descs.append(_copy_blob(dest.blobs, item))
+                continue
+            desc, diff_id = _write_layer(dest.blobs, item, compression, cb)
+            descs.append(desc)
+            if i >= len(self._kept):
+                new_ids.append(diff_id)
+        config_raw = self.config_bytes(new_ids)
+        config = Descriptor(MEDIA_TYPE_OCI_CONFIG, dest.blobs.put_blob(config_raw),
+                            len(config_raw))
+        manifest = Manifest(MEDIA_TYPE_OCI_MANIFEST, config, tuple(descs))
+        manifest_raw = dump_json(manifest.to_json())
+        mdesc = Descriptor(MEDIA_TYPE_OCI_MANIFEST, dest.blobs.put_blob(manifest_raw),
+                           len(manifest_raw))
+        written = WrittenImage(mdesc, config, tuple(descs), manifest_raw, config_raw)
+        dest.commit(written, tags)
+        return written
+
+
+def _write_layer(blobs: ContentWriter, layer: LayerInput, compression: str,
+                 progress: Callable[[int], None] | None) -> tuple[Descriptor, Digest]:
+    with blobs.blob_writer() as w:
+        with layer.open() as src:  # (a source's own digest checks come first, on close)
+            made = write_layer_blob(src, w, compression, progress=progress)
+        if layer.diff_id is not None and made.diff_id != layer.diff_id:
+            raise DigestMismatchError(f"layer {layer.diff_id}: diff_id mismatch: "
+                                      f"expected {layer.diff_id}, got {made.diff_id}")
+        w.digest = made.digest
+    return Descriptor(made.media_type, made.digest, made.size), made.diff_id
+
+
+def _copy_blob(blobs: ContentWriter, item: BlobInput) -> Descriptor:
+    d = item.descriptor
+    if not blobs.has_blob(d.digest):
+        with blobs.blob_writer() as w, item.open() as src:
+            h = d.digest.hasher()
+            n = 0
+            while data := src.read(CHUNK):
+                h.update(data)
+                n += len(data)
+                w.write(data)
+            if n != d.size or h.hexdigest() != d.digest.hex:
+                raise DigestMismatchError(f"layer {d.digest}: blob does not match its "
+                                          "descriptor")
+            w.digest = d.digest
+    return Descriptor(d.media_type, d.digest, d.size)
+
+
+@contextlib.contextmanager
+def verified(opener: Callable[[], Any]) -> Iterator[Readable]:
+    """Wrap a source's LayerReader so its digests are checked when the builder is done."""
+    reader = opener()
+    try:
+        yield reader
+        reader.finish()
+    finally:
+        with contextlib.suppress(Exception):
+            reader.close()

@@ -1,0 +1,85 @@
+"""The pack workflow: an overlay upper dir (or a tree against a base tree) in, a compressed
+layer blob out, to a stream or atomically to a file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ocilayers.errors import OCILayersError
+from ocilayers.fsutil import atomic_output
+from ocilayers.spec import Digest
+from ocilayers.streams import LayerBlobWriter
+from ocilayers.whiteout import TRUSTED, OverlayFormat
+
+if TYPE_CHECKING:
+    from ocilayers.differ import PackStats
+
+
+@dataclass(frozen=True)
+class PackResult:
+    diff_id: Digest
+    digest: Digest
+    size: int
+    media_type: str
+    stats: PackStats
+
+
+def source_date_epoch(value: int | None) -> int | None:
+    """`value`, else `$SOURCE_DATE_EPOCH` (reproducible-builds.org), else None."""
+    if value is not None:
+        return value
+    env = os.environ.get("SOURCE_DATE_EPOCH")
+    if not env:
+        return None
+    try:
+        return int(env)
+    except ValueError:
+        raise OCILayersError("SOURCE_DATE_EPOCH must be a whole number of seconds, not "
+                             f"{env!r}") from None
+
+
+def pack(upper: str, out: Any, *, base: str | None = None, lowers: Sequence[str] = (),
+         compression: str = "gzip", xattrs: str = "all", opaque: str | None = None,
+         source_date_epoch: int | None = None, content: bool = False,
+         warn: Callable[[str], None] | None = None,
+         fmt: OverlayFormat = TRUSTED) -> PackResult:
+    """Write the layer for an upper dir (or for `upper` against the plain tree `base`) into
+    the binary stream `out`, compressed; returns its DiffID, blob digest and size. `fmt` is
+    the overlay mount's format: TRUSTED, or USERXATTR for a `userxattr` mount."""
+    from ocilayers.differ import write_layer, write_tree_diff
+
+    # zstd in worker threads, capped at 2: each costs ~40-50 MB on incompressible data (the
+    # benchmark measured 129 MB peak with 2, 145 MB with 4), and multi-threaded zstd output is
+    # the same for any thread count, so the cap keeps pack deterministic across machines.
+    threads = min(2, os.cpu_count() or 1) if compression == "zstd" else 0
+    blob = LayerBlobWriter(out, compression, threads=threads)
+    if base is not None:
+        stats = write_tree_diff(upper, base, blob, content=content, xattrs=xattrs,
+                                source_date_epoch=source_date_epoch, warn=warn)
+    else:
+        stats = write_layer(upper, blob, lowers=list(lowers) or None, xattrs=xattrs,
+                            opaque=opaque, source_date_epoch=source_date_epoch, warn=warn,
+                            fmt=fmt)
+    made = blob.close()
+    return PackResult(made.diff_id, made.digest, made.size, made.media_type, stats)
+
+
+def pack_to_file(upper: str, out: str, **kwargs: Any) -> PackResult:
+    """`pack` into the file `out`: written beside it and renamed, so a failed pack leaves
+    nothing behind. An `out` inside what is packed is refused (the temp file would end up in
+    its own layer)."""
+    where = os.path.realpath(os.path.dirname(os.path.abspath(out)))
+    tops = [os.path.realpath(upper)]
+    if kwargs.get("base") is None:  # (with a base, `upper` is the new tree: the same holds)
+        tops += [os.path.realpath(x) for x in kwargs.get("lowers") or ()]
+    else:
+        tops.append(os.path.realpath(kwargs["base"]))
+    for top in tops:
+        if where == top or where.startswith(top.rstrip("/") + "/"):
+            raise OCILayersError(f"{out}: the output would be written inside {top}, which is "
+                                 "being packed")
+    with atomic_output(out, prefix=".ocilayers-") as f:
+        return pack(upper, f, **kwargs)

@@ -1,0 +1,72 @@
+"""Every JSON shape ocilayers prints (`--json`) or returns as a dict, in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ocilayers.builder import WrittenImage
+    from ocilayers.pack import PackResult
+    from ocilayers.sources import Image
+    from ocilayers.store import StoreImage
+    from ocilayers.unpack import UnpackResult
+
+
+def source_image(image: Image) -> dict[str, Any]:
+    """`ocilayers inspect SOURCE --json`."""
+    return {
+        "image_id": str(image.image_id),
+        "config_digest": str(image.config_digest),
+        "manifest_digest": str(image.manifest_digest) if image.manifest_digest else None,
+        "tags": list(image.names),
+        "platform": str(image.config.platform),
+        "layers": [
+            {"digest": str(layer.descriptor.digest), "media_type": layer.descriptor.media_type,
+             "size": layer.descriptor.size, "diff_id": str(layer.diff_id),
+             "chain_id": str(layer.chain_id)}
+            for layer in image.layers
+        ],
+        "history": [h.to_json() for h in image.config.history],
+    }
+
+
+def store_image(img: StoreImage) -> dict[str, Any]:
+    """`ocilayers inspect IMAGE --json`."""
+    return {
+        "image_id": str(img.image_id),
+        "tags": list(img.tags),
+        "config": img.config.data,
+        "history": [h.to_json() for h in img.config.history],
+        "layers": [{"diff_id": str(r.diff_id), "chain_id": str(r.chain_id),
+                    "cache_id": r.cache_id, "diff_size": r.size} for r in img.layers],
+    }
+
+
+def image_row(img: StoreImage) -> dict[str, Any]:
+    """One entry of `ocilayers images --json`."""
+    return {"image_id": str(img.image_id), "tags": list(img.tags),
+            "created": img.config.data.get("created"),
+            "size": sum(r.size for r in img.layers)}
+
+
+def unpack_result(result: UnpackResult) -> dict[str, Any]:
+    """`ocilayers unpack --json`."""
+    return {"image_id": str(result.image_id), "tags": list(result.tags),
+            "layers": [{"diff_id": str(x.diff_id), "chain_id": str(x.chain_id),
+                        "cache_id": x.cache_id, "diff_size": x.diff_size,
+                        "reused": x.reused} for x in result.layers]}
+
+
+def pack_result(result: PackResult) -> dict[str, Any]:
+    """`ocilayers pack --json`."""
+    return {"diff_id": str(result.diff_id), "digest": str(result.digest), "size": result.size,
+            "media_type": result.media_type, "entries": result.stats.entries,
+            "whiteouts": result.stats.whiteouts, "opaques": result.stats.opaques}
+
+
+def written_image(written: WrittenImage) -> dict[str, Any]:
+    """`ocilayers convert|export --json`."""
+    return {"manifest_digest": str(written.manifest.digest),
+            "config_digest": str(written.config.digest),
+            "layers": [{"digest": str(d.digest), "size": d.size, "media_type": d.media_type}
+                       for d in written.layers]}

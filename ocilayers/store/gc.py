@@ -1,0 +1,111 @@
+"""Garbage collection: which layers are still referenced, `rmi`, `prune`, orphaned dirs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from ocilayers.errors import ImageError, StoreError
+from ocilayers.fsutil import rmtree
+from ocilayers.spec import Digest, normalize_reference
+from ocilayers.store import Store
+from ocilayers.store.images import top_chain
+from ocilayers.store.layers import BIRTH_PREFIX, CLAIM_PREFIX, STAGING_PREFIX
+
+
+def referenced_chains(store: Store) -> set[Digest]:
+    """Every layer some image, container or running unpack still needs."""
+    needed: set[Digest] = set(store.layers.claimed_chains())
+    tops: list[Digest] = []
+    for image_id in store.images.ids():
+        try:
+            top = top_chain(store.images.config(image_id))
+        except StoreError as exc:
+            raise StoreError(f"image {image_id.short}: {exc}") from None
+        if top is not None:
+            tops.append(top)
+    tops += store.containers.parents()
+    for top in tops:
+        needed.update(r.chain_id for r in store.layers.chain(top))
+    return needed
+
+
+def remove_image(store: Store, name: str) -> list[str]:
+    """`rmi`: untag (a tag given) or drop all tags (an ID given); when no tag is left, remove
+    the image and every layer nothing else needs. Returns what was removed."""
+    removed: list[str] = []
+    with store.lock():
+        img = store.find_image(name)
+        image_id = img.image_id
+        for rec in img.layers:  # a corrupt store file is an error before anything is removed
+            store.layers.check_files(rec)
+        tags = store.images.tags()
+        with contextlib.suppress(ImageError):
+            norm = normalize_reference(name)
+            if tags.get(norm) == image_id:
+                store.images.remove_tag(norm)
+                removed.append(f"untagged {norm}")
+                if any(i == image_id for t, i in tags.items() if t != norm):
+                    return removed
+        users = store.containers.using(img.top.chain_id if img.top else None)
+        if users:
+            raise StoreError(f"image {image_id.short} is used by container(s) "
+                             f"{', '.join(users)}")
+        for t in img.tags:
+            if t in store.images.tags():
+                store.images.remove_tag(t)
+                removed.append(f"untagged {t}")
+        store.images.remove(image_id)
+        removed.append(f"deleted {image_id}")
+        removed += prune_layers(store)
+    return removed
+
+
+def prune_layers(store: Store) -> list[str]:
+    """Remove every layer nothing references, children before parents. Call under the lock."""
+    needed = referenced_chains(store)
+    removed = []
+    layers = {r.chain_id: r for r in store.layers.all()}
+    for r in layers.values():
+        if r.chain_id not in needed:
+            store.layers.check_files(r)  # all checked before the first one goes
+    while True:
+        parents = {r.parent for r in layers.values() if r.parent is not None}
+        leaves = [r for c, r in layers.items() if c not in needed and c not in parents]
+        if not leaves:
+            break
+        for r in leaves:
+            store.layers.remove(r)
+            removed.append(f"deleted layer {r.chain_id}")
+            del layers[r.chain_id]
+    return removed
+
+
+def remove_orphans(store: Store) -> list[str]:
+    """Layer dirs no layerdb entry or container names (a crash between the rename and the
+    layerdb write), and `l/` links that point nowhere. Call under the lock."""
+    removed = []
+    layout = store.layout
+    known = {r.cache_id for r in store.layers.all()} | store.containers.cache_ids()
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(layout.overlay)):
+            if (name == "l" or name.startswith((STAGING_PREFIX, BIRTH_PREFIX, CLAIM_PREFIX))
+                    or name in known):
+                continue
+            rmtree(os.path.join(layout.overlay, name))
+            removed.append(f"deleted orphan overlay2/{name}")
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(layout.links)):
+            if not os.path.exists(os.path.join(layout.links, name)):
+                os.unlink(os.path.join(layout.links, name))
+                removed.append(f"deleted dangling l/{name}")
+    return removed
+
+
+def prune(store: Store) -> list[str]:
+    """Remove layers no image or container references, and orphaned layer dirs."""
+    with store.lock():
+        store.layers.clean_stale()
+        removed = prune_layers(store)
+        removed += remove_orphans(store)
+    return removed

@@ -1,0 +1,134 @@
+"""Where everything lives under a store root (docs/store-format.md), the store lock, and the
+small file primitives every room of the store shares."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+
+from ocilayers.errors import StoreError
+from ocilayers.spec import Digest
+
+LOCK_NAME = "ocilayers.lock"
+
+
+def default_root() -> str:
+    """$OCILAYERS_ROOT; /var/lib/ocilayers as root; else the XDG data dir."""
+    env = os.environ.get("OCILAYERS_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/ocilayers"
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                           "share")
+    return os.path.join(xdg, "ocilayers")
+
+
+def read_text(path: str) -> str:
+    """A store file's text (no trailing newline is added or stripped); corrupt if not UTF-8."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StoreError(f"{path}: corrupt (not UTF-8)") from None
+
+
+def write_new(path: str, data: bytes, mode: int) -> None:
+    """A file that must not exist yet (inside a staging dir or write-set)."""
+    with open(path, "xb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
+def held_by_other(path: str, *, directory: bool = False, shared: bool = False) -> bool | None:
+    """Is the flock on `path` held by a live process? None when `path` is gone.
+
+    The store's crash-safe markers (staging dirs, claims) are flock-held by the process that
+    made them; a crash drops the lock, so a marker nobody holds is stale."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class StoreLayout:
+    """The paths of one store root, its set-up and its lock."""
+
+    def __init__(self, root: str | None = None) -> None:
+        self.root = os.path.abspath(root or default_root())
+        self.overlay = os.path.join(self.root, "overlay2")
+        self.links = os.path.join(self.overlay, "l")
+        self.image_root = os.path.join(self.root, "image", "overlay2")
+        self.layerdb = os.path.join(self.image_root, "layerdb")
+        self.layerdb_tmp = os.path.join(self.layerdb, "tmp")
+        self.mounts = os.path.join(self.layerdb, "mounts")
+        self.imagedb = os.path.join(self.image_root, "imagedb")
+        self.repositories_path = os.path.join(self.image_root, "repositories.json")
+
+    # -- paths --
+
+    def layer_meta(self, chain_id: Digest) -> str:
+        """`layerdb/sha256/<chain hex>`."""
+        return os.path.join(self.layerdb, chain_id.algorithm, chain_id.hex)
+
+    def layer_path(self, cache_id: str) -> str:
+        """`overlay2/<cache-id>`."""
+        return os.path.join(self.overlay, cache_id)
+
+    def image_content(self, image_id: Digest) -> str:
+        return os.path.join(self.imagedb, "content", image_id.algorithm, image_id.hex)
+
+    def image_metadata(self, image_id: Digest) -> str:
+        return os.path.join(self.imagedb, "metadata", image_id.algorithm, image_id.hex)
+
+    # -- set-up and locking --
+
+    def init(self) -> None:
+        """Create the store's dirs (and the root's missing parents, as dockerd's --data-root
+        does). Modes as dockerd 20.10 makes them (checked against a real daemon's)."""
+        os.makedirs(os.path.dirname(self.root), exist_ok=True)
+        for path, mode in ((self.root, 0o710), (self.overlay, 0o710), (self.links, 0o700),
+                           (os.path.join(self.root, "image"), 0o700), (self.image_root, 0o700),
+                           (self.layerdb, 0o700), (os.path.join(self.layerdb, "sha256"), 0o755),
+                           (self.layerdb_tmp, 0o755),
+                           (self.imagedb, 0o700),
+                           (os.path.join(self.imagedb, "content"), 0o700),
+                           (os.path.join(self.imagedb, "content", "sha256"), 0o700),
+                           (os.path.join(self.imagedb, "metadata"), 0o700),
+                           (os.path.join(self.imagedb, "metadata", "sha256"), 0o700)):
+            try:
+                os.mkdir(path, mode)
+                os.chmod(path, mode)
+            except FileExistsError:
+                if not os.path.isdir(path):
+                    raise StoreError(f"{path}: exists and is not a directory") from None
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.layerdb) and os.path.isdir(self.overlay)
+
+    def require(self) -> None:
+        if not self.exists():
+            raise StoreError(f"{self.root}: no store here (run `ocilayers unpack` first, or "
+                             "pass --root)")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Serialise registration and removal across processes (flock on a file in the root)."""
+        fd = os.open(os.path.join(self.root, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
