@@ -7,16 +7,13 @@ import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import NoReturn
 
 from ocilayers.errors import ImageError, OCILayersError, StoreError
 from ocilayers.sources import Image, ImageSource, Layer
 from ocilayers.spec import Digest, normalize_reference
 from ocilayers.store import MAX_DEPTH, LayerRecord, Staging, Store
 from ocilayers.store.layers import Built, fill_staging
-
-if TYPE_CHECKING:
-    from concurrent.futures import Future
 
 # (layer index, compressed bytes read so far, blob size); called in the parent process.
 ProgressFn = Callable[[int, int, int], None]
@@ -50,35 +47,136 @@ def build_layer(src: ImageSource, layer: Layer, staging: Staging,
 
 
 # --- worker processes ---
-
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init() -> None:
-    # Die with the parent: a killed unpack must leave no writer behind (prctl PR_SET_PDEATHSIG).
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != _WORKER.get("parent_pid"):
-        os._exit(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-    import gc
-
-    gc.disable()  # the entry loop makes no cycles; the cyclic GC only costs time here
+# Plain os.fork() children, one per layer, each sending its result back through a pipe: no
+# multiprocessing, whose locks, queues and shared arrays need POSIX semaphores or a file in
+# /dev/shm, which a minimal chroot or build sandbox may lack (issue 13). The progress counters
+# are an anonymous shared mapping, which needs no file at all.
 
 
-def _worker_build(index: int, staging_path: str, cache_id: str) -> Built:
-    src: ImageSource = _WORKER["source"]
-    image: Image = _WORKER["image"]
-    counters: Any = _WORKER["counters"]
+class _RemoteTraceback(Exception):
+    """A worker's traceback (as text), chained as the cause of the error it raised."""
 
-    def progress(n: int) -> None:
-        counters[index] += n
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
 
-    staging = Staging(staging_path, cache_id, -1)
-    return build_layer(src, image.layers[index], staging, progress)
+    def __str__(self) -> str:
+        return self.tb
+
+
+def _worker_main(src: ImageSource, layer: Layer, staging: Staging, counters: memoryview,
+                 index: int, parent_pid: int, wfd: int, close_fds: list[int]) -> NoReturn:
+    """The forked child: build one layer, pickle (True, Built) or (False, error, traceback)
+    into `wfd`, and leave with os._exit (never back into the parent's stack)."""
+    status = 1
+    try:
+        # The parent handles Ctrl-C and cleans up; the handler the child was born with may
+        # be the parent's "hold it" one (see _start_worker), so this comes first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Die with the parent: a killed unpack must leave no writer behind (prctl
+        # PR_SET_PDEATHSIG); a parent already gone before that is caught by the ppid check.
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        for fd in close_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        import gc
+        import pickle
+
+        gc.disable()  # the entry loop makes no cycles; the cyclic GC only costs time here
+
+        def progress(n: int) -> None:
+            counters[index] += n
+
+        try:
+            payload = pickle.dumps((True, build_layer(src, layer, staging, progress)),
+                                   pickle.HIGHEST_PROTOCOL)
+        except BaseException as exc:
+            payload = _pickled_error(exc)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(wfd, view):]
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def _pickled_error(exc: BaseException) -> bytes:
+    """(False, exc, traceback text), pickled; an error that does not survive pickling is
+    sent as an OCILayersError with its text and notes."""
+    import pickle
+    import traceback
+
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        payload = pickle.dumps((False, exc, tb), pickle.HIGHEST_PROTOCOL)
+        pickle.loads(payload)
+        return payload
+    except Exception:
+        plain = OCILayersError(f"{type(exc).__name__}: {exc}")
+        for note in getattr(exc, "__notes__", None) or []:
+            plain.add_note(str(note))
+        return pickle.dumps((False, plain, tb), pickle.HIGHEST_PROTOCOL)
+
+
+@dataclass
+class _Worker:
+    index: int
+    pid: int
+    rfd: int
+    data: bytearray
+
+
+def _start_worker(src: ImageSource, image: Image, index: int, staging: Staging,
+                  counters: memoryview, running: dict[int, _Worker]) -> _Worker:
+    """Fork the worker for layer `index` and add it to `running` (keyed by its pipe's read
+    end). Ctrl-C is held meanwhile, so it cannot come between the fork and the bookkeeping
+    the clean-up relies on."""
+    parent_pid = os.getpid()
+    with _held_interrupt():
+        rfd, wfd = os.pipe()
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(rfd)
+            os.close(wfd)
+            raise
+        if pid == 0:  # the child; _worker_main never returns
+            _worker_main(src, image.layers[index], Staging(staging.path, staging.cache_id, -1),
+                         counters, index, parent_pid, wfd, [rfd, *running])
+        os.close(wfd)
+        worker = running[rfd] = _Worker(index, pid, rfd, bytearray())
+    return worker
+
+
+def _worker_result(layer: Layer, worker: _Worker, status: int) -> Built:
+    """The Built a finished worker sent back, or the error it raised (type and notes kept,
+    its traceback chained as the cause, as concurrent.futures does)."""
+    import pickle
+
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and worker.data:
+        ok, *rest = pickle.loads(worker.data)
+        if ok:
+            built: Built = rest[0]
+            return built
+        exc, tb = rest
+        raise exc from _RemoteTraceback(tb)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            how = f"was killed by {signal.Signals(sig).name}"
+        except ValueError:
+            how = f"was killed by signal {sig}"
+    else:
+        how = f"exited with status {os.waitstatus_to_exitcode(status)}"
+    err = OCILayersError(f"worker process {how} before it was done")
+    err.add_note(f"unpack layer {layer.descriptor.digest.short}")
+    raise err
 
 
 def unpack_image(store: Store, src: ImageSource, image: Image, *, tags: Sequence[str] = (),
@@ -221,39 +319,52 @@ def _build_in_pool(src: ImageSource, image: Image, todo: list[int],
                    stagings: dict[int, Staging], jobs: int, progress: ProgressFn | None,
                    built: dict[int, Built], register_ready: Callable[[], None]
                    ) -> dict[int, Built]:
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    """Build `todo` in up to `jobs` forked workers (see _worker_main), registering each layer
+    as soon as it and its parents are ready. On any error or Ctrl-C the workers still
+    running are killed and reaped before it propagates."""
+    import mmap
+    import select
 
-    ctx = multiprocessing.get_context("fork")
-    counters = ctx.Array("q", len(image.layers), lock=False)
-    _WORKER.update(source=src, image=image, counters=counters, parent_pid=os.getpid())
+    shared = mmap.mmap(-1, 8 * len(image.layers))  # anonymous and MAP_SHARED: no /dev/shm
+    counters = memoryview(shared).cast("q")
     # Biggest layer first: the longest job starts earliest, so the others fill in around it.
     order = sorted(todo, key=lambda i: -image.layers[i].descriptor.size)
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx,
-                               initializer=_worker_init)
+    order.reverse()  # popped from the end
+    running: dict[int, _Worker] = {}
+    poller = select.poll()
     try:
-        futures: dict[Future[Built], int] = {
-            pool.submit(_worker_build, i, stagings[i].path, stagings[i].cache_id): i
-            for i in order
-        }
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+        while order or running:
+            while order and len(running) < jobs:
+                i = order.pop()
+                worker = _start_worker(src, image, i, stagings[i], counters, running)
+                poller.register(worker.rfd, select.POLLIN)
+            for fd, _events in poller.poll(100):
+                chunk = os.read(fd, 1 << 20)
+                if chunk:
+                    running[fd].data += chunk
+                    continue
+                poller.unregister(fd)
+                worker = running.pop(fd)
+                os.close(fd)
+                _, status = os.waitpid(worker.pid, 0)
+                built[worker.index] = _worker_result(image.layers[worker.index], worker, status)
             if progress is not None:
                 for i in todo:
                     progress(i, counters[i], image.layers[i].descriptor.size)
-            for fut in finished:
-                built[futures[fut]] = fut.result()
             register_ready()
     except BaseException:
-        for p in list(getattr(pool, "_processes", {}).values()):
-            with contextlib.suppress(Exception):
-                p.kill()
-        pool.shutdown(wait=True, cancel_futures=True)
+        for worker in running.values():
+            with contextlib.suppress(OSError):
+                os.kill(worker.pid, signal.SIGKILL)
+        for worker in running.values():
+            with contextlib.suppress(OSError):
+                os.waitpid(worker.pid, 0)
+            with contextlib.suppress(OSError):
+                os.close(worker.rfd)
+        running.clear()
         raise
     finally:
-        _WORKER.clear()
-    pool.shutdown(wait=True)
+        counters.release()
+        shared.close()
     register_ready()
     return built
-
