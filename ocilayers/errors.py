@@ -7,9 +7,10 @@
     │   └── TarError: a layer is not a well-formed tar
     ├── UpperDirError (also ValueError): a local upper dir or tree cannot be packed as asked
     │   └── UnsupportedUpperError: the upper dir alone is not the diff (redirect, metacopy)
-    └── StoreError: the store is missing, corrupt, locked or lacks what was asked
-        ├── ImageNotFoundError: no tag, ID or ID prefix matches
-        └── ChangedError: a diff dir no longer matches its tar-split records
+    ├── StoreError: the store is missing, corrupt, locked or lacks what was asked
+    │   ├── ImageNotFoundError: no tag, ID or ID prefix matches
+    │   └── ChangedError: a diff dir no longer matches its tar-split records
+    └── MountError: a mount or unmount cannot be done (target, layer dir, or the kernel's errno)
 """
 
 
@@ -60,3 +61,8 @@ class ImageNotFoundError(StoreError):
 
 class ChangedError(StoreError):
     """A diff dir no longer matches its tar-split records."""
+
+
+class MountError(OCILayersError):
+    """A mount or unmount cannot be done: the target is missing, busy or not ours, a layer
+    dir is missing, or the kernel refused (with its errno)."""

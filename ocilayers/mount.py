@@ -1,13 +1,23 @@
-"""Overlay mounts as plain data, and the mount call: the lowerdir option with dockerd's
-short-`l/`-name rule, read-only and read-write, `userxattr`."""
+"""Overlay mounts as plain data, and the mount calls: mount(2) and umount2(2) themselves (an
+errno per failure, where mount(8) gives only text), the lowerdir option with dockerd's
+short-`l/`-name rule, read-only and read-write, `userxattr`, and what is mounted where
+(`/proc/self/mountinfo`)."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from ocilayers.errors import StoreError
+from ocilayers.errors import MountError
+
+MS_RDONLY = 1
+MS_REMOUNT = 32
+MS_BIND = 4096
+MNT_DETACH = 2
 
 
 @dataclass(frozen=True)
@@ -21,11 +31,16 @@ class OverlayMount:
     work: str | None = None
     userxattr: bool = False
 
+    @property
+    def flags(self) -> int:
+        """mount(2) flags: a view without an upper dir is read-only (MS_RDONLY, as mount(8)
+        turns `-o ro` into; the data string does not carry it)."""
+        return 0 if self.upper else MS_RDONLY
+
     def options(self, *, relative: bool) -> str:
-        """The `-o` string; lowers absolute, or relative to `base` (mount from inside it)."""
+        """The data string; lowers absolute, or relative to `base` (mount from inside it)."""
         lowers = self.lowers if relative else [os.path.join(self.base, x) for x in self.lowers]
-        opts = [] if self.upper else ["ro"]
-        opts.append("lowerdir=" + ":".join(lowers))
+        opts = ["lowerdir=" + ":".join(lowers)]
         if self.upper is not None:
             opts += [f"upperdir={self.upper}", f"workdir={self.work}"]
         if self.userxattr:
@@ -33,35 +48,167 @@ class OverlayMount:
         return ",".join(opts)
 
 
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of /proc/self/mountinfo (proc(5))."""
+
+    mount_point: str
+    fstype: str
+    source: str
+    options: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    raw = field.encode("utf-8", "surrogateescape")
+    while i < len(raw):
+        if raw[i:i + 1] == b"\\" and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return bytes(out).decode("utf-8", "surrogateescape")
+
+
+def mounts(pid: str = "self") -> list[MountInfo]:
+    """Every mount of the mount namespace `pid` is in, in mount order."""
+    out = []
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            head, _, tail = line.partition(" - ")
+            fields, rest = head.split(), tail.split()
+            if len(fields) < 6 or len(rest) < 3:
+                continue
+            out.append(MountInfo(_unescape(fields[4]), rest[0], _unescape(rest[1]),
+                                 fields[5]))
+    return out
+
+
+def mounted_at(path: str) -> MountInfo | None:
+    """The top-most mount whose mount point is `path` (resolved), or None."""
+    real = os.path.realpath(path)
+    found = None
+    for m in mounts():
+        if m.mount_point == real:
+            found = m
+    return found
+
+
+def mount_namespace(pid: str = "self") -> str:
+    """The mount namespace of `pid`, as its /proc link reads (`mnt:[4026531841]`)."""
+    return os.readlink(f"/proc/{pid}/ns/mnt")
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _sys_mount(source: str | None, target: str, fstype: str | None, flags: int,
+               data: str | None, what: str) -> None:
+    enc = [None if x is None else os.fsencode(x) for x in (source, target, fstype, data)]
+    if _libc().mount(enc[0], enc[1], enc[2], ctypes.c_ulong(flags), enc[3]) != 0:
+        err = ctypes.get_errno()
+        hint = ""
+        if err == errno.EINVAL and fstype == "overlay":
+            hint = " (overlayfs writes its reason to the kernel log: see dmesg)"
+        elif err == errno.EPERM:
+            hint = " (mounting needs root, or a user namespace)"
+        raise MountError(f"{what}: {os.strerror(err)}{hint}")
+
+
+def check_target(target: str) -> str:
+    """The absolute target, after the checks that can be made before mounting: it exists, is
+    a directory, and nothing is mounted on it yet."""
+    path = os.path.abspath(target)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"{target}: the mount target does not exist") from None
+    except NotADirectoryError:
+        raise MountError(f"{target}: a parent of the mount target is not a directory") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"{target}: the mount target is not a directory")
+    busy = mounted_at(path)
+    if busy is not None:
+        raise MountError(f"{target}: already a mount point ({busy.fstype} {busy.source} is "
+                         "mounted there); refusing to stack another mount on it")
+    return path
+
+
+def _check_dirs(m: OverlayMount) -> None:
+    for name in m.lowers:
+        if not os.path.isdir(os.path.join(m.base, name)):
+            raise MountError(f"lower dir {name} ({os.path.realpath(os.path.join(m.base, name))})"
+                             " is missing")
+    for what, path in (("upper", m.upper), ("work", m.work)):
+        if path is not None and not os.path.isdir(path):
+            raise MountError(f"{what} dir {path} is missing")
+
+
 def mount_overlay(m: OverlayMount, target: str) -> None:
     """Mount `m` on `target`. As dockerd does, when the option string with absolute lowers
     would not fit in a page (the kernel's limit for mount data), mount from inside `base`
-    with the short relative names."""
-    target = os.path.abspath(target)
+    with the short relative names (in a child process: the cwd is per process)."""
     if m.upper is None and len(m.lowers) == 1:
         raise ValueError("overlayfs needs two lowers for a read-only mount; bind-mount one")
+    path = check_target(target)
+    _check_dirs(m)
+    what = f"mount overlay on {target}"
     opts = m.options(relative=False)
     if len(opts) < os.sysconf("SC_PAGE_SIZE") - 1:
-        _run(["mount", "-t", "overlay", "overlay", "-o", opts, target])
-    else:
-        _run(["mount", "-t", "overlay", "overlay", "-o", m.options(relative=True), target],
-             cwd=m.base)
+        _sys_mount("overlay", path, "overlay", m.flags, opts, what)
+        return
+    _in_child(m.base, lambda: _sys_mount("overlay", path, "overlay", m.flags,
+                                         m.options(relative=True), what), what)
+
+
+def _in_child(cwd: str, call: Callable[[], None], what: str) -> None:
+    """Run `call` in a forked child whose cwd is `cwd`; its MountError comes back as ours."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            os.close(r)
+            os.chdir(cwd)
+            call()
+        except MountError as exc:
+            os.write(w, str(exc).encode()[:4000])
+            code = 1
+        except BaseException as exc:  # anything else, as text
+            os.write(w, f"{what}: {exc}".encode()[:4000])
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise MountError(msg or f"{what}: failed")
 
 
 def bind_readonly(source: str, target: str) -> None:
     """A read-only bind mount (a one-layer image's view)."""
-    _run(["mount", "--bind", "-o", "ro", source, target])
-    _run(["mount", "-o", "remount,bind,ro", target])
+    path = check_target(target)
+    if not os.path.isdir(source):
+        raise MountError(f"layer dir {source} is missing")
+    _sys_mount(source, path, None, MS_BIND, None, f"bind-mount {source} on {target}")
+    try:
+        _sys_mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None,
+                   f"make {target} read-only")
+    except BaseException:
+        unmount(path)
+        raise
 
 
-def umount(target: str) -> None:
-    _run(["umount", target])
-
-
-def _run(argv: Sequence[str], cwd: str | None = None) -> None:
-    import subprocess
-
-    proc = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        msg = (proc.stderr or proc.stdout).strip().splitlines()
-        raise StoreError(f"{argv[0]} failed: {msg[-1] if msg else proc.returncode}")
+def unmount(target: str, *, detach: bool = False) -> None:
+    """umount2(2) the mount on `target`."""
+    if _libc().umount2(os.fsencode(target), ctypes.c_int(MNT_DETACH if detach else 0)) != 0:
+        err = ctypes.get_errno()
+        hint = " (a process is using it)" if err == errno.EBUSY else ""
+        raise MountError(f"unmount {target}: {os.strerror(err)}{hint}")

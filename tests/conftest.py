@@ -249,3 +249,54 @@ class Layout:
         self.write_index(index)
         entry: dict[str, Any] = index["manifests"][0]
         return entry
+
+
+# --- overlay mounts ---
+
+_MOUNT_PROBE: list[str | None] = []
+
+
+def _probe_overlay(base: Path) -> str | None:
+    """None if a read-only overlay mount works here, else why not."""
+    if shutil.which("mount") is None:
+        return "no mount(8)"
+    for d in ("a", "b", "m"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    (base / "a" / "x").write_text("x")
+    proc = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                           f"ro,lowerdir={base / 'a'}:{base / 'b'}", str(base / "m")],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return f"overlay mount not permitted here: {proc.stderr.strip()}"
+    subprocess.run(["umount", str(base / "m")], check=False)
+    return None
+
+
+@pytest.fixture
+def mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Path]]:
+    """Skip unless overlay mounts work; unmount every path the test appends, at teardown."""
+    if not _MOUNT_PROBE:
+        _MOUNT_PROBE.append(_probe_overlay(tmp_path_factory.mktemp("overlay-probe")))
+    if _MOUNT_PROBE[0] is not None:
+        pytest.skip(_MOUNT_PROBE[0])
+    targets: list[Path] = []
+    yield targets
+    for t in reversed(targets):
+        while os.path.ismount(t):
+            if subprocess.run(["umount", str(t)], capture_output=True, check=False).returncode:
+                subprocess.run(["umount", "-l", str(t)], capture_output=True, check=False)
+                break
+
+
+def mountinfo(target: Path) -> tuple[str, str, str] | None:
+    """(fs type, mount options, super options) of the mount at `target`, or None."""
+    want = os.path.realpath(target)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, right = line.split(" - ", 1)
+            fields = left.split()
+            if fields[4] == want:
+                fstype, _src, sopts = right.split(" ", 2)
+                found = (fstype, fields[5], sopts.strip())
+    return found

@@ -4,6 +4,7 @@
 - `layers`: staging, `ingest` of a tar stream, registration, lookup, removal;
 - `images`: configs, tags, lookup by name;
 - `containers`: `layerdb/mounts/` records;
+- `mounts`: ocilayers' records of the mounts it made (what, where, in which namespace);
 - `gc`: what is still referenced, rmi, prune, orphans;
 - `fsck`: the format check and verify.
 
@@ -19,6 +20,7 @@ from ocilayers.store.containers import ContainerStore
 from ocilayers.store.images import ImageStore, StoreImage
 from ocilayers.store.layers import MAX_DEPTH, LayerRecord, LayerStore, Staging, diff_size
 from ocilayers.store.layout import StoreLayout, default_root
+from ocilayers.store.mounts import MountStore
 
 __all__ = ["MAX_DEPTH", "LayerRecord", "Staging", "Store", "StoreImage", "default_root",
            "diff_size"]
@@ -33,6 +35,7 @@ class Store:
         self.layers = LayerStore(self.layout)
         self.images = ImageStore(self.layout)
         self.containers = ContainerStore(self.layout)
+        self.mounts = MountStore(self.layout)
 
     def init(self) -> None:
         self.layout.init()

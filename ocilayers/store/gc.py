@@ -13,11 +13,17 @@ from ocilayers.store.images import top_chain
 from ocilayers.store.layers import BIRTH_PREFIX, CLAIM_PREFIX, STAGING_PREFIX
 
 
-def referenced_chains(store: Store) -> set[Digest]:
-    """Every layer some image, container or running unpack still needs."""
+def referenced_chains(store: Store, *, without: Digest | None = None,
+                      mounts: bool = True) -> set[Digest]:
+    """Every layer some image (but `without`), container, running unpack or, with `mounts`,
+    live mount still needs."""
     needed: set[Digest] = set(store.layers.claimed_chains())
+    if mounts:
+        needed.update(Digest.parse(c) for m in store.mounts.live() for c in m.chains)
     tops: list[Digest] = []
     for image_id in store.images.ids():
+        if image_id == without:
+            continue
         try:
             top = top_chain(store.images.config(image_id))
         except StoreError as exc:
@@ -40,18 +46,28 @@ def remove_image(store: Store, name: str) -> list[str]:
         for rec in img.layers:  # a corrupt store file is an error before anything is removed
             store.layers.check_files(rec)
         tags = store.images.tags()
+        named_tag = None
         with contextlib.suppress(ImageError):
             norm = normalize_reference(name)
             if tags.get(norm) == image_id:
-                store.images.remove_tag(norm)
-                removed.append(f"untagged {norm}")
-                if any(i == image_id for t, i in tags.items() if t != norm):
-                    return removed
+                named_tag = norm
+        if named_tag is not None and any(i == image_id for t, i in tags.items()
+                                         if t != named_tag):
+            store.images.remove_tag(named_tag)  # other tags remain: only untag
+            return [f"untagged {named_tag}"]
+        # The image goes: whatever still uses it is checked before anything changes.
         users = store.containers.using(img.top.chain_id if img.top else None)
         if users:
             raise StoreError(f"image {image_id.short} is used by container(s) "
                              f"{', '.join(users)}")
-        for t in img.tags:
+        going = {str(r.chain_id) for r in img.layers} - {
+            str(c) for c in referenced_chains(store, without=image_id, mounts=False)}
+        views = store.mounts.using(going)
+        if views:
+            raise StoreError(f"image {image_id.short} is mounted at "
+                             f"{', '.join(m.target for m in views)} (ocilayers umount it "
+                             "first)")
+        for t in sorted(img.tags, key=lambda t: t != named_tag):  # the one named first
             if t in store.images.tags():
                 store.images.remove_tag(t)
                 removed.append(f"untagged {t}")
@@ -62,10 +78,16 @@ def remove_image(store: Store, name: str) -> list[str]:
 
 
 def prune_layers(store: Store) -> list[str]:
-    """Remove every layer nothing references, children before parents. Call under the lock."""
-    needed = referenced_chains(store)
+    """Remove every layer nothing references, children before parents; a layer only a live
+    mount still uses is kept and named. Call under the lock."""
+    needed = referenced_chains(store, mounts=False)
     removed = []
     layers = {r.chain_id: r for r in store.layers.all()}
+    for m in store.mounts.live():
+        kept = [c for c in map(Digest.parse, m.chains) if c in layers and c not in needed]
+        needed.update(kept)
+        if kept:
+            removed.append(f"kept {len(kept)} layer(s) mounted at {m.target}")
     for r in layers.values():
         if r.chain_id not in needed:
             store.layers.check_files(r)  # all checked before the first one goes
