@@ -19,25 +19,34 @@ from ocilayers.store import Store, StoreImage
 
 if TYPE_CHECKING:
     from ocilayers.builder import ProgressFn, WrittenImage
+    from ocilayers.sources import Image
     from ocilayers.unpack import ProgressFn as UnpackProgress
     from ocilayers.unpack import UnpackResult
 
 __all__ = ["PackResult", "Store", "StoreImage", "convert_image", "export", "find_image",
            "flatten", "inspect_source", "list_images", "load_image", "mount", "open_store",
-           "pack", "pack_to_file", "prune", "remove_image", "source_or_image", "tag", "umount",
+           "pack", "pack_to_file", "prune", "remove_image", "resolve_source", "source_or_image",
+           "tag", "umount",
            "unpack", "untag", "verify"]
 
 
 # --- sources ---
 
-def inspect_source(source: str, *, ref: str | None = None,
-                   platform: Platform | str | None = None) -> dict[str, Any]:
-    """Describe one image of a source without reading its layers (their presence is checked)."""
+def resolve_source(source: str, *, ref: str | None = None,
+                   platform: Platform | str | None = None) -> Image:
+    """One image of a source: manifest, config and layer descriptors, without reading the
+    layers (their presence and size are checked)."""
     with open_source(source) as src:
         image = src.resolve(ref, platform)
         for layer in image.layers:
             src.check_layer_present(layer)
-        return shapes.source_image(image)
+        return image
+
+
+def inspect_source(source: str, *, ref: str | None = None,
+                   platform: Platform | str | None = None) -> dict[str, Any]:
+    """Describe one image of a source without reading its layers (their presence is checked)."""
+    return shapes.source_image(resolve_source(source, ref=ref, platform=platform))
 
 
 def convert_image(source: str, out: str, *, ref: str | None = None,
@@ -142,14 +151,16 @@ def flatten(arg: str, dest: str, *, root: str | None = None, ref: str | None = N
     return flatten_image(arg, dest, root=root, ref=ref, platform=platform)
 
 
-def mount(store: Store, name: str, target: str) -> None:
-    """A read-only merged view of an image (overlay of its lower chain; bind for one layer)."""
+def mount(store: Store, name: str, target: str) -> str:
+    """A read-only merged view of an image (overlay of its lower chain; bind for one layer),
+    recorded in the store; returns the target path."""
     from ocilayers.view import mount_image
 
-    mount_image(store, name, target)
+    return mount_image(store, name, target)
 
 
-def umount(target: str) -> None:
-    from ocilayers.mount import umount as do_umount
+def umount(store: Store, target: str) -> None:
+    """Unmount a view `mount` made (by its record in the store)."""
+    from ocilayers.view import umount as view_umount
 
-    do_umount(target)
+    view_umount(store, target)

@@ -25,6 +25,8 @@ from ocilayers.spec import (
     Manifest,
     config_with,
     dump_json,
+    normalize_reference,
+    oci_config_nulls,
 )
 from ocilayers.streams import CHUNK, Readable, write_layer_blob
 
@@ -51,18 +53,38 @@ class BlobInput:
 
 @dataclass(frozen=True)
 class WrittenImage:
+    """One image as written. `tags` are the names the output gives it (normalised; empty: it
+    has none). `dropped_nulls` are config members left out because the OCI config schema
+    wants a value there (`config.Env`); `config_before` is then the config digest (image ID)
+    it had. `others` are the further images written into the same output (an export of a
+    repository whose tags name several images), in the order written."""
+
     manifest: Descriptor
     config: Descriptor
     layers: tuple[Descriptor, ...]
     manifest_raw: bytes = b""
     config_raw: bytes = b""
+    tags: tuple[str, ...] = ()
+    dropped_nulls: tuple[str, ...] = ()
+    config_before: Digest | None = None
+    others: tuple[WrittenImage, ...] = ()
+
+    @property
+    def images(self) -> tuple[WrittenImage, ...]:
+        """This image and the others written with it."""
+        return (self, *self.others)
 
 
 class Destination(Protocol):
-    """Where a built image goes: blobs by digest, then the manifest and its tags."""
+    """Where a built image goes: blobs by digest, then the manifest and its tags.
+    `oci_config`: the config must satisfy the image-spec's config schema (an OCI output); a
+    Docker output keeps the config bytes, null members and all, as `docker save` does."""
 
     @property
     def blobs(self) -> ContentWriter: ...
+
+    @property
+    def oci_config(self) -> bool: ...
 
     def commit(self, image: WrittenImage, tags: Sequence[str]) -> None: ...
 
@@ -155,14 +177,22 @@ class ImageBuilder:
             if i >= len(self._kept):
                 new_ids.append(diff_id)
         config_raw = self.config_bytes(new_ids)
+        dropped: tuple[str, ...] = ()
+        before: Digest | None = None
+        if dest.oci_config:  # null where the schema wants a value: left out, nothing else
+            fixed, dropped = oci_config_nulls(config_raw)
+            if dropped:
+                before, config_raw = Digest.of_bytes(config_raw), fixed
         config = Descriptor(MEDIA_TYPE_OCI_CONFIG, dest.blobs.put_blob(config_raw),
                             len(config_raw))
         manifest = Manifest(MEDIA_TYPE_OCI_MANIFEST, config, tuple(descs))
         manifest_raw = dump_json(manifest.to_json())
         mdesc = Descriptor(MEDIA_TYPE_OCI_MANIFEST, dest.blobs.put_blob(manifest_raw),
                            len(manifest_raw))
-        written = WrittenImage(mdesc, config, tuple(descs), manifest_raw, config_raw)
-        dest.commit(written, tags)
+        names = tuple(dict.fromkeys(normalize_reference(t) for t in tags))
+        written = WrittenImage(mdesc, config, tuple(descs), manifest_raw, config_raw,
+                               tags=names, dropped_nulls=dropped, config_before=before)
+        dest.commit(written, names)
         return written
 
 

@@ -149,8 +149,26 @@ class TarFiles:
                     key = _norm_member(m.name)
                     if key is not None:
                         self._members[key] = m
+                end = tf.offset
         except tarfile.TarError as exc:
+            if "unexpected end of data" in str(exc):
+                raise ImageError(f"{name}: truncated (the archive ends inside a member)") \
+                    from None
             raise ImageError(f"{name}: not a readable tar archive: {exc}") from None
+        size = os.fstat(self._fd).st_size
+        for m in self._members.values():
+            if m.offset_data + (m.size if m.isreg() else 0) > size:
+                raise ImageError(f"{name}: truncated: member {m.name!r} needs "
+                                 f"{m.offset_data + m.size} bytes, the file has {size}")
+        # tarfile takes a file that stops between members for a short archive: only the
+        # end-of-archive blocks tell a whole archive from a cut one.
+        self.truncated = size < end + 1024
+
+    def check_whole(self) -> None:
+        """An error if the archive ended before its end-of-archive blocks."""
+        if self.truncated:
+            raise ImageError(f"{self.name}: truncated (the archive ends before its "
+                             "end-of-archive blocks)")
 
     def _lookup(self, rel: str) -> TarInfo | None:
         key: str | None = _norm_member(rel)

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a tag / image ID in the store")
     pick(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-trunc", action="store_true", help="full IDs and commands")
     p.set_defaults(func=cmd_inspect)
 
     p = add("unpack", "unpack an image into the overlay2 store")
@@ -81,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare two plain trees instead of reading an overlay upper dir")
     p.add_argument("--lower", action="append", default=[], metavar="DIR",
                    help="a lower layer (diff dir) or merged lower tree, top-most first")
-    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip")
-    p.add_argument("--xattrs", choices=("all", "docker"), default="all")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
+                   help="layer compression (default: gzip)")
+    p.add_argument("--xattrs", choices=("all", "docker"), default="all",
+                   help="which xattrs go into the layer: all but host and overlay ones, or "
+                        "only security.capability as docker commit (default: all)")
     p.add_argument("--opaque", choices=("docker", "lower"),
                    help="which opaque dirs get a marker (default: lower with --lower, "
                         "else docker)")
@@ -97,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pack)
 
     p = add("images", "list the store's images")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="exact values: sizes in bytes, times as the config has them")
+    p.add_argument("--no-trunc", action="store_true", help="full image IDs")
     p.set_defaults(func=cmd_images)
 
     p = add("tag", "tag a store image")
@@ -136,12 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_flatten)
 
     p = add("export", "write a store image out, rebuilding each layer byte for byte")
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("image", metavar="IMAGE",
+                   help="REPO:TAG (that tag), REPO (every tag of it), or an image ID or "
+                        "unique ID prefix (no tag), as `docker save` takes them")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="file or dir, or - for stdout (archive formats)")
-    p.add_argument("--format", choices=FORMATS, default="oci-archive")
-    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--format", choices=FORMATS, default="oci-archive",
+                   help="output format (default: %(default)s)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
+                   help="layer compression (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the written digests as JSON")
     p.set_defaults(func=cmd_export)
 
     p = add("convert", "copy an image into an OCI layout, oci-archive or docker-save tarball")
@@ -149,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="file or dir, or - for stdout (archive formats)")
     pick(p)
-    p.add_argument("--format", choices=FORMATS, default="oci-archive")
-    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip")
+    p.add_argument("--format", choices=FORMATS, default="oci-archive",
+                   help="output format (default: %(default)s)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
+                   help="layer compression (default: %(default)s)")
     p.add_argument("--tag", action="append", metavar="REPO:TAG",
                    help="tag to write (repeatable; default: the source's tags)")
     p.add_argument("--json", action="store_true", help="print the written digests as JSON")
@@ -207,33 +219,21 @@ def _existing_store(args: argparse.Namespace) -> Store:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from ocilayers import texts
+
     store = _store(args)
     if api.source_or_image(store, args.source) == "image":
         img = store.find_image(args.source)
         if args.json:
             _print_json(shapes.store_image(img))
-            return 0
-        print(f"Image ID:  {img.image_id}")
-        if img.tags:
-            print(f"Tags:      {', '.join(img.tags)}")
-        print(f"Layers:    {len(img.layers)}")
-        for i, r in enumerate(img.layers, 1):
-            print(f"  {i:>3}  {r.chain_id}  {r.size:>12}  cache-id {r.cache_id}")
-            print(f"       diff_id  {r.diff_id}")
+        else:
+            print(texts.store_image_text(img, args.no_trunc))
         return 0
-    info = api.inspect_source(args.source, ref=args.ref, platform=args.platform)
+    image = api.resolve_source(args.source, ref=args.ref, platform=args.platform)
     if args.json:
-        _print_json(info)
-        return 0
-    print(f"Image ID:  {info['image_id']}")
-    if info["tags"]:
-        print(f"Tags:      {', '.join(info['tags'])}")
-    print(f"Platform:  {info['platform']}")
-    print(f"Layers:    {len(info['layers'])}")
-    for i, layer in enumerate(info["layers"], 1):
-        print(f"  {i:>3}  {layer['digest']}  {layer['size']:>12}  {layer['media_type']}")
-        print(f"       diff_id  {layer['diff_id']}")
-        print(f"       chain_id {layer['chain_id']}")
+        _print_json(shapes.source_image(image))
+    else:
+        print(texts.source_image_text(image, args.no_trunc))
     return 0
 
 
@@ -247,6 +247,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     _report_written(args, written)
+    if not written.tags:
+        _msg(args, f"{PROG}: note: the output has no tag (the source names no repository); "
+                   "give it one with --tag REPO:TAG")
     return 0
 
 
@@ -270,12 +273,20 @@ def _write_out(args: argparse.Namespace, write: Callable[[str], Any]) -> Any:
 
 
 def _report_written(args: argparse.Namespace, written: Any) -> None:
-    """The digest (or --json) on stdout; on stderr when stdout carries the image."""
+    """The manifest digest of each image written (or --json) on stdout; on stderr when stdout
+    carries the image. A note for each config that lost null members to the OCI schema."""
     stream = sys.stderr if args.output == "-" else sys.stdout
     if args.json:
         stream.write(json.dumps(shapes.written_image(written), indent=2) + "\n")
     elif args.output != "-":
-        print(written.manifest.digest)
+        for w in written.images:
+            print(w.manifest.digest)
+    for w in written.images:
+        if w.dropped_nulls:
+            _msg(args, f"{PROG}: note: the OCI config schema allows no null in "
+                       f"{', '.join(w.dropped_nulls)}: left out of the config (null means "
+                       f"absent), so the image ID is {w.config.digest} (was {w.config_before}); "
+                       "the DiffIDs are unchanged")
 
 
 def cmd_unpack(args: argparse.Namespace) -> int:
@@ -343,16 +354,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    from ocilayers import texts
+
     store = _existing_store(args)
-    rows = api.list_images(store)
     if args.json:
-        _print_json(rows)
-        return 0
-    print(f"{'REPOSITORY:TAG':<40} {'IMAGE ID':<14} {'CREATED':<22} SIZE")
-    for row in rows:
-        for t in row["tags"] or ["<none>"]:
-            print(f"{t:<40} {row['image_id'][7:19]:<14} {str(row['created'] or '')[:20]:<22} "
-                  f"{row['size']}")
+        _print_json(api.list_images(store))
+    else:
+        print(texts.images_table(list(store.iter_images()), args.no_trunc))
     return 0
 
 
@@ -398,7 +406,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    api.umount(args.target)
+    api.umount(_store(args), args.target)
     return 0
 
 

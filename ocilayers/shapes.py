@@ -64,9 +64,15 @@ def pack_result(result: PackResult) -> dict[str, Any]:
             "whiteouts": result.stats.whiteouts, "opaques": result.stats.opaques}
 
 
-def written_image(written: WrittenImage) -> dict[str, Any]:
-    """`ocilayers convert|export --json`."""
+def _one_written(written: WrittenImage) -> dict[str, Any]:
     return {"manifest_digest": str(written.manifest.digest),
             "config_digest": str(written.config.digest),
             "layers": [{"digest": str(d.digest), "size": d.size, "media_type": d.media_type}
-                       for d in written.layers]}
+                       for d in written.layers],
+            "tags": list(written.tags)}
+
+
+def written_image(written: WrittenImage) -> dict[str, Any]:
+    """`ocilayers convert|export --json`: the first image's digests and tags, and under
+    `images` every image the output holds (an export of a repository may write several)."""
+    return {**_one_written(written), "images": [_one_written(w) for w in written.images]}

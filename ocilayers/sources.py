@@ -523,5 +523,8 @@ def _open_file(fobj: IO[bytes], name: str, ref: str | None) -> ImageSource:
             store.close()
             raise
         return ImageSource(store, "oci-archive", name, ref)
-    store.close()
+    try:
+        store.check_whole()  # a cut archive says so, not that it is no image
+    finally:
+        store.close()
     raise ImageError(f"{name}: not an image archive (no index.json or manifest.json)")

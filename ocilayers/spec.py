@@ -429,3 +429,150 @@ def config_with(data: Mapping[str, Any], *, diff_ids: Iterable[Digest] = (),
     if author is not None:
         out["author"] = author
     return out
+
+
+# --- the image-spec's config schema: null where it wants a value ---
+
+# Members schema/config-schema.json (image-spec v1.0.0 to v1.1.1 and main) types without
+# allowing null. It allows null for `config.Entrypoint`, `Cmd`, `Volumes` and `Labels`, and
+# does not know `OnBuild` or Docker's other fields (any value passes). dockerd writes
+# `"Env":null` for an image with no environment (`docker import`). config.md: "Any OPTIONAL
+# field MAY also be set to null, which is equivalent to being absent", so leaving such a member
+# out means the same config. `architecture`, `os` and `rootfs` are REQUIRED: a null there
+# cannot be dropped and is left as it is.
+OCI_CONFIG_NOT_NULL = ("created", "author", "variant", "os.version", "os.features", "config",
+                       "history")
+OCI_CONFIG_CONFIG_NOT_NULL = ("User", "ExposedPorts", "Env", "WorkingDir", "StopSignal",
+                              "ArgsEscaped")
+OCI_CONFIG_HISTORY_NOT_NULL = ("created", "author", "created_by", "comment", "empty_layer")
+
+_JSON_WS = b" \t\n\r"
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_SCALAR = re.compile(rb"[^\s,\]}]+")
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)
+
+
+def _json_ws(b: bytes, i: int) -> int:
+    while i < len(b) and b[i] in _JSON_WS:
+        i += 1
+    return i
+
+
+def _json_value_end(b: bytes, i: int) -> int:
+    """Where the JSON value starting at `b[i]` ends (`b` is known to be valid JSON)."""
+    if b[i:i + 1] in (b"{", b"["):
+        depth = 0
+        for m in _JSON_TOKEN.finditer(b, i):  # strings whole, so brackets in them are skipped
+            if m.group() in (b"{", b"["):
+                depth += 1
+            elif m.group() in (b"}", b"]"):
+                depth -= 1
+                if depth == 0:
+                    return m.end()
+        raise ImageError("image config: unbalanced JSON")
+    value = (_JSON_STRING if b[i:i + 1] == b'"' else _JSON_SCALAR).match(b, i)
+    if value is None:
+        raise ImageError(f"image config: no JSON value at byte {i}")
+    return value.end()
+
+
+def _json_members(b: bytes, i: int) -> list[tuple[str, int, int, int]]:
+    """The members of the object at `b[i]` (`{`): (key, key start, value start, value end)."""
+    out: list[tuple[str, int, int, int]] = []
+    i = _json_ws(b, i + 1)
+    while b[i:i + 1] != b"}":
+        m = _JSON_STRING.match(b, i)
+        colon = _json_ws(b, m.end()) if m else -1
+        if m is None or b[colon:colon + 1] != b":":
+            raise ImageError(f"image config: no object member at byte {i}")
+        start = _json_ws(b, colon + 1)
+        end = _json_value_end(b, start)
+        out.append((json.loads(m.group()), i, start, end))
+        i = _json_ws(b, end)
+        if b[i:i + 1] == b",":
+            i = _json_ws(b, i + 1)
+    return out
+
+
+def _json_elements(b: bytes, i: int) -> list[int]:
+    """Where each element of the array at `b[i]` (`[`) starts."""
+    out: list[int] = []
+    i = _json_ws(b, i + 1)
+    while b[i:i + 1] != b"]":
+        out.append(i)
+        i = _json_ws(b, _json_value_end(b, i))
+        if b[i:i + 1] == b",":
+            i = _json_ws(b, i + 1)
+    return out
+
+
+def _null_member_cuts(b: bytes, members: list[tuple[str, int, int, int]],
+                      names: Iterable[str]) -> tuple[list[tuple[int, int]], list[str]]:
+    """Byte ranges that remove the members named in `names` whose value is null, with their
+    separating comma, from one object; and the keys removed."""
+    drop = [b[s:e] == b"null" and k in set(names) for k, _, s, e in members]
+    kept = [m for m, d in zip(members, drop, strict=True) if not d]
+    cuts: list[tuple[int, int]] = []
+    if not kept:
+        if any(drop):
+            cuts.append((members[0][1], members[-1][3]))
+    else:
+        prev_end: int | None = None  # the end of the last kept member before this one
+        for (_, key_start, _, end), d in zip(members, drop, strict=True):
+            if not d:
+                prev_end = end
+            elif prev_end is None:  # before the first kept member: up to its key
+                cuts.append((key_start, kept[0][1]))
+            else:  # after a kept member: from its end, comma included
+                cuts.append((prev_end, end))
+    return cuts, [k for (k, *_), d in zip(members, drop, strict=True) if d]
+
+
+def oci_config_nulls(raw: bytes) -> tuple[bytes, tuple[str, ...]]:
+    """`raw` with every member the OCI config schema types but that holds null left out
+    (`OCI_CONFIG_NOT_NULL`...), cut out of the bytes: everything else (key order, spacing,
+    escapes, numbers) stays byte for byte. Returns `raw` itself and `()` when there is none,
+    else the new bytes and the members dropped (`config.Env`, `history[2].comment`)."""
+    data = load_json(raw, "image config")
+    cuts, dropped = _null_member_cuts(raw, top := _json_members(raw, _json_ws(raw, 0)),
+                                      OCI_CONFIG_NOT_NULL)
+    for key, _, start, _ in top:
+        if key == "config" and isinstance(data.get("config"), dict):
+            c, d = _null_member_cuts(raw, _json_members(raw, start), OCI_CONFIG_CONFIG_NOT_NULL)
+            cuts += c
+            dropped += [f"config.{k}" for k in d]
+        elif key == "history" and isinstance(data.get("history"), list):
+            for n, at in enumerate(_json_elements(raw, start)):
+                if raw[at:at + 1] == b"{":
+                    c, d = _null_member_cuts(raw, _json_members(raw, at),
+                                             OCI_CONFIG_HISTORY_NOT_NULL)
+                    cuts += c
+                    dropped += [f"history[{n}].{k}" for k in d]
+    if not cuts:
+        return raw, ()
+    merged: list[list[int]] = []  # the cuts of one object overlap when drops are adjacent
+    for start, end in sorted(cuts):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    out = raw
+    for start, end in reversed(merged):
+        out = out[:start] + out[end:]
+    if load_json(out, "image config") != _without(data, dropped):  # (duplicate keys, say)
+        raise ImageError(f"image config: cannot leave out its null {', '.join(dropped)}")
+    return out, tuple(dropped)
+
+
+def _without(data: Mapping[str, Any], paths: Iterable[str]) -> dict[str, Any]:
+    """A deep copy of config `data` without the members `oci_config_nulls` names."""
+    out: dict[str, Any] = json.loads(json.dumps(data))
+    for path in paths:  # `os.version`, `config.Env`, `history[2].comment`
+        obj, key = out, path
+        if path.startswith("config."):
+            obj, key = out["config"], path[len("config."):]
+        elif path.startswith("history["):
+            n, _, key = path[len("history["):].partition("].")
+            obj = out["history"][int(n)]
+        obj.pop(key, None)
+    return out

@@ -1,5 +1,6 @@
 """Image destinations: an OCI layout dir, an oci-archive or a docker-save tarball, with
-deterministic bytes. Blobs are staged in a temp dir beside the output; `commit` writes the
+deterministic bytes. Blobs are staged in a temp dir beside the output; `commit` records each
+image and its tags; when the `open_destination` block ends without an error, `finish` writes the
 index (and docker-save's `manifest.json`), then installs the dir or writes the archive, so
 nothing is left at the output when anything fails."""
 
@@ -12,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 from ocilayers.builder import WrittenImage
 from ocilayers.cas import LayoutWriter
-from ocilayers.errors import ImageError
+from ocilayers.errors import ImageError, OCILayersError
 from ocilayers.fsutil import atomic_output
 from ocilayers.spec import (
     ANNOTATION_CONTAINERD_NAME,
@@ -43,39 +44,63 @@ def _tag_of(ref: str) -> str:
 
 
 class LayoutDestination:
-    """An image written as an OCI layout into a staging dir, then installed at `out` as a
-    dir (`oci`) or packed into an archive (`oci-archive`, `docker-archive`)."""
+    """Images written as an OCI layout into a staging dir, then installed at `out` as a dir
+    (`oci`) or packed into an archive (`oci-archive`, `docker-archive`) by `finish()`.
+    Several images may be committed (an export of a repository with several tags)."""
 
     def __init__(self, out: str, format: str, stage: str) -> None:
         self.out = out
         self.format = format
         self.stage = stage
         self.blobs = LayoutWriter(stage)
+        self.images: list[tuple[WrittenImage, tuple[str, ...]]] = []
+
+    @property
+    def oci_config(self) -> bool:
+        """OCI outputs hold configs the image-spec's schema accepts; a docker-archive keeps
+        Docker's config bytes, as `docker save` (25+) writes them, so `docker load` gives
+        back the same image ID."""
+        return self.format != "docker-archive"
 
     def commit(self, image: WrittenImage, tags: Sequence[str]) -> None:
-        tags = [normalize_reference(t) for t in tags]
+        """One image and its tags (none: an untagged image); written out by `finish()`."""
+        self.images.append((image, tuple(normalize_reference(t) for t in tags)))
+
+    def files(self) -> dict[str, bytes]:
+        """`oci-layout`, `index.json` and, for docker-archive, `manifest.json` and (with any
+        tag) `repositories`, as dockerd's `docker save` writes them: one index entry per tag,
+        one untagged entry for an image without tags, `RepoTags: null` for no tag."""
         entries = []
-        for t in tags or [None]:  # type: ignore[list-item]
-            d = image.manifest.to_json()
-            if t is not None:
-                d["annotations"] = {ANNOTATION_CONTAINERD_NAME: full_reference(t),
-                                    ANNOTATION_REF_NAME: _tag_of(t)}
-            entries.append(d)
+        for image, tags in self.images:
+            for t in tags or (None,):
+                d = image.manifest.to_json()
+                if t is not None:
+                    d["annotations"] = {ANNOTATION_CONTAINERD_NAME: full_reference(t),
+                                        ANNOTATION_REF_NAME: _tag_of(t)}
+                entries.append(d)
         index = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX, "manifests": entries}
         files: dict[str, bytes] = {"oci-layout": OCI_LAYOUT, "index.json": dump_json(index)}
         if self.format == "docker-archive":
             files["manifest.json"] = dump_json([{
                 "Config": f"blobs/sha256/{image.config.digest.hex}",
-                "RepoTags": tags,
+                "RepoTags": list(tags) or None,
                 "Layers": [f"blobs/sha256/{d.digest.hex}" for d in image.layers],
-            }])
+            } for image, tags in self.images])
             repos: dict[str, dict[str, str]] = {}
-            for t in tags:
-                repo, _ = split_reference(t)
-                if image.layers:
-                    repos.setdefault(repo, {})[_tag_of(t)] = image.layers[-1].digest.hex
-            files["repositories"] = dump_json(repos)
-        for name, data in files.items():
+            for image, tags in self.images:
+                for t in tags:
+                    repo, _ = split_reference(t)
+                    if image.layers:
+                        repos.setdefault(repo, {})[_tag_of(t)] = image.layers[-1].digest.hex
+            if repos:
+                files["repositories"] = dump_json(repos)
+        return files
+
+    def finish(self) -> None:
+        """Write the index (and docker-save's files) and install the output."""
+        if not self.images:
+            raise ValueError("no image was committed to the destination")
+        for name, data in self.files().items():
             with open(os.path.join(self.stage, name), "wb") as f:
                 f.write(data)
             os.chmod(os.path.join(self.stage, name), 0o644)
@@ -85,17 +110,38 @@ class LayoutDestination:
             _write_archive(self.stage, self.out)
 
 
+def _output_dir(out: str) -> str:
+    """The dir `out` goes into, as the user wrote it (`.` for a bare name)."""
+    return os.path.dirname(os.path.normpath(out)) or "."
+
+
 @contextlib.contextmanager
 def open_destination(out: str, format: str) -> Iterator[LayoutDestination]:
-    """A destination for one image at `out`. For `oci` the target dir must not exist, or be
-    an empty dir. The staging dir is removed when the block ends, whatever happens."""
+    """A destination at `out`, written when the block ends without an error (`finish`). For
+    `oci` the target dir must not exist, or be an empty dir. The staging dir is removed when
+    the block ends, whatever happens. Errors name `out`, never a temp file."""
     if format not in FORMATS:
         raise ImageError(f"unknown output format {format!r} (want one of {', '.join(FORMATS)})")
     parent = os.path.dirname(os.path.abspath(out))
+    shown = _output_dir(out)
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.lexists(parent) else "does not exist"
+        raise OCILayersError(f"{out}: the directory {shown} {what}")
     if format == "oci" and os.path.lexists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ImageError(f"{out}: exists and is not an empty directory")
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".ocilayers-") as stage:
-        yield LayoutDestination(out, format, stage)
+    if format != "oci" and os.path.isdir(out):
+        raise OCILayersError(f"{out}: is a directory (--format {format} writes a file)")
+    try:
+        staging = tempfile.TemporaryDirectory(dir=parent, prefix=".ocilayers-")
+    except OSError as exc:
+        raise OCILayersError(f"{out}: cannot write in {shown}: {exc.strerror or exc}") from exc
+    with staging as stage:
+        dest = LayoutDestination(out, format, stage)
+        yield dest
+        try:
+            dest.finish()
+        except OSError as exc:  # (a rename or write in the staging dir: name the output)
+            raise OCILayersError(f"{out}: {exc.strerror or exc}") from exc
 
 
 def _install_dir(stage: str, out: str) -> None:

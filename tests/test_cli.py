@@ -180,3 +180,23 @@ def test_os_error_is_one_line(tmp_path: Path, capsys: Capsys) -> None:
     (layout / "index.json").mkdir()
     code, _, err = run_cli(["inspect", str(layout)], capsys)
     assert_one_line_error(code, err, "index.json")
+
+
+def test_every_option_with_a_default_says_it() -> None:
+    """`--help` of every command names each option's default (`convert --format` is
+    oci-archive, `--compression` gzip, ...)."""
+    import argparse
+
+    from ocilayers.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            default = action.default
+            if default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+                continue
+            if "default" not in (action.help or ""):
+                missing.append(f"{name} {action.option_strings[-1]} (default {default!r})")
+    assert not missing, "options whose help does not state the default: " + ", ".join(missing)

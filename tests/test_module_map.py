@@ -16,7 +16,7 @@ LEVELS: dict[str, int] = {
     "extract": 2, "differ": 2, "verify": 2, "cas": 2, "sources": 2, "mount": 2,
     "builder": 3, "writer": 3, "store": 3,
     "unpack": 4, "export": 4, "flatten": 4, "pack": 4, "view": 4, "lookup": 4,
-    "api": 5, "shapes": 5,
+    "api": 5, "shapes": 5, "texts": 5,
     "cli": 6, "__main__": 6, "__init__": 0,
 }
 

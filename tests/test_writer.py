@@ -300,3 +300,101 @@ def test_failed_convert_leaves_nothing(fmt: str, tmp_path: Path, capsys: Capsys)
 def test_convert_from_oci_dir_closes_its_blobs(tmp_path: Path, capsys: Capsys) -> None:
     # filterwarnings=error turns a blob file left for the GC to close into a failure here.
     convert(capsys, FIXTURES / "tiny", tmp_path / "out.tar", "oci-archive", "gzip")
+
+
+# --- errors name the output path, never a temp file ---
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_output_in_a_missing_dir_names_the_output(command: str, tmp_path: Path,
+                                                  capsys: Capsys) -> None:
+    root = tmp_path / "store"
+    what = str(FIXTURES / "tiny")
+    if command == "export":
+        code, _, err = run_cli(["--root", str(root), "unpack", what, "--tag", "tiny:1"],
+                               capsys)
+        assert code == 0, err
+        what = "tiny:1"
+    for fmt in FORMATS:
+        out_path = f"/nonexistent-{os.getpid()}/dir/x.tar"
+        code, stdout, err = run_cli(["--root", str(root), command, what, "-o", out_path,
+                                     "--format", fmt], capsys)
+        line = assert_one_line_error(
+            code, err, f"{out_path}: the directory /nonexistent-{os.getpid()}/dir does not exist")
+        assert ".ocilayers-" not in line and stdout == ""
+    # a parent that is a file, and (archive formats) an output that is a directory
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli(["--root", str(root), command, what, "-o",
+                            str(tmp_path / "file" / "x.tar")], capsys)
+    assert_one_line_error(code, err, f"{tmp_path / 'file' / 'x.tar'}: the directory "
+                                     f"{tmp_path / 'file'} is not a directory")
+    (tmp_path / "adir").mkdir()
+    code, _, err = run_cli(["--root", str(root), command, what, "-o", str(tmp_path / "adir")],
+                           capsys)
+    line = assert_one_line_error(code, err, f"{tmp_path / 'adir'}: is a directory")
+    assert ".ocilayers-" not in line
+    assert sorted(os.listdir(tmp_path)) == sorted(["adir", "file"]
+                                                  + (["store"] if command == "export" else []))
+    assert os.listdir(tmp_path / "adir") == []
+
+
+def test_relative_output_in_a_missing_dir(tmp_path: Path, capsys: Capsys,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["convert", str(FIXTURES / "tiny"), "-o", "sub/x.tar"], capsys)
+    assert_one_line_error(code, err, "sub/x.tar: the directory sub does not exist")
+
+
+# --- an output without a tag says so ---
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_convert_without_a_tag_notes_it(fmt: str, tmp_path: Path, capsys: Capsys) -> None:
+    """fixtures/demo's only ref name is the bare `latest`, which names no repository: the
+    output has no tag, and convert says so once (not with -q, not with --tag)."""
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["convert", str(FIXTURES / "demo"), "-o", str(out),
+                                 "--format", fmt], capsys)
+    assert code == 0, err
+    assert stdout.strip().startswith("sha256:")
+    notes = [ln for ln in err.splitlines() if ln]
+    assert len(notes) == 1, err
+    assert notes[0].startswith("ocilayers: note: ") and "no tag" in notes[0], notes
+    assert "--tag" in notes[0]
+    if fmt == "docker-archive":
+        with tarfile.open(out) as tf:
+            f = tf.extractfile("manifest.json")
+            assert f is not None
+            (entry,) = json.loads(f.read())
+            assert entry["RepoTags"] is None  # as dockerd writes an untagged image
+            assert "repositories" not in tf.getnames()
+    for extra in (["-q"], ["--tag", "demo:1"]):
+        again = tmp_path / f"again{extra[0]}"
+        code, _, err = run_cli(["convert", str(FIXTURES / "demo"), "-o", str(again),
+                                "--format", fmt, *extra], capsys)
+        assert (code, err) == (0, ""), err
+    code, _, err = run_cli(["convert", str(FIXTURES / "docker-save.tar"), "-o",
+                            str(tmp_path / "tagged"), "--format", fmt], capsys)
+    assert (code, err) == (0, ""), err  # the source's RepoTags: a tag, no note
+
+
+# --- help states the defaults ---
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_help_states_every_default(command: str, capsys: Capsys) -> None:
+    import argparse
+
+    from ocilayers.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    checked = 0
+    for action in parser._actions:
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            continue
+        text = (action.help or "") % {**vars(action), "prog": parser.prog}  # as argparse does
+        assert f"(default: {action.default})" in text, (action.option_strings, action.help)
+        checked += 1
+    assert checked >= 2  # --format and --compression
+    code, out, _ = run_cli([command, "--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    assert "(default: oci-archive)" in text and "(default: gzip)" in text

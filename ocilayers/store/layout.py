@@ -97,6 +97,7 @@ class StoreLayout:
     def init(self) -> None:
         """Create the store's dirs (and the root's missing parents, as dockerd's --data-root
         does). Modes as dockerd 20.10 makes them (checked against a real daemon's)."""
+        self._check_parents()
         os.makedirs(os.path.dirname(self.root), exist_ok=True)
         for path, mode in ((self.root, 0o710), (self.overlay, 0o710), (self.links, 0o700),
                            (os.path.join(self.root, "image"), 0o700), (self.image_root, 0o700),
@@ -113,6 +114,24 @@ class StoreLayout:
             except FileExistsError:
                 if not os.path.isdir(path):
                     raise StoreError(f"{path}: exists and is not a directory") from None
+
+    def _check_parents(self) -> None:
+        """A root below something that is not a dir gets a message that says so (mkdir
+        would say `File exists` or `Not a directory`)."""
+        path = self.root
+        while True:
+            parent = os.path.dirname(path)
+            if parent == path:
+                return
+            path = parent
+            try:
+                os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # (NotADirectoryError: a component further up is the culprit)
+            if not os.path.isdir(path):
+                raise StoreError(f"{self.root}: cannot make the store here: {path} is not a "
+                                 "directory")
+            return
 
     def exists(self) -> bool:
         return os.path.isdir(self.layerdb) and os.path.isdir(self.overlay)
