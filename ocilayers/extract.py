@@ -7,6 +7,9 @@ Two strategies share one loop:
   clears the lower children of its dir (image-spec layer.md "Whiteouts").
 
 Whiteouts act only on lower content, never on entries of the same layer, whatever the order.
+A whiteout or opaque marker below a non-directory of the same layer (umoci 0.4.7 repack turns a
+dir into a symlink and still writes `.wh.` entries for the old dir's children under it) hides
+nothing the non-directory does not hide already: it is ignored, and counted.
 Every path is resolved component by component from a directory fd with O_NOFOLLOW, so nothing
 is ever created, changed or deleted outside the target, and no symlink is written through.
 """
@@ -45,6 +48,11 @@ class LayerStats:
     hardlinks: int = 0
     skipped: int = 0  # AUFS metadata; devices, owners and xattrs a rootless run cannot make
     root_opaque: bool = False  # a `.wh..wh..opq` on the layer root, left to the caller
+    # Whiteouts and opaque markers (also counted above) below a symlink, file, node or hardlink
+    # of this same layer, as umoci 0.4.7 repack writes them for a dir it turned into a symlink:
+    # the non-directory already hides the whole lower dir, so they are no-ops (nothing written,
+    # nothing followed), whichever comes first in the tar.
+    ignored_whiteouts: int = 0
     # layerdb `size` (st_size of every non-directory, each inode once), counted while writing;
     # None when it cannot be known that way: the dir was not empty, or the layer removed
     # something it had made (then walk the dir: store.diff_size).
@@ -100,6 +108,10 @@ class _NotDir(FileNotFoundError):
     """A path's parent exists but is not a directory (so the path cannot exist)."""
 
 
+class _SymlinkParent(UnsafeEntryError):
+    """A path's parent (or one above it) is a symlink: nothing is written through it."""
+
+
 def _join(parts: Sequence[bytes]) -> bytes:
     return b"/".join(parts)
 
@@ -147,6 +159,15 @@ class _Applier:
         self.whiteout_devs: dict[bytes, set[bytes]] = {}  # overlay: dir -> whiteouts made in it
         self.dir_meta: dict[bytes, TarEntry] = {}  # dir mode/times, applied after the children
         self.deferred_links: dict[bytes, TarEntry] = {}  # hardlinks whose target comes later
+        # Paths whose latest entry in this layer is a non-directory (symlink, file, node,
+        # hardlink): a whiteout below one that is still there hides nothing more.
+        self.non_dirs: set[bytes] = set()
+        # Whiteouts and opaque markers applied, by the dir holding them: a non-directory of the
+        # layer may still come over that dir (or one above it) later in the tar.
+        self.marker_dirs: dict[bytes, int] = {}
+        # Markers whose path ran into a symlink not (yet) of this layer: refused at the end
+        # unless by then a non-directory of the layer stands in their path.
+        self.blocked_markers: list[tuple[list[bytes], _SymlinkParent]] = []
         self.root_opaque = False
         self._fds: OrderedDict[bytes, int] = OrderedDict()  # dir path -> fd, LRU
         # New entries already have our ids, and (umask allowing) their mode: skip the syscalls.
@@ -254,8 +275,8 @@ class _Applier:
         st = os.stat(comp, dir_fd=fd, follow_symlinks=False)
         where = _join(parts).decode("utf-8", "backslashreplace")
         if stat.S_ISLNK(st.st_mode):
-            raise UnsafeEntryError(f"'{display}': parent '{where}' is a symlink; "
-                                   "refusing to write through it")
+            raise _SymlinkParent(f"'{display}': parent '{where}' is a symlink; "
+                                 "refusing to write through it")
         if create and is_whiteout_stat(st) and _join(parts) in self.whited:
             # `.wh.X` then `X/child` in one layer: X comes back as a new (opaque) directory.
             os.unlink(comp, dir_fd=fd)
@@ -277,14 +298,57 @@ class _Applier:
         kind, target = classify(parts[-1], display)
         if kind == "meta":
             self.stats.skipped += 1
-        elif kind == "opaque":
-            self.stats.opaques += 1
-            self._opaque(parts[:-1], display)
-        elif kind == "whiteout":
-            self.stats.whiteouts += 1
-            self._whiteout(parts[:-1], target, entry, display)
+        elif kind == "opaque" or kind == "whiteout":
+            if kind == "opaque":
+                self.stats.opaques += 1
+            else:
+                self.stats.whiteouts += 1
+            self._marker(kind, parts[:-1], target, entry, display)
         else:
             self._entry(parts, entry, reader, sink, display)
+
+    def _marker(self, kind: str, parent: list[bytes], target: bytes, entry: TarEntry,
+                display: str) -> None:
+        """A whiteout or opaque marker in the dir `parent`: ignored below a non-directory of
+        this layer, else applied; one whose path runs into a symlink is decided in finish()."""
+        if parent and self._below_own_non_dir(parent, display):
+            self.stats.ignored_whiteouts += 1
+            return
+        try:
+            if kind == "opaque":
+                self._opaque(parent, display)
+            else:
+                self._whiteout(parent, target, entry, display)
+        except _SymlinkParent as exc:
+            # Nothing was written. A later entry of the layer may still put a non-directory
+            # over the symlink (or above it): then this marker hides nothing; if not, refused.
+            self.blocked_markers.append((parent, exc))
+            return
+        if parent:
+            key = _join(parent)
+            self.marker_dirs[key] = self.marker_dirs.get(key, 0) + 1
+
+    def _below_own_non_dir(self, parent: Sequence[bytes], display: str) -> bool:
+        """Is the dir `parent`, or one above it, a non-directory this layer made that is still
+        there? Checked from the top down, never through a symlink: anything else in the way
+        (a lower symlink or file, a missing dir) answers False and is the caller's to handle."""
+        if not self.non_dirs:
+            return False
+        key = _join(parent)
+        end = -1
+        for i, comp in enumerate(parent):
+            end += len(comp) + 1
+            if key[:end] not in self.non_dirs:
+                continue
+            try:
+                pfd = self._dirfd(parent[:i], display, create=False)
+            except (FileNotFoundError, UnsafeEntryError):
+                return False
+            st = _lstat(comp, pfd)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                return True
+            # (a dir or nothing there now: the layer's non-directory was removed since)
+        return False
 
     def _mark_parents(self, parts: Sequence[bytes]) -> None:
         """Dirs a layer writes into are the layer's too: an opaque marker or whiteout of the
@@ -301,6 +365,10 @@ class _Applier:
         path = _join(parts)
         base = parts[-1]
         self.deferred_links.pop(path, None)  # a later entry at the same path wins
+        if entry.is_dir:
+            self.non_dirs.discard(path)
+        else:
+            self.non_dirs.add(path)
         if entry.type == LNK:
             self.stats.hardlinks += 1  # counted here: LNK is the only kind with its own method
             if not self._link(parts, entry, display):
@@ -459,6 +527,9 @@ class _Applier:
             prefix = path + b"/"
             for p in [p for p in self.dir_meta if p == path or p.startswith(prefix)]:
                 del self.dir_meta[p]
+            # whiteouts made in it are gone with it (the path may be a symlink next)
+            for p in [p for p in self.whiteout_devs if p == path or p.startswith(prefix)]:
+                del self.whiteout_devs[p]
             self._drop_cache(under=path)
         remove_at(pfd, base, st)
 
@@ -635,6 +706,20 @@ class _Applier:
 
     # -- the end --
 
+    def _settle_markers(self) -> None:
+        """Markers seen before the non-directory of this layer that stands over their dir
+        (whiteouts apply to lower content whatever the order): count them as ignored; refuse
+        those a symlink blocked unless such a non-directory now stands in their path."""
+        for parent, exc in self.blocked_markers:
+            if not self._below_own_non_dir(parent, str(exc)):
+                raise exc
+            self.stats.ignored_whiteouts += 1
+        if not self.non_dirs:
+            return
+        for key, count in self.marker_dirs.items():
+            if self._below_own_non_dir(key.split(b"/"), key.decode("utf-8", "backslashreplace")):
+                self.stats.ignored_whiteouts += count
+
     def finish(self) -> None:
         for entry in self.deferred_links.values():
             parts = _split(entry.name, self.max_path)
@@ -642,6 +727,7 @@ class _Applier:
                 raise ImageError(f"'{entry.display_name}': hardlink target "
                                  f"'{entry.linkname.decode('utf-8', 'backslashreplace')}' "
                                  "is not in the layer or below it")
+        self._settle_markers()
         if self.root_opaque:
             if self.lowers is not None:
                 self._drop_cache()

@@ -35,11 +35,27 @@ def _below(root: bytes, parts: list[bytes]) -> bytes:
     return b"/".join([root, *parts])
 
 
+def _below_non_dir(parent: list[bytes], non_dirs: set[bytes]) -> bool:
+    """Is the dir `parent`, or one above it, a non-directory in the tar (its last entry)?"""
+    if not non_dirs:
+        return False
+    key = b"/".join(parent)
+    end = -1
+    for comp in parent:
+        end += len(comp) + 1
+        if key[:end] in non_dirs:
+            return True
+    return False
+
+
 def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
     """Differences between the layer tar `stream` and the overlay-mode diff dir it made.
 
     Content is checked elsewhere (tar-split CRCs); this covers what tar-split cannot see:
-    types, modes, owners, mtimes, link targets, device numbers, xattrs, whiteouts, opaques."""
+    types, modes, owners, mtimes, link targets, device numbers, xattrs, whiteouts, opaques.
+    A whiteout or opaque marker below a non-directory of the same layer (umoci repack writes
+    them) hides nothing and left nothing on disk (extract.LayerStats.ignored_whiteouts):
+    nothing is looked for, and no path through that non-directory is looked up."""
     root = os.fsencode(diff_dir)
     problems: list[str] = []
     seen: set[bytes] = set()  # every path the tar accounts for, with its parents
@@ -49,6 +65,8 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
     expected_xattrs: dict[bytes, set[str]] = {}  # path -> on-disk xattr names the tar gave
     links: dict[bytes, bytes] = {}  # hardlink path -> its target's (one inode, one set)
     acl_dirs: set[bytes] = set()  # dirs with a default ACL: their children inherit ACLs
+    non_dirs: set[bytes] = set()  # paths whose last entry is not a dir
+    markers: list[tuple[str, list[bytes], bytes, str]] = []  # checked once non_dirs is whole
 
     def bad(msg: str) -> None:
         if len(problems) < _MAX_PROBLEMS:
@@ -73,27 +91,17 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
         except ValueError:
             bad(f"'{shown}': invalid whiteout")
             continue
-        parent = _below(root, parts[:-1])
         if kind == "meta":
             continue
-        if kind == "opaque":
-            account(parts[:-1])
-            opaque_dirs.add(b"/".join(parts[:-1]))
-            if not parts[:-1]:
-                root_opaque = True
-            elif not _opaque(parent):
-                bad(f"'{shown}': directory is no longer opaque")
-            continue
-        if kind == "whiteout":
-            account([*parts[:-1], target])
-            opaque_dirs.add(b"/".join([*parts[:-1], target]))  # if it comes back, as a new dir
-            path = os.path.join(parent, target)
-            if not os.path.lexists(path) and not any(
-                _opaque(_below(root, parts[:i])) for i in range(1, len(parts))
-            ):
-                missing_whiteouts.append((parts, shown))
+        if kind in ("opaque", "whiteout"):
+            # (the non-directory may come later in the tar: whiteouts are order-independent)
+            markers.append((kind, parts, target, shown))
             continue
         account(parts)
+        if entry.is_dir:
+            non_dirs.discard(b"/".join(parts))
+        else:
+            non_dirs.add(b"/".join(parts))
         path = _below(root, parts)
         try:
             st = os.lstat(path)
@@ -141,6 +149,25 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
                 have = None
             if have != value:
                 bad(f"'{shown}': xattr {name} changed")
+    for kind, parts, target, shown in markers:
+        if _below_non_dir(parts[:-1], non_dirs):
+            continue  # hides nothing the layer's own non-directory does not hide
+        parent = _below(root, parts[:-1])
+        if kind == "opaque":
+            account(parts[:-1])
+            opaque_dirs.add(b"/".join(parts[:-1]))
+            if not parts[:-1]:
+                root_opaque = True
+            elif not _opaque(parent):
+                bad(f"'{shown}': directory is no longer opaque")
+            continue
+        account([*parts[:-1], target])
+        opaque_dirs.add(b"/".join([*parts[:-1], target]))  # if it comes back, as a new dir
+        path = os.path.join(parent, target)
+        if not os.path.lexists(path) and not any(
+            _opaque(_below(root, parts[:i])) for i in range(1, len(parts))
+        ):
+            missing_whiteouts.append((parts, shown))
     if not root_opaque:  # a root marker makes every whiteout of the layer redundant
         for _parts, shown in missing_whiteouts:
             bad(f"'{shown}': whiteout is missing")
