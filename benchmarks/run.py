@@ -622,7 +622,8 @@ AREAS: list[tuple[str, Callable[[str, str], bool]]] = [
      or "crc" in n or "b2a_base64" in n),
     ("apply logic (extract.py, whiteout.py)", lambda f, n: f in ("extract.py", "whiteout.py")),
     ("streams, sources, store, orchestration",
-     lambda f, n: f in ("streams.py", "sources.py", "store.py", "unpack.py", "api.py")),
+     lambda f, n: f in ("streams.py", "sources.py", "cas.py", "layers.py", "layout.py",
+                        "images.py", "unpack.py", "api.py")),
 ]
 
 
@@ -636,8 +637,8 @@ PACK_AREAS: list[tuple[str, Callable[[str, str], bool]]] = [
      or "DirEntry" in n),
     ("tar header encoding (tarstream.py)", lambda f, n: f == "tarstream.py"),
     ("walk and entries (differ.py, whiteout.py)", lambda f, n: f in ("differ.py", "whiteout.py")),
-    ("streams, api, cli (streams.py, api.py, cli.py)",
-     lambda f, n: f in ("streams.py", "api.py", "cli.py")),
+    ("streams, api, cli (streams.py, pack.py, api.py, cli/)",
+     lambda f, n: f in ("streams.py", "pack.py", "api.py", "common.py", "__init__.py")),
 ]
 
 

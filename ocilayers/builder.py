@@ -134,7 +134,9 @@ class ImageBuilder:
     # -- config --
 
     def add_history(self, entry: HistoryEntry) -> None:
-        """A history entry with no layer of its own (`empty_layer`), after the new layers."""
+        """A history entry after those of the new layers: one with no layer of its own
+        (`empty_layer`), or that of a layer this builder does not write (commit registers it
+        in the store and passes its DiffID to `config_bytes`)."""
         self._history.append(entry)
 
     def edit_config(self, edit: Callable[[dict[str, Any]], None]) -> None:

@@ -5,10 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ocilayers.builder import WrittenImage
+    from ocilayers.commit import CommitResult
     from ocilayers.pack import PackResult
     from ocilayers.sources import Image
     from ocilayers.store import StoreImage
+    from ocilayers.store.containers import Container
+    from ocilayers.store.mounts import MountRecord
     from ocilayers.unpack import UnpackResult
 
 
@@ -76,3 +81,19 @@ def written_image(written: WrittenImage) -> dict[str, Any]:
     """`ocilayers convert|export --json`: the first image's digests and tags, and under
     `images` every image the output holds (an export of a repository may write several)."""
     return {**_one_written(written), "images": [_one_written(w) for w in written.images]}
+
+
+def container(c: Container, mounted: Sequence[MountRecord]) -> dict[str, Any]:
+    """One entry of `ocilayers ps --json` (and `create --json`)."""
+    return {"id": c.id, "name": c.name, "image_id": c.image_id, "created": c.created,
+            "command": list(c.command), "mount_id": c.mount_id,
+            "mounted": [{"target": r.target, "users": r.refs, "mnt_ns": r.mnt_ns}
+                        for r in mounted]}
+
+
+def commit_result(result: CommitResult) -> dict[str, Any]:
+    """`ocilayers commit --json`."""
+    return {"image_id": str(result.image_id),
+            "diff_id": str(result.diff_id) if result.diff_id else None,
+            "chain_id": str(result.chain_id) if result.chain_id else None,
+            "empty_layer": result.empty_layer, "size": result.size, "tags": list(result.tags)}

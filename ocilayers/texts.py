@@ -11,7 +11,9 @@ from ocilayers.spec import HistoryEntry
 
 if TYPE_CHECKING:
     from ocilayers.sources import Image
-    from ocilayers.store import StoreImage
+    from ocilayers.store import Store, StoreImage
+    from ocilayers.store.containers import Container
+    from ocilayers.store.mounts import MountRecord
 
 _UNITS = ("B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
 
@@ -167,3 +169,18 @@ def source_image_text(image: Image, no_trunc: bool = False) -> str:
     body = table(["#", "CREATED BY", "SIZE", "COMPRESSED", "DIFF ID", "CHAIN ID", "DIGEST",
                   "TYPE"], rows)
     return "\n".join([*head, "", body]) if rows else "\n".join(head)
+
+
+def containers_table(store: Store, rows: Sequence[tuple[Container, Sequence[MountRecord]]],
+                     no_trunc: bool = False) -> str:
+    """`ocilayers ps`: one row per container, oldest first."""
+    tags = store.images.tags()
+    out = []
+    for c, mounted in rows:
+        image = next((t for t, i in sorted(tags.items()) if str(i) == c.image_id),
+                     short_id(c.image_id, no_trunc))
+        where = ", ".join(r.target for r in mounted) if mounted else "-"
+        out.append([c.id if no_trunc else c.short_id, c.name or "-", image,
+                    ellipsize(" ".join(c.command), 30, no_trunc) or "-", since(c.created),
+                    where])
+    return table(["CONTAINER ID", "NAME", "IMAGE", "COMMAND", "CREATED", "MOUNTED"], out)

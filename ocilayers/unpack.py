@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -14,6 +14,7 @@ from ocilayers.sources import Image, ImageSource, Layer
 from ocilayers.spec import Digest, normalize_reference
 from ocilayers.store import MAX_DEPTH, LayerRecord, Staging, Store
 from ocilayers.store.layers import Built, fill_staging
+from ocilayers.store.layout import held_interrupt
 
 # (layer index, compressed bytes read so far, blob size); called in the parent process.
 ProgressFn = Callable[[int, int, int], None]
@@ -138,7 +139,7 @@ def _start_worker(src: ImageSource, image: Image, index: int, staging: Staging,
     end). Ctrl-C is held meanwhile, so it cannot come between the fork and the bookkeeping
     the clean-up relies on."""
     parent_pid = os.getpid()
-    with _held_interrupt():
+    with held_interrupt():
         rfd, wfd = os.pipe()
         try:
             pid = os.fork()
@@ -193,7 +194,7 @@ def unpack_image(store: Store, src: ImageSource, image: Image, *, tags: Sequence
     records: list[tuple[LayerRecord, bool]] = []
     with contextlib.ExitStack() as claimed:
         try:
-            with _held_interrupt(), store.lock():
+            with held_interrupt(), store.lock():
                 store.layers.clean_stale()
                 todo = [i for i, layer in enumerate(image.layers)
                         if store.layers.get(layer.chain_id) is None]
@@ -212,30 +213,9 @@ def unpack_image(store: Store, src: ImageSource, image: Image, *, tags: Sequence
             for st in stagings.values():
                 if os.path.exists(st.path):
                     store.layers.discard(st)
-        with _held_interrupt(), store.lock():
+        with held_interrupt(), store.lock():
             image_id = _write_image(store, image, norm_tags)
     return _result(image_id, norm_tags, records)
-
-
-@contextlib.contextmanager
-def _held_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C back while the store changes in steps that belong together (a layer's
-    registration; an image and its tags): the KeyboardInterrupt comes right after them,
-    never between two. Only Python's default SIGINT handler, in the main thread, is held."""
-    import threading
-
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    held: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if held:
-            raise KeyboardInterrupt
 
 
 def _write_image(store: Store, image: Image, tags: tuple[str, ...]) -> Digest:
@@ -271,7 +251,7 @@ def _build_all(src: ImageSource, image: Image, todo: list[int], stagings: dict[i
                 if i not in built:
                     return
                 b = built[i]
-                with _held_interrupt(), store.lock():
+                with held_interrupt(), store.lock():
                     rec, reused = store.layers.register_built(stagings[i], b, parent)
             else:
                 rec = store.layers.get(layer.chain_id)  # type: ignore[assignment]

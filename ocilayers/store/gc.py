@@ -105,7 +105,8 @@ def prune_layers(store: Store) -> list[str]:
 
 def remove_orphans(store: Store) -> list[str]:
     """Layer dirs no layerdb entry or container names (a crash between the rename and the
-    layerdb write), and `l/` links that point nowhere. Call under the lock."""
+    layerdb write, or in a container's create or rm), ocilayers' container records without a
+    container, and `l/` links that point nowhere. Call under the lock."""
     removed = []
     layout = store.layout
     known = {r.cache_id for r in store.layers.all()} | store.containers.cache_ids()
@@ -116,6 +117,9 @@ def remove_orphans(store: Store) -> list[str]:
                 continue
             rmtree(os.path.join(layout.overlay, name))
             removed.append(f"deleted orphan overlay2/{name}")
+    for path in store.containers.stale_records():
+        rmtree(path)
+        removed.append(f"deleted stale container record {os.path.relpath(path, layout.root)}")
     with contextlib.suppress(FileNotFoundError):
         for name in sorted(os.listdir(layout.links)):
             if not os.path.exists(os.path.join(layout.links, name)):

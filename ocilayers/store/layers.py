@@ -326,23 +326,13 @@ class LayerStore:
         if existing is not None:
             self.discard(staging)
             return existing, True
-        lower = ""
         prec = None
         if parent is not None:
             prec = self.get(parent)
             if prec is None:
                 raise StoreError(f"parent layer {parent} is not in the store")
-            lower = ":".join(self.lowers_of(prec.cache_id))
-            if lower.count(":") + 1 > MAX_DEPTH:
-                raise StoreError(f"layer {chain_id}: more than {MAX_DEPTH} layers")
-        link = new_link_id()
-        write_new(os.path.join(staging.path, "link"), link.encode(), 0o644)
-        if prec is not None:
-            write_new(os.path.join(staging.path, "lower"), lower.encode(), 0o644)
-            os.mkdir(os.path.join(staging.path, "work"), 0o700)
-            self.mark_committed(prec.cache_id)
-        os.chmod(staging.path, 0o710)
-        os.symlink(f"../{staging.cache_id}/diff", os.path.join(self.layout.links, link))
+        self.attach(staging.path, staging.cache_id, prec.cache_id if prec else None,
+                    what=f"layer {chain_id}")
         final = self.layout.layer_path(staging.cache_id)
         os.rename(staging.path, final)
         os.close(staging.fd)
@@ -359,6 +349,27 @@ class LayerStore:
         rec = self.get(chain_id)
         assert rec is not None
         return rec, False
+
+    def attach(self, path: str, name: str, parent: str | None, *, what: str,
+               max_lowers: int = MAX_DEPTH) -> str:
+        """Give the layer dir at `path` (to be `overlay2/<name>`) its `link`, the `l/` symlink
+        to `../<name>/diff`, and with a parent layer dir (`overlay2/<parent>`) its `lower`
+        and `work/`, marking the parent `committed`. Returns the link. An image layer has at
+        most MAX_DEPTH lowers; a container's rw layer one more (its init layer)."""
+        lower = ""
+        if parent is not None:
+            lower = ":".join(self.lowers_of(parent))
+            if lower.count(":") + 1 > max_lowers:
+                raise StoreError(f"{what}: more than {MAX_DEPTH} layers")
+        link = new_link_id()
+        write_new(os.path.join(path, "link"), link.encode(), 0o644)
+        if parent is not None:
+            write_new(os.path.join(path, "lower"), lower.encode(), 0o644)
+            os.mkdir(os.path.join(path, "work"), 0o700)
+            self.mark_committed(parent)
+        os.chmod(path, 0o710)
+        os.symlink(f"../{name}/diff", os.path.join(self.layout.links, link))
+        return link
 
     def mark_committed(self, cache_id: str) -> None:
         """dockerd's `committed` marker: a child was made on this layer (it is read-only now)."""

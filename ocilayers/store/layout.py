@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 from collections.abc import Iterator
 
 from ocilayers.errors import StoreError
@@ -151,3 +152,24 @@ class StoreLayout:
             yield
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def held_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C back while the store changes in steps that belong together (a layer's
+    registration; an image and its tags): the KeyboardInterrupt comes right after them,
+    never between two. Only Python's default SIGINT handler, in the main thread, is held."""
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if held:
+            raise KeyboardInterrupt

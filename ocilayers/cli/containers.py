@@ -1,0 +1,123 @@
+"""CLI commands for containers: create, ps, rm, commit (mount/umount are in `store`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ocilayers import lifecycle, shapes
+from ocilayers.cli.common import PROG, AddFn, PickFn, _existing_store, _print_json, _store
+
+
+def register(add: AddFn, pick: PickFn) -> None:
+    p = add("create", "make a container on an image: its init layer and an empty rw layer")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--name", metavar="NAME", help="a name for it, unique in the store")
+    p.add_argument("--json", action="store_true", help="print the container as JSON")
+    p.add_argument("command_argv", metavar="CMD", nargs="*",
+                   help="after --: its command (default: the image's Entrypoint + Cmd)")
+    p.set_defaults(func=cmd_create)
+
+    p = add("ps", "list the store's containers")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-trunc", action="store_true", help="full IDs")
+    p.set_defaults(func=cmd_ps)
+
+    p = add("rm", "remove a container: its rw and init layers and its records")
+    p.add_argument("containers", metavar="CONTAINER", nargs="+")
+    p.add_argument("-f", "--force", action="store_true", help="unmount it first")
+    p.set_defaults(func=cmd_rm)
+
+    p = add("commit", "commit a container's rw layer (or an upper dir) as a new image")
+    p.add_argument("container", metavar="CONTAINER", nargs="?")
+    p.add_argument("tag", metavar="REPO:TAG", nargs="?")
+    p.add_argument("--upper", metavar="DIR",
+                   help="commit this upper dir (Docker's, podman's) instead of a container")
+    p.add_argument("--from", dest="base", metavar="IMAGE",
+                   help="with --upper: the store image the upper dir was made on")
+    p.add_argument("-m", "--message", metavar="MESSAGE", help="the history entry's comment")
+    p.add_argument("-a", "--author", metavar="AUTHOR")
+    p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+                   help="a Dockerfile instruction to apply to the config (repeatable): CMD, "
+                        "ENTRYPOINT, ENV, EXPOSE, LABEL, USER, VOLUME, WORKDIR, STOPSIGNAL, "
+                        "HEALTHCHECK, ONBUILD")
+    p.add_argument("--created-by", metavar="TEXT",
+                   help="the history entry's created_by (default: the container's run steps "
+                        "joined with ' && ', else its command)")
+    p.add_argument("--source-date-epoch", type=int, metavar="N",
+                   help="the history's and config's created time, and a clamp for newer "
+                        "mtimes (default: $SOURCE_DATE_EPOCH if set, else now)")
+    p.add_argument("--xattrs", choices=("all", "docker"), default="all",
+                   help="as pack (default: all)")
+    p.add_argument("--opaque", choices=("docker", "lower"),
+                   help="as pack (default: lower: only dirs a lower layer has)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_commit)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    command = list(args.command_argv)
+    c = lifecycle.create_container(_store(args), args.image, name=args.name,
+                                   command=command or None)
+    if args.json:
+        _print_json(shapes.container(c, mounted=[]))
+    else:
+        print(c.id)
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from ocilayers import texts
+
+    store = _existing_store(args)
+    rows = lifecycle.list_containers(store)
+    if args.json:
+        _print_json([shapes.container(c, mounted) for c, mounted in rows])
+    else:
+        print(texts.containers_table(store, rows, args.no_trunc))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = _existing_store(args)
+    for name in args.containers:
+        c = lifecycle.find_container(store, name)
+        lifecycle.remove_container(store, c, force=args.force)
+        print(name)
+    return 0
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    from ocilayers.commit import CommitOptions, commit_container, commit_dir
+    from ocilayers.errors import OCILayersError
+    from ocilayers.pack import source_date_epoch
+
+    def warn(msg: str) -> None:
+        print(f"{PROG}: warning: {msg}", file=sys.stderr)
+
+    tag = args.tag
+    if args.upper is not None:
+        if args.base is None:
+            raise OCILayersError("--upper needs --from IMAGE (the image it was made on)")
+        if args.tag is not None:
+            raise OCILayersError("with --upper, give at most one REPO:TAG")
+        tag = args.container  # (`commit --upper DIR --from IMAGE REPO:TAG`)
+    elif args.container is None:
+        raise OCILayersError("commit needs a CONTAINER (or --upper DIR --from IMAGE)")
+    elif args.base is not None:
+        raise OCILayersError("--from goes with --upper")
+    opts = CommitOptions(tags=[tag] if tag else [], message=args.message, author=args.author,
+                         changes=args.change, created_by=args.created_by,
+                         source_date_epoch=source_date_epoch(args.source_date_epoch),
+                         xattrs=args.xattrs, opaque=args.opaque, warn=warn)
+    store = _existing_store(args)
+    if args.upper is not None:
+        result = commit_dir(store, args.upper, str(args.base), opts)
+    else:
+        result = commit_container(store, lifecycle.find_container(store, args.container), opts)
+    if args.json:
+        sys.stdout.write(json.dumps(shapes.commit_result(result), indent=2) + "\n")
+    else:
+        print(result.image_id)
+    return 0

@@ -1,0 +1,197 @@
+"""The commit workflow: a container's upper dir (or one made elsewhere) diffed against its
+image's layers into a new layer, registered in the store in one pass (no temp tar), and a new
+image whose config is the base's plus the layer, a history entry and `--change` edits."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ocilayers.builder import ImageBuilder
+from ocilayers.errors import OCILayersError
+from ocilayers.fsutil import write_atomic
+from ocilayers.spec import EMPTY_LAYER_DIFF_ID, Digest, HistoryEntry, ImageConfig
+from ocilayers.store import LayerRecord, Store
+from ocilayers.store.containers import Container, now_rfc3339
+from ocilayers.store.layers import fill_staging
+from ocilayers.store.layout import held_interrupt
+from ocilayers.streams import HashingReader
+from ocilayers.whiteout import TRUSTED, OverlayFormat
+
+# Docker-only fields about the container and daemon that made an image: host details, not
+# image content. dockerd's commit writes them; a build step must not (buildah does not).
+HOST_FIELDS = ("container", "container_config", "docker_version")
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    image_id: Digest
+    diff_id: Digest | None  # None: the diff was empty (an `empty_layer` history entry)
+    chain_id: Digest | None
+    size: int  # the layer's diff size (layerdb `size`); 0 when empty
+    tags: tuple[str, ...]
+
+    @property
+    def empty_layer(self) -> bool:
+        return self.diff_id is None
+
+
+@dataclass(frozen=True)
+class CommitOptions:
+    tags: Sequence[str] = ()
+    message: str | None = None
+    author: str | None = None
+    changes: Sequence[str] = ()
+    created_by: str | None = None
+    source_date_epoch: int | None = None
+    xattrs: str = "all"
+    opaque: str | None = None
+    fmt: OverlayFormat = TRUSTED
+    warn: Callable[[str], None] | None = None
+
+
+def _created(sde: int | None) -> str:
+    if sde is None:
+        return now_rfc3339()
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sde))
+
+
+class _PackThread(threading.Thread):
+    """write_layer into a pipe, in a thread: the store reads the tar as it is made."""
+
+    def __init__(self, upper: str, lowers: list[str], wfd: int, opts: CommitOptions) -> None:
+        super().__init__(name="ocilayers-commit-pack", daemon=True)
+        self.upper, self.lowers, self.wfd, self.opts = upper, lowers, wfd, opts
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from ocilayers.differ import write_layer
+
+        try:
+            with open(self.wfd, "wb", buffering=1 << 20) as out:
+                write_layer(self.upper, out, lowers=self.lowers or None,
+                            xattrs=self.opts.xattrs, opaque=self.opts.opaque,
+                            source_date_epoch=self.opts.source_date_epoch,
+                            warn=self.opts.warn, fmt=self.opts.fmt)
+        except BrokenPipeError:
+            pass  # the reader failed first: its error is the one to report
+        except BaseException as exc:
+            self.error = exc
+
+
+def _ingest_upper(store: Store, upper: str, chain: list[LayerRecord],
+                  opts: CommitOptions) -> tuple[LayerRecord | None, bool]:
+    """Diff `upper` against `chain` straight into a staging dir; register it on the chain's
+    top unless the diff is empty. Returns (record or None, reused)."""
+    lowers = [store.layers.diff_dir(r) for r in reversed(chain)]
+    rfd, wfd = os.pipe()
+    packer = _PackThread(upper, lowers, wfd, opts)
+    staging = store.layers.begin()
+    try:
+        with open(rfd, "rb", buffering=0) as raw:
+            packer.start()
+            try:
+                built = fill_staging(staging, HashingReader(raw))
+            except BaseException:
+                raw.close()  # (unblocks the packer if it is still writing)
+                packer.join()
+                if packer.error is not None:
+                    raise packer.error from None
+                raise
+            packer.join()
+        if packer.error is not None:
+            raise packer.error
+        if str(built.diff_id) == EMPTY_LAYER_DIFF_ID:
+            return None, False
+        with held_interrupt(), store.lock():
+            return store.layers.register_built(staging, built, chain[-1].chain_id)
+    finally:
+        if os.path.exists(staging.path):
+            store.layers.discard(staging)
+
+
+def _new_config(base_raw: bytes, diff_id: Digest | None, created: str, created_by: str | None,
+                opts: CommitOptions) -> bytes:
+    from ocilayers.changes import apply_changes, parse_change
+
+    changes = [parse_change(c) for c in opts.changes]
+    builder = ImageBuilder.from_config(base_raw)
+    builder.created = created
+    builder.author = opts.author
+    builder.add_history(HistoryEntry(created=created, created_by=created_by,
+                                     comment=opts.message, author=opts.author,
+                                     empty_layer=diff_id is None))
+
+    def edit(config: dict[str, Any]) -> None:
+        for key in HOST_FIELDS:
+            config.pop(key, None)
+        apply_changes(config, changes)
+
+    builder.edit_config(edit)
+    return builder.config_bytes([diff_id] if diff_id is not None else [])
+
+
+def commit_upper(store: Store, upper: str, base_raw: bytes, base_id: Digest,
+                 chain: list[LayerRecord], opts: CommitOptions,
+                 created_by: str | None = None) -> CommitResult:
+    """Commit the upper dir `upper` made over the layers `chain` (base first) of the image
+    `base_id` (config `base_raw`). Nothing is registered when anything fails."""
+    from ocilayers.changes import parse_change
+    from ocilayers.spec import normalize_reference
+
+    for c in opts.changes:  # bad input fails before any work
+        parse_change(c)
+    tags = tuple(dict.fromkeys(normalize_reference(t) for t in opts.tags))
+    ImageConfig.parse(base_raw, "base config")
+    created = _created(opts.source_date_epoch)
+    rec, _reused = _ingest_upper(store, upper, chain, opts)
+    config = _new_config(base_raw, rec.diff_id if rec else None, created,
+                         opts.created_by if opts.created_by is not None else created_by, opts)
+    with held_interrupt(), store.lock():
+        image_id = store.images.put(config)
+        meta = store.layout.image_metadata(image_id)
+        os.makedirs(meta, mode=0o700, exist_ok=True)
+        write_atomic(os.path.join(meta, "parent"), str(base_id).encode(), 0o600)
+        write_atomic(os.path.join(meta, "lastUpdated"), now_rfc3339().encode(), 0o600)
+        for t in tags:
+            store.images.set_tag(t, image_id)
+    return CommitResult(image_id, rec.diff_id if rec else None,
+                        rec.chain_id if rec else None, rec.size if rec else 0, tags)
+
+
+def default_created_by(c: Container) -> str | None:
+    """The commands of the container's `run` steps joined with ` && `, else its command."""
+    if c.runs:
+        return " && ".join(" ".join(r) for r in c.runs)
+    return " ".join(c.command) or None
+
+
+def commit_container(store: Store, c: Container, opts: CommitOptions) -> CommitResult:
+    """Commit the container's rw layer (its `diff/`, never the init layer) as a new image on
+    the image it was made from (its config as it was then)."""
+    chain = store.layers.chain(Digest.parse(c.parent))
+    return commit_upper(store, store.containers.diff_dir(c), store.containers.base_config(c),
+                        Digest.parse(c.image_id), chain, opts, default_created_by(c))
+
+
+def commit_dir(store: Store, upper: str, image: str, opts: CommitOptions) -> CommitResult:
+    """Commit an upper dir made elsewhere (Docker's, podman's) onto an image in the store."""
+    if not os.path.isdir(upper):
+        raise OCILayersError(f"{upper}: not a directory")
+    with store.lock():
+        img = store.find_image(image)
+        chains = [r.chain_id for r in img.layers]
+        claim = store.layers.claim(chains)  # its layers stay while we read them
+        claim.__enter__()
+    try:
+        if img.top is None:
+            raise OCILayersError(f"image {img.image_id.short} has no layers to commit onto")
+        return commit_upper(store, upper, img.config.raw, img.image_id, list(img.layers), opts)
+    finally:
+        with contextlib.suppress(Exception):
+            claim.__exit__(None, None, None)
