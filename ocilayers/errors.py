@@ -5,6 +5,7 @@
     │   ├── BlobNotFoundError, DigestMismatchError, RefError
     │   ├── UnsafeEntryError: a layer entry would escape its target or forge overlay metadata
     │   └── TarError: a layer is not a well-formed tar
+    ├── ChangeError (also ValueError): a `--change` instruction cannot be applied
     ├── UpperDirError (also ValueError): a local upper dir or tree cannot be packed as asked
     │   └── UnsupportedUpperError: the upper dir alone is not the diff (redirect, metacopy)
     ├── StoreError: the store is missing, corrupt, locked or lacks what was asked
@@ -40,6 +41,11 @@ class UnsafeEntryError(ImageError):
 
 class TarError(ImageError):
     """The layer is not a well-formed tar archive."""
+
+
+class ChangeError(OCILayersError, ValueError):
+    """A config change (`--change INSTRUCTION`) cannot be applied: an instruction that is not
+    allowed, bad syntax, a JSON array of non-strings, or a bad duration, port, signal or path."""
 
 
 class UpperDirError(OCILayersError, ValueError):
