@@ -16,8 +16,6 @@ from typing import Any, Protocol
 from ocilayers.cas import Blob, ContentWriter
 from ocilayers.errors import DigestMismatchError
 from ocilayers.spec import (
-    MEDIA_TYPE_OCI_CONFIG,
-    MEDIA_TYPE_OCI_MANIFEST,
     Descriptor,
     Digest,
     HistoryEntry,
@@ -25,6 +23,8 @@ from ocilayers.spec import (
     Manifest,
     config_with,
     dump_json,
+    family_media_types,
+    layer_media_type,
     normalize_reference,
     oci_config_nulls,
 )
@@ -44,11 +44,14 @@ class LayerInput:
 
 @dataclass(frozen=True)
 class BlobInput:
-    """An existing compressed layer blob, copied as it is (same digest, same media type)."""
+    """An existing compressed layer blob, copied as it is (same digest, same media type).
+    `path`: where the blob is a whole file, so a destination can reflink or hardlink it
+    (after checking its digest) instead of copying the bytes."""
 
     descriptor: Descriptor
     diff_id: Digest
     open: Callable[[], AbstractContextManager[Blob]]
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,13 @@ class ImageBuilder:
     # -- writing --
 
     def write(self, dest: Destination, *, compression: str = "gzip",
-              tags: Sequence[str] = (), progress: ProgressFn | None = None) -> WrittenImage:
+              tags: Sequence[str] = (), progress: ProgressFn | None = None,
+              family: str = "oci", annotations: dict[str, str] | None = None
+              ) -> WrittenImage:
+        """Write every blob, the config and the manifest (`family` "oci" or "docker": the
+        media types of the manifest, the config and the new layers) into `dest`."""
+        manifest_type, config_type = family_media_types(family)
+        layer_type = layer_media_type(compression, family)  # (zstd in Docker's: refused)
         if len(self._kept) != len(self.base.diff_ids):
             raise ValueError(f"{len(self._kept)} of the base's {len(self.base.diff_ids)} "
                              "layers were given")
@@ -175,21 +184,21 @@ class ImageBuilder:
                 descs.append(_copy_blob(dest.blobs, item))
                 continue
             desc, diff_id = _write_layer(dest.blobs, item, compression, cb)
-            descs.append(desc)
+            descs.append(Descriptor(layer_type, desc.digest, desc.size))
             if i >= len(self._kept):
                 new_ids.append(diff_id)
         config_raw = self.config_bytes(new_ids)
         dropped: tuple[str, ...] = ()
         before: Digest | None = None
-        if dest.oci_config:  # null where the schema wants a value: left out, nothing else
+        if dest.oci_config and family == "oci":  # null where the schema wants a value: left
+            # out, nothing else
             fixed, dropped = oci_config_nulls(config_raw)
             if dropped:
                 before, config_raw = Digest.of_bytes(config_raw), fixed
-        config = Descriptor(MEDIA_TYPE_OCI_CONFIG, dest.blobs.put_blob(config_raw),
-                            len(config_raw))
-        manifest = Manifest(MEDIA_TYPE_OCI_MANIFEST, config, tuple(descs))
+        config = Descriptor(config_type, dest.blobs.put_blob(config_raw), len(config_raw))
+        manifest = Manifest(manifest_type, config, tuple(descs), dict(annotations or {}))
         manifest_raw = dump_json(manifest.to_json())
-        mdesc = Descriptor(MEDIA_TYPE_OCI_MANIFEST, dest.blobs.put_blob(manifest_raw),
+        mdesc = Descriptor(manifest_type, dest.blobs.put_blob(manifest_raw),
                            len(manifest_raw))
         names = tuple(dict.fromkeys(normalize_reference(t) for t in tags))
         written = WrittenImage(mdesc, config, tuple(descs), manifest_raw, config_raw,
@@ -212,6 +221,10 @@ def _write_layer(blobs: ContentWriter, layer: LayerInput, compression: str,
 
 def _copy_blob(blobs: ContentWriter, item: BlobInput) -> Descriptor:
     d = item.descriptor
+    if item.path is not None and not blobs.has_blob(d.digest):
+        link = getattr(blobs, "link_blob", None)
+        if link is not None and link(item.path, d):
+            return Descriptor(d.media_type, d.digest, d.size)
     if not blobs.has_blob(d.digest):
         with blobs.blob_writer() as w, item.open() as src:
             h = d.digest.hasher()

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Protocol
 
 from ocilayers.errors import BlobNotFoundError, ImageError
 from ocilayers.fsutil import atomic_output
-from ocilayers.spec import Digest, sha256_digest
+from ocilayers.spec import Descriptor, Digest, sha256_digest
 
 if TYPE_CHECKING:
     from tarfile import TarInfo
@@ -100,6 +100,11 @@ class DirFiles:
         if path != self.root and not path.startswith(self.root + os.sep):
             raise ImageError(f"path {rel!r} escapes the image directory")
         return path
+
+    def file_path(self, rel: str) -> str | None:
+        """The path of a regular file of the layout (None if it is not one)."""
+        path = self._path(rel)
+        return path if os.path.isfile(path) else None
 
     def size(self, rel: str) -> int | None:
         try:
@@ -230,6 +235,12 @@ class LayoutBlobs:
     def blob_size(self, digest: Digest) -> int | None:
         return self.files.size(self._rel(digest))
 
+    def blob_path(self, digest: Digest) -> str | None:
+        """The blob as a whole file (a layout dir), for reflinks and hardlinks; else None."""
+        if isinstance(self.files, DirFiles):
+            return self.files.file_path(self._rel(digest))
+        return None
+
     def open_blob(self, digest: Digest) -> Blob:
         return self.files.open(self._rel(digest))
 
@@ -268,6 +279,40 @@ class LayoutWriter:
 
     def has_blob(self, digest: Digest) -> bool:
         return os.path.exists(self.path(digest))
+
+    def link_blob(self, source: str, desc: Descriptor) -> bool:
+        """Store the file `source` as the blob `desc` without copying its bytes where the
+        file system allows: a reflink (FICLONE), else a hardlink. Its size and digest are
+        checked first (read from the page cache). False: do a plain copy instead."""
+        import fcntl
+
+        from ocilayers.errors import DigestMismatchError
+        from ocilayers.streams import CHUNK
+
+        h, n = desc.digest.hasher(), 0
+        with open(source, "rb") as f:
+            while data := f.read(CHUNK):
+                h.update(data)
+                n += len(data)
+        if n != desc.size or h.hexdigest() != desc.digest.hex:
+            raise DigestMismatchError(f"layer {desc.digest}: blob does not match its "
+                                      "descriptor")
+        dest = self.path(desc.digest)
+        tmp = dest + ".link-tmp"
+        try:
+            with open(source, "rb") as src, open(tmp, "wb") as out:
+                fcntl.ioctl(out.fileno(), 0x40049409, src.fileno())  # FICLONE
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+            return True
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        try:
+            os.link(source, dest)
+            return True
+        except OSError:
+            return False
 
     def put_blob(self, data: bytes) -> Digest:
         with self.blob_writer() as w:

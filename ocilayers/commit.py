@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 from ocilayers.builder import ImageBuilder
 from ocilayers.errors import OCILayersError
 from ocilayers.fsutil import write_atomic
+from ocilayers.pack import open_layer_tar
 from ocilayers.spec import EMPTY_LAYER_DIFF_ID, Digest, HistoryEntry, ImageConfig
 from ocilayers.store import LayerRecord, Store
 from ocilayers.store.containers import Container, now_rfc3339
@@ -61,51 +61,17 @@ def _created(sde: int | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sde))
 
 
-class _PackThread(threading.Thread):
-    """write_layer into a pipe, in a thread: the store reads the tar as it is made."""
-
-    def __init__(self, upper: str, lowers: list[str], wfd: int, opts: CommitOptions) -> None:
-        super().__init__(name="ocilayers-commit-pack", daemon=True)
-        self.upper, self.lowers, self.wfd, self.opts = upper, lowers, wfd, opts
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        from ocilayers.differ import write_layer
-
-        try:
-            with open(self.wfd, "wb", buffering=1 << 20) as out:
-                write_layer(self.upper, out, lowers=self.lowers or None,
-                            xattrs=self.opts.xattrs, opaque=self.opts.opaque,
-                            source_date_epoch=self.opts.source_date_epoch,
-                            warn=self.opts.warn, fmt=self.opts.fmt)
-        except BrokenPipeError:
-            pass  # the reader failed first: its error is the one to report
-        except BaseException as exc:
-            self.error = exc
-
-
 def _ingest_upper(store: Store, upper: str, chain: list[LayerRecord],
                   opts: CommitOptions) -> tuple[LayerRecord | None, bool]:
     """Diff `upper` against `chain` straight into a staging dir; register it on the chain's
     top unless the diff is empty. Returns (record or None, reused)."""
     lowers = [store.layers.diff_dir(r) for r in reversed(chain)]
-    rfd, wfd = os.pipe()
-    packer = _PackThread(upper, lowers, wfd, opts)
     staging = store.layers.begin()
     try:
-        with open(rfd, "rb", buffering=0) as raw:
-            packer.start()
-            try:
-                built = fill_staging(staging, HashingReader(raw))
-            except BaseException:
-                raw.close()  # (unblocks the packer if it is still writing)
-                packer.join()
-                if packer.error is not None:
-                    raise packer.error from None
-                raise
-            packer.join()
-        if packer.error is not None:
-            raise packer.error
+        with open_layer_tar(upper, lowers=lowers, xattrs=opts.xattrs, opaque=opts.opaque,
+                            source_date_epoch=opts.source_date_epoch, warn=opts.warn,
+                            fmt=opts.fmt) as tar:
+            built = fill_staging(staging, HashingReader(tar))
         if str(built.diff_id) == EMPTY_LAYER_DIFF_ID:
             return None, False
         with held_interrupt(), store.lock():
@@ -174,6 +140,7 @@ def default_created_by(c: Container) -> str | None:
 def commit_container(store: Store, c: Container, opts: CommitOptions) -> CommitResult:
     """Commit the container's rw layer (its `diff/`, never the init layer) as a new image on
     the image it was made from (its config as it was then)."""
+    store.containers.check_idle(c, "commit")
     chain = store.layers.chain(Digest.parse(c.parent))
     return commit_upper(store, store.containers.diff_dir(c), store.containers.base_config(c),
                         Digest.parse(c.image_id), chain, opts, default_created_by(c))

@@ -11,7 +11,8 @@
     ├── StoreError: the store is missing, corrupt, locked or lacks what was asked
     │   ├── ImageNotFoundError: no tag, ID or ID prefix matches
     │   └── ChangedError: a diff dir no longer matches its tar-split records
-    └── MountError: a mount or unmount cannot be done (target, layer dir, or the kernel's errno)
+    ├── MountError: a mount or unmount cannot be done (target, layer dir, or the kernel's errno)
+    └── RunError: a step cannot be run as asked (no command, unknown user, no runtime)
 """
 
 
@@ -72,3 +73,7 @@ class ChangedError(StoreError):
 class MountError(OCILayersError):
     """A mount or unmount cannot be done: the target is missing, busy or not ours, a layer
     dir is missing, or the kernel refused (with its errno)."""
+
+
+class RunError(OCILayersError):
+    """A step cannot be run as asked: no command, an unknown user, no runtime, not root."""

@@ -145,3 +145,55 @@ def rmtree(path: str | bytes) -> None:
         remove_at(pfd, name)
     finally:
         os.close(pfd)
+
+
+_MAX_LINKS = 40  # as the kernel's path walk (ELOOP after 40 symlinks)
+
+
+def open_in_root(root: str, path: str, flags: int = os.O_RDONLY) -> int:
+    """Open `path` as a process chrooted at `root` would: every component is resolved from a
+    dir fd with O_NOFOLLOW, a symlink is followed by restarting from `root` (absolute target)
+    or from the dir it is in, and `..` never climbs above `root`. So a symlinked
+    `/etc/passwd` in a container's rootfs resolves inside it, never on the host. Returns an
+    fd (the caller closes it); raises FileNotFoundError, or OSError(ELOOP)."""
+    root_fd = os.open(root, DIR_FLAGS)
+    stack: list[int] = []  # fds of the dirs walked into, below the root
+    try:
+        todo = [p for p in path.split("/") if p not in ("", ".")]
+        links = 0
+        while True:
+            cur = stack[-1] if stack else root_fd
+            if not todo:
+                return os.dup(cur) if flags & os.O_DIRECTORY else os.open(".", flags,
+                                                                        dir_fd=cur)
+            comp = todo.pop(0)
+            if comp == "..":
+                if stack:
+                    os.close(stack.pop())
+                continue
+            last = not todo
+            try:
+                fd = os.open(comp, (flags if last else DIR_FLAGS) | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, dir_fd=cur)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
+                if not stat.S_ISLNK(st.st_mode):
+                    raise
+                links += 1
+                if links > _MAX_LINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path) from None
+                target = os.readlink(comp, dir_fd=cur)
+                todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+                if target.startswith("/"):
+                    while stack:
+                        os.close(stack.pop())
+                continue
+            if last:
+                return fd
+            stack.append(fd)
+    finally:
+        for d in stack:
+            os.close(d)
+        os.close(root_fd)

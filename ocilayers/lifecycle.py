@@ -97,10 +97,13 @@ def mount_container(store: Store, c: Container, target: str | None = None) -> st
         return path
 
 
-def umount_container(store: Store, c: Container) -> bool:
+def umount_container(store: Store, c: Container, *, held_by_us: bool = False) -> bool:
     """Drop one user of the container's mount; unmount when it was the last (returns True
-    then). The default target dir `merged/` is removed, as dockerd does."""
+    then). The default target dir `merged/` is removed, as dockerd does. Refused while a
+    step runs in it, but for that step's own end (`held_by_us`)."""
     with store.lock():
+        if not held_by_us:
+            store.containers.check_idle(c, "unmount")
         here = mount_namespace()
         recs = [r for r in _live_mounts(store, c) if r.mnt_ns == here]
         if not recs:
@@ -122,6 +125,7 @@ def remove_container(store: Store, c: Container, *, force: bool = False) -> None
     """Remove the container's rw and init layers and its records. Refused while it is
     mounted; with `force` its mount (in this namespace) goes first, whatever its users."""
     with store.lock():
+        store.containers.check_idle(c, "remove")
         live = _live_mounts(store, c)
         if live and not force:
             raise StoreError(f"container {c.short_id} is mounted at "

@@ -3,8 +3,9 @@ layer blob out, to a stream or atomically to a file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,76 @@ def pack(upper: str, out: Any, *, base: str | None = None, lowers: Sequence[str]
                             fmt=fmt)
     made = blob.close()
     return PackResult(made.diff_id, made.digest, made.size, made.media_type, stats)
+
+
+class _TarPipe:
+    """The layer tar of an upper dir (or a tree against a base tree) as a readable stream:
+    a thread writes it into a pipe while the caller reads, so nothing is spooled."""
+
+    def __init__(self, upper: str, kwargs: dict[str, Any]) -> None:
+        import threading
+
+        self.upper, self.kwargs = upper, kwargs
+        self.error: BaseException | None = None
+        rfd, self._wfd = os.pipe()
+        self.reader = open(rfd, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        self.thread = threading.Thread(target=self._write, name="ocilayers-pack", daemon=True)
+        self.thread.start()
+
+    def _write(self) -> None:
+        from ocilayers.differ import write_layer, write_tree_diff
+
+        kw = dict(self.kwargs)
+        try:
+            with open(self._wfd, "wb", buffering=1 << 20) as out:
+                if kw.get("base") is not None:
+                    base = kw.pop("base")
+                    write_tree_diff(self.upper, base, out, **kw)
+                else:
+                    kw.pop("base", None)
+                    write_layer(self.upper, out, **kw)
+        except BrokenPipeError:
+            pass  # the reader stopped first: its error is the one to report
+        except BaseException as exc:
+            self.error = exc
+
+    def read(self, n: int = -1, /) -> bytes:
+        return self.reader.read(n)
+
+    def close(self) -> None:
+        """Stop (the writer sees a broken pipe), wait, and raise the writer's error."""
+        self.reader.close()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def open_layer_tar(upper: str, *, base: str | None = None, lowers: Sequence[str] = (),
+                   xattrs: str = "all", opaque: str | None = None,
+                   source_date_epoch: int | None = None, content: bool = False,
+                   warn: Callable[[str], None] | None = None,
+                   fmt: OverlayFormat = TRUSTED) -> Iterator[_TarPipe]:
+    """The uncompressed layer tar `pack` would write, as a stream to read (commit and
+    append feed it to the store or the image builder). A failure of the walk (a file that
+    changed, a name no layer can carry) is raised when the block ends, before the reader's
+    own error about a cut-off tar."""
+    kw: dict[str, Any] = {"xattrs": xattrs, "source_date_epoch": source_date_epoch,
+                          "warn": warn}
+    if base is not None:
+        kw.update(base=base, content=content)
+    else:
+        kw.update(lowers=list(lowers) or None, opaque=opaque, fmt=fmt)
+    pipe = _TarPipe(upper, kw)
+    try:
+        yield pipe
+    except BaseException:
+        pipe.reader.close()
+        pipe.thread.join()
+        if pipe.error is not None:
+            raise pipe.error from None
+        raise
+    pipe.close()
 
 
 def pack_to_file(upper: str, out: str, **kwargs: Any) -> PackResult:

@@ -335,6 +335,30 @@ def layer_compression(media_type: str) -> str:
     return "none"
 
 
+MANIFEST_FAMILIES = ("oci", "docker")
+
+
+def family_media_types(family: str) -> tuple[str, str]:
+    """(manifest, config) media types of a manifest family."""
+    if family == "docker":
+        return MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_CONFIG
+    return MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_OCI_CONFIG
+
+
+def manifest_family(media_type: str) -> str:
+    return "docker" if media_type == MEDIA_TYPE_DOCKER_MANIFEST else "oci"
+
+
+def layer_media_type(compression: str, family: str = "oci") -> str:
+    """A new layer's media type in a manifest family. Docker schema 2 has no zstd type."""
+    if family == "docker":
+        if compression == "zstd":
+            raise ImageError("a Docker schema 2 manifest has no zstd layer type: use "
+                             "--compression gzip, or --manifest oci")
+        return MEDIA_TYPE_DOCKER_LAYER_GZIP if compression == "gzip" else MEDIA_TYPE_DOCKER_LAYER
+    return oci_layer_media_type(compression)
+
+
 def oci_layer_media_type(compression: str) -> str:
     return {"gzip": MEDIA_TYPE_OCI_LAYER_GZIP, "zstd": MEDIA_TYPE_OCI_LAYER_ZSTD,
             "none": MEDIA_TYPE_OCI_LAYER}[compression]

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_flatten(add, pick)
     images.add_export(add, pick)
     images.add_convert(add, pick)
+    images.add_append(add, pick)
     containers.register(add, pick)
     return parser
 

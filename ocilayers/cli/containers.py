@@ -29,6 +29,39 @@ def register(add: AddFn, pick: PickFn) -> None:
     p.add_argument("-f", "--force", action="store_true", help="unmount it first")
     p.set_defaults(func=cmd_rm)
 
+    def step_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--network", choices=("none", "host"), default="none",
+                       help="none: a new network namespace with only lo; host: the host's "
+                            "(default: none)")
+        p.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
+                       help="an environment variable, over the image's Env (repeatable)")
+        p.add_argument("-w", "--workdir", metavar="DIR",
+                       help="the working dir (default: the image's WorkingDir, else /)")
+        p.add_argument("-u", "--user", metavar="USER[:GROUP]",
+                       help="names resolved in the container's /etc/passwd and /etc/group "
+                            "(default: the image's User, else root)")
+        p.add_argument("--seccomp", metavar="FILE",
+                       help="a seccomp profile in the runtime-spec's JSON form (default: none)")
+        p.add_argument("--init", action="store_true",
+                       help="run tini as PID 1 (it reaps zombies and ends on SIGTERM)")
+        p.add_argument("command_argv", metavar="CMD", nargs="*",
+                       help="after --: the command (default: the image's Entrypoint + Cmd)")
+
+    p = add("run", "run a command in a container through an OCI runtime (runc, crun); "
+                   "exits with its exit code")
+    p.add_argument("container", metavar="CONTAINER")
+    p.add_argument("--runtime", metavar="NAME|PATH",
+                   help="the OCI runtime (default: $OCILAYERS_RUNTIME, else runc or crun on "
+                        "PATH)")
+    step_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = add("bundle", "write an OCI runtime bundle for a container (runc run -b DIR ID)")
+    p.add_argument("container", metavar="CONTAINER")
+    p.add_argument("dir", metavar="DIR")
+    step_options(p)
+    p.set_defaults(func=cmd_bundle)
+
     p = add("commit", "commit a container's rw layer (or an upper dir) as a new image")
     p.add_argument("container", metavar="CONTAINER", nargs="?")
     p.add_argument("tag", metavar="REPO:TAG", nargs="?")
@@ -120,4 +153,44 @@ def cmd_commit(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(shapes.commit_result(result), indent=2) + "\n")
     else:
         print(result.image_id)
+    return 0
+
+
+def _run_options(args: argparse.Namespace) -> object:
+    from ocilayers.bundle import RunOptions
+    from ocilayers.run import parse_env
+
+    seccomp = None
+    if args.seccomp is not None:
+        with open(args.seccomp, "rb") as f:
+            seccomp = json.loads(f.read())
+    return RunOptions(command=list(args.command_argv), env=parse_env(args.env),
+                      workdir=args.workdir, user=args.user, network=args.network,
+                      seccomp=seccomp)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ocilayers.bundle import RunOptions
+    from ocilayers.run import run_step
+
+    store = _existing_store(args)
+    c = lifecycle.find_container(store, args.container)
+    opts = _run_options(args)
+    assert isinstance(opts, RunOptions)
+    return run_step(store, c, opts, runtime=args.runtime, init=args.init)
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from ocilayers.bundle import RunOptions
+    from ocilayers.run import bundle_for, find_init
+
+    store = _existing_store(args)
+    c = lifecycle.find_container(store, args.container)
+    opts = _run_options(args)
+    assert isinstance(opts, RunOptions)
+    if args.init:
+        opts = replace(opts, init=find_init())
+    print(bundle_for(store, c, args.dir, opts))
     return 0

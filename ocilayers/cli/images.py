@@ -223,3 +223,93 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _msg(args, f"{PROG}: note: the output has no tag (the source names no repository); "
                    "give it one with --tag REPO:TAG")
     return 0
+
+
+class _AddLayer(argparse.Action):
+    """--layer/--dir/--diff append to one ordered list; --lower and --base attach to the
+    --dir or --diff before them."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from ocilayers.append import NewLayer
+
+        adds: list[NewLayer] = list(getattr(namespace, "adds", None) or [])
+        if self.dest in ("layer", "dir", "diff"):
+            adds.append(NewLayer(self.dest, str(values)))
+        else:
+            last = adds[-1] if adds else None
+            if self.dest == "lower" and (last is None or last.kind != "dir"):
+                parser.error("--lower belongs to the --dir before it")
+            if self.dest == "base" and (last is None or last.kind != "diff"):
+                parser.error("--base belongs to the --diff before it")
+            if last is not None and self.dest == "lower":
+                adds[-1] = NewLayer(last.kind, last.path, (*last.lowers, str(values)))
+            elif last is not None:
+                adds[-1] = NewLayer(last.kind, last.path, last.lowers, str(values))
+        namespace.adds = adds
+
+
+def add_append(add: AddFn, pick: PickFn) -> None:
+    p = add("append", "write an image from SOURCE with new layers and config changes on top "
+                      "(no store)")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="file or dir, or - for stdout (archive formats)")
+    pick(p)
+    p.add_argument("--layer", action=_AddLayer, metavar="FILE",
+                   help="a layer tar, compressed or not (repeatable, in order)")
+    p.add_argument("--dir", action=_AddLayer, metavar="UPPER",
+                   help="an overlay upper dir, packed on the fly (repeatable)")
+    p.add_argument("--lower", action=_AddLayer, metavar="DIR",
+                   help="a lower dir of the --dir before it, top-most first")
+    p.add_argument("--diff", action=_AddLayer, metavar="NEW_ROOTFS",
+                   help="a tree, packed against the --base after it (repeatable)")
+    p.add_argument("--base", action=_AddLayer, metavar="OLD_ROOTFS",
+                   help="the tree the --diff before it is compared with")
+    p.add_argument("--created-by", metavar="TEXT",
+                   help="each new history entry's created_by (default: the append option "
+                        "that made the layer)")
+    p.add_argument("-m", "--message", metavar="MSG", help="the history entries' comment")
+    p.add_argument("-a", "--author", metavar="AUTHOR")
+    p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+                   help="a Dockerfile instruction for the config, as commit's (repeatable)")
+    p.add_argument("--tag", action="append", default=[], metavar="REPO:TAG",
+                   help="tag to write (repeatable; default: none)")
+    p.add_argument("--format", choices=FORMATS, default="oci-archive",
+                   help="output format (default: %(default)s)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
+                   help="the new layers' compression (default: %(default)s)")
+    p.add_argument("--manifest", choices=("oci", "docker"),
+                   help="the manifest's media-type family (default: the base's)")
+    p.add_argument("--xattrs", choices=("all", "docker"), default="all",
+                   help="as pack, for --dir and --diff (default: all)")
+    p.add_argument("--source-date-epoch", type=int, metavar="N",
+                   help="the history's and config's created time, and a clamp for newer "
+                        "mtimes (default: $SOURCE_DATE_EPOCH if set, else now)")
+    p.add_argument("--json", action="store_true", help="print the written digests as JSON")
+    p.set_defaults(func=cmd_append, adds=[])
+
+
+def cmd_append(args: argparse.Namespace) -> int:
+    from ocilayers.append import AppendOptions, append_image
+    from ocilayers.pack import source_date_epoch
+
+    def warn(msg: str) -> None:
+        print(f"{PROG}: warning: {msg}", file=sys.stderr)
+
+    _raise_fd_limit()
+    opts = AppendOptions(layers=args.adds, created_by=args.created_by, message=args.message,
+                         author=args.author, changes=args.change, tags=args.tag,
+                         format=args.format, compression=args.compression,
+                         manifest=args.manifest,
+                         source_date_epoch=source_date_epoch(args.source_date_epoch),
+                         xattrs=args.xattrs, warn=warn)
+    progress = Progress(args)
+    try:
+        written = _write_out(args, lambda out: append_image(
+            args.source, out, opts, ref=args.ref, platform=args.platform,
+            progress=progress.layer_callback()))
+    finally:
+        progress.close()
+    _report_written(args, written)
+    return 0

@@ -187,6 +187,19 @@ class ContainerStore:
         write_atomic(os.path.join(self._dir(c.id), "container.json"),
                      json.dumps(c.to_json(), sort_keys=True).encode(), 0o600)
 
+    def run_file(self, c: Container) -> str:
+        return os.path.join(self._dir(c.id), "run")
+
+    def running(self, c: Container) -> int | None:
+        """The pid of a `run` step holding the container, or None."""
+        return holder(self.run_file(c))
+
+    def check_idle(self, c: Container, what: str) -> None:
+        pid = self.running(c)
+        if pid is not None:
+            raise StoreError(f"cannot {what} container {c.short_id}: a step is running in it "
+                             f"(ocilayers run, pid {pid})")
+
     def add_run(self, c: Container, argv: Sequence[str]) -> Container:
         new = replace(c, runs=(*c.runs, tuple(argv)))
         self.update(new)
@@ -284,3 +297,45 @@ class ContainerStore:
                 if name not in known:
                     out.append(os.path.join(self.meta, name))
         return out
+
+
+class RunHold:
+    """A running step's hold on its container: `<root>/ocilayers/containers/<id>/run`, a file
+    flock-held by the `run` process and naming its pid. A crash drops the lock with it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> RunHold:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"the container is running a step already (pid "
+                             f"{holder(self.path) or '?'})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def holder(path: str) -> int | None:
+    """The pid of the process holding the run file at `path`, or None."""
+    from ocilayers.store.layout import held_by_other
+
+    if not held_by_other(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            text = f.read(32).decode()
+        return int(text) if text.isdigit() else -1
+    except (OSError, ValueError):
+        return -1
