@@ -61,10 +61,13 @@ def _created(sde: int | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sde))
 
 
-def _ingest_upper(store: Store, upper: str, chain: list[LayerRecord],
-                  opts: CommitOptions) -> tuple[LayerRecord | None, bool]:
-    """Diff `upper` against `chain` straight into a staging dir; register it on the chain's
-    top unless the diff is empty. Returns (record or None, reused)."""
+def _ingest_upper(store: Store, upper: str, chain: list[LayerRecord], opts: CommitOptions,
+                  prepare: Callable[[Digest | None], bytes],
+                  publish: Callable[[bytes], Digest]) -> tuple[LayerRecord | None, Digest]:
+    """Diff `upper` against `chain` straight into a staging dir; `prepare` the new config
+    from its DiffID (None: the diff is empty); then, under one lock, register the layer on
+    the chain's top (unless empty) and `publish` the config: a prune or rmi in between would
+    take the new layer for an unreferenced one. Returns (record or None, image ID)."""
     lowers = [store.layers.diff_dir(r) for r in reversed(chain)]
     staging = store.layers.begin()
     try:
@@ -72,10 +75,12 @@ def _ingest_upper(store: Store, upper: str, chain: list[LayerRecord],
                             source_date_epoch=opts.source_date_epoch, warn=opts.warn,
                             fmt=opts.fmt) as tar:
             built = fill_staging(staging, HashingReader(tar))
-        if str(built.diff_id) == EMPTY_LAYER_DIFF_ID:
-            return None, False
+        empty = str(built.diff_id) == EMPTY_LAYER_DIFF_ID
+        config = prepare(None if empty else built.diff_id)
         with held_interrupt(), store.lock():
-            return store.layers.register_built(staging, built, chain[-1].chain_id)
+            rec = None if empty else store.layers.register_built(
+                staging, built, chain[-1].chain_id)[0]
+            return rec, publish(config)
     finally:
         if os.path.exists(staging.path):
             store.layers.discard(staging)
@@ -115,10 +120,12 @@ def commit_upper(store: Store, upper: str, base_raw: bytes, base_id: Digest,
     tags = tuple(dict.fromkeys(normalize_reference(t) for t in opts.tags))
     ImageConfig.parse(base_raw, "base config")
     created = _created(opts.source_date_epoch)
-    rec, _reused = _ingest_upper(store, upper, chain, opts)
-    config = _new_config(base_raw, rec.diff_id if rec else None, created,
-                         opts.created_by if opts.created_by is not None else created_by, opts)
-    with held_interrupt(), store.lock():
+
+    def prepare(diff_id: Digest | None) -> bytes:
+        return _new_config(base_raw, diff_id, created,
+                           opts.created_by if opts.created_by is not None else created_by, opts)
+
+    def publish(config: bytes) -> Digest:  # (under the store lock)
         image_id = store.images.put(config)
         meta = store.layout.image_metadata(image_id)
         os.makedirs(meta, mode=0o700, exist_ok=True)
@@ -126,6 +133,9 @@ def commit_upper(store: Store, upper: str, base_raw: bytes, base_id: Digest,
         write_atomic(os.path.join(meta, "lastUpdated"), now_rfc3339().encode(), 0o600)
         for t in tags:
             store.images.set_tag(t, image_id)
+        return image_id
+
+    rec, image_id = _ingest_upper(store, upper, chain, opts, prepare, publish)
     return CommitResult(image_id, rec.diff_id if rec else None,
                         rec.chain_id if rec else None, rec.size if rec else 0, tags)
 

@@ -6,8 +6,9 @@ What it holds: `/.dockerenv`, `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname` 
 `/dev/console` are always empty regular files (0755, 0:0), and `/etc/mtab` always a symlink
 to `/proc/mounts`, whatever the image has there (dockerd unlinks every non-directory on the
 way first); `/dev/pts`, `/dev/shm`, `/proc` and `/sys` are dirs (0755, 0:0) made only where
-the image has nothing. A parent dir the init layer must hold takes the image's mode and owner
-for that dir (what overlayfs's copy-up gives dockerd); a missing one is made 0755, 0:0."""
+the image has nothing. A parent dir the init layer must hold takes the image's mode, owner
+and xattrs for that dir (what overlayfs's copy-up gives dockerd); a missing one is made 0755,
+0:0. In a set-group-ID dir a new dir keeps the bit and `/etc/mtab` the dir's group, as there."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 import stat
 from collections.abc import Sequence
 
-from ocilayers.whiteout import TRUSTED, OverlayFormat, is_whiteout_stat
+from ocilayers.whiteout import TRUSTED, OverlayFormat, is_whiteout_stat, unescape_xattr
 
 FILE, DIR = "file", "dir"
 # path -> what it must be: a file, a dir, or a symlink's target (dockerd's initlayer table).
@@ -38,6 +39,13 @@ def merged_lstat(lowers: Sequence[str | bytes], parts: Sequence[bytes],
                  fmt: OverlayFormat = TRUSTED) -> os.stat_result | None:
     """What the overlay of `lowers` (diff dirs, top-most first) shows at `parts`, without
     following a symlink at any level; None where it shows nothing."""
+    found = merged_find(lowers, parts, fmt)
+    return None if found is None else found[0]
+
+
+def merged_find(lowers: Sequence[str | bytes], parts: Sequence[bytes],
+                fmt: OverlayFormat = TRUSTED) -> tuple[os.stat_result, bytes] | None:
+    """`merged_lstat`, with the path in the lower diff dir that holds what is shown."""
     name = fmt.opaque_xattr
     for lower in lowers:
         cur = os.fsencode(lower)
@@ -52,13 +60,32 @@ def merged_lstat(lowers: Sequence[str | bytes], parts: Sequence[bytes],
             if is_whiteout_stat(st):
                 return None
             if depth == len(parts) - 1:
-                return st
+                return st, cur
             if not stat.S_ISDIR(st.st_mode):
                 return None  # a non-directory above the path hides everything below
             with contextlib.suppress(OSError):
                 opaque_above = opaque_above or os.getxattr(
                     cur, name, follow_symlinks=False) == b"y"
     return None
+
+
+def _copy_xattrs(src: bytes, dst: bytes) -> None:
+    """The image's xattrs of a dir, as overlayfs's copy-up takes them: all but the overlay
+    bookkeeping of the lower (an image's own, escaped, `*.overlay.overlay.X` go along)."""
+    with contextlib.suppress(OSError):
+        for key in os.listxattr(src, follow_symlinks=False):
+            if unescape_xattr(key) is None:
+                continue
+            with contextlib.suppress(OSError):
+                os.setxattr(dst, key, os.getxattr(src, key, follow_symlinks=False),
+                            follow_symlinks=False)
+
+
+def _setgid_dir(path: bytes) -> os.stat_result | None:
+    """The dir at `path` if it has the set-group-ID bit (what it gives a new entry), else
+    None."""
+    st = os.lstat(path)
+    return st if st.st_mode & stat.S_ISGID else None
 
 
 def build_init_layer(diff: str, lowers: Sequence[str | bytes],
@@ -74,23 +101,28 @@ def build_init_layer(diff: str, lowers: Sequence[str | bytes],
             here = os.path.join(root, *parts[:depth])
             if _lstat(here) is not None:
                 continue
-            st = merged_lstat(lowers, parts[:depth], fmt)
-            if st is not None and stat.S_ISDIR(st.st_mode):
+            found = merged_find(lowers, parts[:depth], fmt)
+            if found is not None and stat.S_ISDIR(found[0].st_mode):
+                pst, src = found
                 os.mkdir(here, 0o700)
-                os.chown(here, st.st_uid, st.st_gid)
-                os.chmod(here, stat.S_IMODE(st.st_mode))
+                os.chown(here, pst.st_uid, pst.st_gid)
+                os.chmod(here, stat.S_IMODE(pst.st_mode))
+                _copy_xattrs(src, here)
             else:
                 os.mkdir(here, 0o755)
                 os.chown(here, 0, 0)
                 os.chmod(here, 0o755)
         target = os.path.join(root, *parts)
         st = merged_lstat(lowers, parts, fmt)
+        # A new entry in a set-group-ID dir: a dir inherits the bit (dockerd's chown to 0:0
+        # keeps it), a symlink the dir's group (dockerd does not chown it).
+        sgid = _setgid_dir(os.path.dirname(target))
         if kind == DIR:
             if st is not None and stat.S_ISDIR(st.st_mode):
                 continue  # made only where the image lacks it
             os.mkdir(target, 0o755)
             os.chown(target, 0, 0)
-            os.chmod(target, 0o755)
+            os.chmod(target, 0o755 | (stat.S_ISGID if sgid else 0))
         elif kind == FILE:
             if st is not None and stat.S_ISDIR(st.st_mode):
                 continue  # dockerd's Stat finds the dir and leaves it (only non-dirs unlink)
@@ -105,4 +137,4 @@ def build_init_layer(diff: str, lowers: Sequence[str | bytes],
             if st is not None and stat.S_ISDIR(st.st_mode):
                 continue
             os.symlink(kind, target)
-            os.chown(target, 0, 0, follow_symlinks=False)
+            os.chown(target, 0, sgid.st_gid if sgid else 0, follow_symlinks=False)

@@ -42,6 +42,7 @@ def image_command(config: dict[str, object]) -> list[str]:
 def create_container(store: Store, image: str, *, name: str | None = None,
                      command: Sequence[str] | None = None) -> Container:
     """A container on the image `image`: its init layer, its empty rw layer, the records."""
+    store.require()  # (no store: no image to make it on; and no empty store left behind)
     store.init()
     with store.lock():
         img = store.find_image(image)

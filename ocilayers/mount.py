@@ -210,5 +210,8 @@ def unmount(target: str, *, detach: bool = False) -> None:
     """umount2(2) the mount on `target`."""
     if _libc().umount2(os.fsencode(target), ctypes.c_int(MNT_DETACH if detach else 0)) != 0:
         err = ctypes.get_errno()
-        hint = " (a process is using it)" if err == errno.EBUSY else ""
+        hint = {errno.EBUSY: " (a process is using it)",
+                errno.EINVAL: " (not a mount point here: a later mount may hide it, such as the "
+                              "bind mount a dockerd started on the store makes of its root)",
+                }.get(err, "")
         raise MountError(f"unmount {target}: {os.strerror(err)}{hint}")

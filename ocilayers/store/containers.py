@@ -88,6 +88,13 @@ def now_rfc3339() -> str:
     return f"{text}.{digits}Z" if digits else f"{text}Z"
 
 
+def created_key(created: str) -> tuple[str, str]:
+    """A sort key for `now_rfc3339` times in time order: the string's own order is not
+    (trailing zeros are trimmed, so "...00Z" sorts after "...00.5Z")."""
+    whole, _, frac = created.removesuffix("Z").partition(".")
+    return whole, frac.ljust(9, "0")
+
+
 class ContainerStore:
     def __init__(self, layout: StoreLayout) -> None:
         self.layout = layout
@@ -156,7 +163,7 @@ class ContainerStore:
                     c = self.get(name)
                     if c is not None:
                         out.append(c)
-        return sorted(out, key=lambda c: c.created)
+        return sorted(out, key=lambda c: created_key(c.created))
 
     def find(self, name: str) -> Container | None:
         """A container by name, full ID or unique ID prefix; None if nothing matches."""
@@ -226,7 +233,7 @@ class ContainerStore:
             if not NAME_RE.fullmatch(name):
                 raise StoreError(f"invalid container name {name!r}: want "
                                  "[a-zA-Z0-9][a-zA-Z0-9_.-]+")
-            if self.find(name) is not None:
+            if any(c.name == name for c in self.all()):  # names only: IDs are apart
                 raise StoreError(f"the container name {name!r} is already in use")
         chain = layers.chain(top)
         if len(chain) > MAX_DEPTH:
@@ -261,7 +268,9 @@ class ContainerStore:
         write_new(os.path.join(ws, "init-id"), c.init_id.encode(), 0o644)
         write_new(os.path.join(ws, "parent"), c.parent.encode(), 0o644)
         os.chmod(ws, 0o755)
-        os.makedirs(self.layout.mounts, mode=0o700, exist_ok=True)
+        if not os.path.isdir(self.layout.mounts):  # dockerd: MkdirAll(mounts/<id>, 0755)
+            os.mkdir(self.layout.mounts, 0o755)
+            os.chmod(self.layout.mounts, 0o755)
         os.rename(ws, os.path.join(self.layout.mounts, c.id))
         return c
 
