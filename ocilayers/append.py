@@ -15,7 +15,7 @@ from typing import Any
 
 from ocilayers.builder import BlobInput, ImageBuilder, LayerInput, ProgressFn, WrittenImage
 from ocilayers.cas import Blob
-from ocilayers.errors import OCILayersError
+from ocilayers.errors import OCILayersError, TarError
 from ocilayers.sources import open_source
 from ocilayers.spec import (
     MANIFEST_FAMILIES,
@@ -25,7 +25,7 @@ from ocilayers.spec import (
     manifest_family,
     normalize_reference,
 )
-from ocilayers.streams import COMPRESSIONS, Readable, decompressor
+from ocilayers.streams import CHUNK, COMPRESSIONS, Readable, decompressor
 from ocilayers.writer import full_reference, open_destination
 
 ANNOTATION_BASE_NAME = "org.opencontainers.image.base.name"
@@ -75,6 +75,50 @@ def _created(sde: int | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sde))
 
 
+class _CheckedTar:
+    """The bytes of the tar `plain`, as they are, parsed on the way by the reader unpack uses:
+    a --layer that is not a well-formed tar (text, a truncated archive, a bad checksum) fails
+    the append (TarError), not whoever unpacks the image. The end-of-archive blocks and what
+    follows them (GNU tar's record padding) pass too: the DiffID is the file's own."""
+
+    def __init__(self, plain: Readable) -> None:
+        self._plain = plain
+        self._chunks = self._read_through()
+        self._buf = b""
+
+    def _read_through(self) -> Iterator[bytes]:
+        from ocilayers.tarstream import TarReader
+
+        raw: list[bytes] = []
+        reader = TarReader(self._plain, on_raw=raw.append)
+        for _entry in reader:
+            if raw:
+                yield b"".join(raw)
+                raw.clear()
+            while data := reader.read_data():
+                yield data
+        if raw:
+            yield b"".join(raw)
+        while rest := self._plain.read(CHUNK):
+            yield rest
+
+    def read(self, n: int = -1, /) -> bytes:
+        parts = [self._buf]
+        have = len(self._buf)
+        while n < 0 or have < n:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        data = b"".join(parts)
+        if n < 0 or have <= n:
+            self._buf = b""
+            return data
+        self._buf = data[n:]
+        return data[:n]
+
+
 def _layer_opener(layer: NewLayer, opts: AppendOptions
                   ) -> Callable[[], AbstractContextManager[Readable]]:
     from ocilayers.pack import open_layer_tar
@@ -84,7 +128,11 @@ def _layer_opener(layer: NewLayer, opts: AppendOptions
         def tar_file() -> Iterator[Readable]:
             with open(layer.path, "rb") as raw:
                 _kind, plain = decompressor(raw)
-                yield plain
+                try:
+                    yield _CheckedTar(plain)
+                except TarError as exc:
+                    raise TarError(f"--layer {layer.path}: not a well-formed tar: {exc}"
+                                   ) from None
         return tar_file
     if layer.kind == "dir":
         return lambda: open_layer_tar(layer.path, lowers=layer.lowers, xattrs=opts.xattrs,

@@ -14,8 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ocilayers.cas import Blob, ContentWriter
-from ocilayers.errors import DigestMismatchError
+from ocilayers.errors import DigestMismatchError, ImageError
 from ocilayers.spec import (
+    MEDIA_TYPE_DOCKER_LAYER,
+    MEDIA_TYPE_DOCKER_LAYER_FOREIGN,
+    MEDIA_TYPE_DOCKER_LAYER_GZIP,
+    MEDIA_TYPE_OCI_LAYER,
+    MEDIA_TYPE_OCI_LAYER_GZIP,
+    MEDIA_TYPE_OCI_LAYER_ND_GZIP,
+    MEDIA_TYPE_OCI_LAYER_ND_ZSTD,
+    MEDIA_TYPE_OCI_LAYER_ZSTD,
     Descriptor,
     Digest,
     HistoryEntry,
@@ -181,7 +189,8 @@ class ImageBuilder:
         for i, item in enumerate([*self._kept, *(n.layer for n in self._added)]):
             cb = (lambda n, i=i: progress(i, n)) if progress else None
             if isinstance(item, BlobInput):
-                descs.append(_copy_blob(dest.blobs, item))
+                d = _copy_blob(dest.blobs, item)
+                descs.append(Descriptor(_in_family(d, family), d.digest, d.size))
                 continue
             desc, diff_id = _write_layer(dest.blobs, item, compression, cb)
             descs.append(Descriptor(layer_type, desc.digest, desc.size))
@@ -207,11 +216,50 @@ class ImageBuilder:
         return written
 
 
+class _FullReads:
+    """Reads of exactly `n` bytes, but for the last: ISA-L's gzip output depends on how its
+    input is split into writes, and a pipe (`append --dir`/`--diff`: pack's thread writes the
+    tar into one), a decompressor or a sniffed source returns short reads as they come. Fed
+    whole chunks, the compressor's output depends on the tar's bytes alone."""
+
+    def __init__(self, raw: Readable) -> None:
+        self._raw = raw
+
+    def read(self, n: int = -1, /) -> bytes:
+        if n < 0:
+            return self._raw.read()
+        buf = bytearray()
+        while len(buf) < n:
+            data = self._raw.read(n - len(buf))
+            if not data:
+                break
+            buf += data
+        return bytes(buf)
+
+
+# A kept blob's media type in the other manifest family (`append --manifest`), as skopeo
+# converts them: same bytes, the family's name for them. umoci refuses a Docker layer type in
+# an OCI manifest ("blob is not correct mediatype").
+_TO_OCI = {MEDIA_TYPE_DOCKER_LAYER: MEDIA_TYPE_OCI_LAYER,
+           MEDIA_TYPE_DOCKER_LAYER_GZIP: MEDIA_TYPE_OCI_LAYER_GZIP,
+           MEDIA_TYPE_DOCKER_LAYER_FOREIGN: MEDIA_TYPE_OCI_LAYER_ND_GZIP}
+_TO_DOCKER = {v: k for k, v in _TO_OCI.items()}
+
+
+def _in_family(d: Descriptor, family: str) -> str:
+    if family == "docker":
+        if d.media_type in (MEDIA_TYPE_OCI_LAYER_ZSTD, MEDIA_TYPE_OCI_LAYER_ND_ZSTD):
+            raise ImageError(f"layer {d.digest} of the base is zstd-compressed and a Docker "
+                             "schema 2 manifest has no zstd layer type: use --manifest oci")
+        return _TO_DOCKER.get(d.media_type, d.media_type)
+    return _TO_OCI.get(d.media_type, d.media_type)
+
+
 def _write_layer(blobs: ContentWriter, layer: LayerInput, compression: str,
                  progress: Callable[[int], None] | None) -> tuple[Descriptor, Digest]:
     with blobs.blob_writer() as w:
         with layer.open() as src:  # (a source's own digest checks come first, on close)
-            made = write_layer_blob(src, w, compression, progress=progress)
+            made = write_layer_blob(_FullReads(src), w, compression, progress=progress)
         if layer.diff_id is not None and made.diff_id != layer.diff_id:
             raise DigestMismatchError(f"layer {layer.diff_id}: diff_id mismatch: "
                                       f"expected {layer.diff_id}, got {made.diff_id}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import posixpath
 import resource
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,11 @@ def _read_db(rootfs: str, path: str) -> list[list[str]]:
         fd = open_in_root(rootfs, path)
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as exc:  # a symlink loop; a FIFO or device node, never opened
+        raise RunError(f"cannot read the container's {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunError(f"cannot read the container's {path}: it is a directory")
     with os.fdopen(fd, "rb") as f:
         data = f.read(16 << 20)
     out = []

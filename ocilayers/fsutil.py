@@ -150,12 +150,19 @@ def rmtree(path: str | bytes) -> None:
 _MAX_LINKS = 40  # as the kernel's path walk (ELOOP after 40 symlinks)
 
 
+def _file_or_dir(mode: int, path: str) -> None:
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OSError(errno.EINVAL, "not a regular file or directory", path)
+
+
 def open_in_root(root: str, path: str, flags: int = os.O_RDONLY) -> int:
     """Open `path` as a process chrooted at `root` would: every component is resolved from a
     dir fd with O_NOFOLLOW, a symlink is followed by restarting from `root` (absolute target)
     or from the dir it is in, and `..` never climbs above `root`. So a symlinked
-    `/etc/passwd` in a container's rootfs resolves inside it, never on the host. Returns an
-    fd (the caller closes it); raises FileNotFoundError, or OSError(ELOOP)."""
+    `/etc/passwd` in a container's rootfs resolves inside it, never on the host. Only a
+    regular file or a dir is opened (else OSError(EINVAL)), with O_NONBLOCK added. Returns
+    an fd (the caller closes it); raises FileNotFoundError, NotADirectoryError, or
+    OSError(ELOOP)."""
     root_fd = os.open(root, DIR_FLAGS)
     stack: list[int] = []  # fds of the dirs walked into, below the root
     try:
@@ -172,18 +179,11 @@ def open_in_root(root: str, path: str, flags: int = os.O_RDONLY) -> int:
                     os.close(stack.pop())
                 continue
             last = not todo
-            try:
-                fd = os.open(comp, (flags if last else DIR_FLAGS) | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, dir_fd=cur)
-            except OSError as exc:
-                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                    raise
-                st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
-                if not stat.S_ISLNK(st.st_mode):
-                    raise
+            st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
                 links += 1
                 if links > _MAX_LINKS:
-                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path) from None
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
                 target = os.readlink(comp, dir_fd=cur)
                 todo = [p for p in target.split("/") if p not in ("", ".")] + todo
                 if target.startswith("/"):
@@ -191,8 +191,19 @@ def open_in_root(root: str, path: str, flags: int = os.O_RDONLY) -> int:
                         os.close(stack.pop())
                 continue
             if last:
+                # Never open what the rootfs has there but a file or dir: a FIFO would block
+                # for ever, and opening a device node (a watchdog, a tape) as root acts on the
+                # host. O_NONBLOCK and the fstat after cover a swap since the stat.
+                _file_or_dir(st.st_mode, path)
+                fd = os.open(comp, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=cur)
+                try:
+                    _file_or_dir(os.fstat(fd).st_mode, path)
+                except OSError:
+                    os.close(fd)
+                    raise
                 return fd
-            stack.append(fd)
+            stack.append(os.open(comp, DIR_FLAGS, dir_fd=cur))
     finally:
         for d in stack:
             os.close(d)

@@ -72,7 +72,10 @@ def write_bundle(store: Store, c: Container, bundle: str, rootfs: str,
 
 
 def find_init() -> str:
-    path = shutil.which("tini") or shutil.which("docker-init")
+    """A static tini first: it runs as PID 1 in any image, as Docker's docker-init (Debian's
+    /usr/bin/tini is linked against the host's libc, which an image may not have)."""
+    path = (shutil.which("tini-static") or shutil.which("docker-init")
+            or shutil.which("tini"))
     if path is None:
         raise RunError("--init needs tini (Debian: apt-get install tini)")
     return path
@@ -92,6 +95,7 @@ def run_step(store: Store, c: Container, opts: RunOptions, *, runtime: str | Non
     bundle = os.path.join(work, run_id)
     os.makedirs(state, mode=0o700, exist_ok=True)
     with RunHold(store.containers.run_file(c)):
+        c = store.containers.get(c.id) or c  # as it is now: a run may have ended meanwhile
         rootfs = mount_container(store, c)
         try:
             spec = write_bundle(store, c, bundle, rootfs, opts)
@@ -146,7 +150,11 @@ def bundle_for(store: Store, c: Container, directory: str, opts: RunOptions) -> 
     """`ocilayers bundle`: mount the container and write a bundle for any OCI runtime into
     `directory` (root.path: the mounted container). Returns the directory."""
     rootfs = mount_container(store, c)
-    write_bundle(store, c, directory, rootfs, opts)
+    try:
+        write_bundle(store, c, directory, rootfs, opts)
+    except BaseException:
+        umount_container(store, c, held_by_us=True)  # no bundle: drop this use of the mount
+        raise
     return directory
 
 
