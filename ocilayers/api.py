@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from ocilayers import shapes
 from ocilayers.lookup import source_or_image
-from ocilayers.pack import PackResult, pack, pack_to_file
 from ocilayers.sources import open_source
 from ocilayers.spec import Digest, Platform
 from ocilayers.store import Store, StoreImage
 
 if TYPE_CHECKING:
     from ocilayers.builder import ProgressFn, WrittenImage
+    from ocilayers.pack import PackResult
     from ocilayers.sources import Image
     from ocilayers.unpack import ProgressFn as UnpackProgress
     from ocilayers.unpack import UnpackResult
@@ -164,3 +164,28 @@ def umount(store: Store, target: str) -> None:
     from ocilayers.view import umount as view_umount
 
     view_umount(store, target)
+
+
+# --- layers from upper dirs (imported when used: start-up stays cheap for the rest) ---
+
+def pack(upper: str, out: Any, **kwargs: Any) -> PackResult:
+    """The layer of an upper dir (or of `upper` against the tree `base=`), compressed into
+    the stream `out`; see `ocilayers.pack.pack` for the options."""
+    from ocilayers.pack import pack as pack_layer
+
+    return pack_layer(upper, out, **kwargs)
+
+
+def pack_to_file(upper: str, out: str, **kwargs: Any) -> PackResult:
+    """`pack` into the file `out`, atomically; see `ocilayers.pack.pack_to_file`."""
+    from ocilayers.pack import pack_to_file as pack_file
+
+    return pack_file(upper, out, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PackResult":
+        from ocilayers.pack import PackResult
+
+        return PackResult
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ocilayers import lifecycle, shapes
+from ocilayers import shapes
 from ocilayers.cli.common import PROG, AddFn, PickFn, _existing_store, _print_json, _store
 
 
@@ -90,6 +90,8 @@ def register(add: AddFn, pick: PickFn) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    from ocilayers import lifecycle
+
     command = list(args.command_argv)
     c = lifecycle.create_container(_store(args), args.image, name=args.name,
                                    command=command or None)
@@ -101,7 +103,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    from ocilayers import texts
+    from ocilayers import lifecycle, texts
 
     store = _existing_store(args)
     rows = lifecycle.list_containers(store)
@@ -113,6 +115,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    from ocilayers import lifecycle
+
     store = _existing_store(args)
     for name in args.containers:
         c = lifecycle.find_container(store, name)
@@ -122,6 +126,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
+    from ocilayers import lifecycle
     from ocilayers.commit import CommitOptions, commit_container, commit_dir
     from ocilayers.errors import OCILayersError
     from ocilayers.pack import source_date_epoch
@@ -172,6 +177,7 @@ def _run_options(args: argparse.Namespace) -> object:
 def cmd_run(args: argparse.Namespace) -> int:
     import os
 
+    from ocilayers import lifecycle
     from ocilayers.bundle import RunOptions
     from ocilayers.errors import RunError
     from ocilayers.run import run_step
@@ -188,6 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bundle(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from ocilayers import lifecycle
     from ocilayers.bundle import RunOptions
     from ocilayers.run import bundle_for, find_init
 
