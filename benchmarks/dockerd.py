@@ -1,9 +1,10 @@
-"""A throwaway dockerd for the `docker load` baseline: the tests' daemon
+"""A throwaway dockerd for the `docker load` and `docker commit` baselines: the tests' daemon
 (`tests/throwaway_dockerd.py`: its own data root, exec root and socket, the flags that work on
 this machine, stopped by its pid) plus what the harness measures of it."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -33,14 +34,45 @@ class Dockerd(Daemon):
     def load_argv(self, archive: str) -> list[str]:
         return [DOCKER, "-H", self.host, "load", "-q", "-i", archive]
 
+    def commit_argv(self, container: str, tag: str) -> list[str]:
+        return [DOCKER, "-H", self.host, "commit", container, tag]
+
+    def client_env(self) -> dict[str, str]:
+        """The environment of a timed client command: as `Daemon.docker` (its own client
+        config, never ~/.docker; no DOCKER_HOST/CONTEXT from outside)."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_TLS_VERIFY")}
+        env["DOCKER_CONFIG"] = str(self.config)
+        return env
+
+    def version(self) -> str:
+        return self.docker("version", "--format", "{{.Server.Version}}").stdout.strip()
+
+    def driver_status(self) -> dict[str, str]:
+        """`docker info`'s storage driver status (e.g. "Native Overlay Diff": "true")."""
+        out = self.docker("info", "--format", "{{json .DriverStatus}}").stdout
+        return {str(k): str(v) for k, v in json.loads(out or "[]")}
+
+    def create_container(self, image: str, name: str) -> str:
+        """`docker create` (never started: its rw layer is not mounted); returns its upper
+        dir (GraphDriver.Data.UpperDir)."""
+        self.docker("create", "--network", "none", "--name", name, image, "true")
+        return self.docker("inspect", "--format", "{{.GraphDriver.Data.UpperDir}}",
+                           name).stdout.strip()
+
     def cpu_seconds(self) -> float:
         """utime+stime of the daemon and of the children it reaped (unpigz)."""
+        return self.cpu_split()[0]
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user+sys, sys) of the daemon and of the children it reaped (unpigz)."""
         assert self.proc is not None
         with open(f"/proc/{self.proc.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        # fields[0] is field 3 (state); utime..cstime are fields 14..17.
-        ticks = sum(int(x) for x in fields[11:15])
-        return ticks / os.sysconf("SC_CLK_TCK")
+        # fields[0] is field 3 (state); utime, stime, cutime, cstime are fields 14..17.
+        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+        tck = os.sysconf("SC_CLK_TCK")
+        return (utime + stime + cutime + cstime) / tck, (stime + cstime) / tck
 
     def reset_peak_rss(self) -> None:
         assert self.proc is not None

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """ocilayers benchmark harness.
 
-    python benchmarks/run.py [--quick] [--only unpack|pack|tarsplit|memory]... [--runs N]
+    python benchmarks/run.py [--quick] [--only unpack|pack|tarsplit|commit|memory]... [--runs N]
                              [--cache DIR] [--no-docker] [--profile] [--json PATH] [--keep]
 
 Builds (once, cached) a realistic 5-layer Debian image in gzip and zstd, an overlay upper dir
 made over it, and ~2 GiB layers, then times `ocilayers unpack` and `ocilayers pack` against
-umoci, tar with gzip/zstd and (when a daemon can start) docker load, alternating the tools run
-by run, measures how much of an unpack goes to tar-split and `size`, and the peak RSS of every
+umoci, tar with gzip/zstd and (when a daemon can start) docker load, and `ocilayers commit` of
+the upper dir against `docker commit` of a container holding it, alternating the tools run by
+run, measures how much of an unpack goes to tar-split and `size`, and the peak RSS of every
 ocilayers process on big layers. Prints a table per group. See benchmarks/README.md.
 """
 
@@ -44,10 +45,18 @@ from inputs import (  # noqa: E402
     remove_tree,
 )
 from measure import Sample, git_describe, loadavg, machine_info, run_measured  # noqa: E402
-from pack_inputs import PackInput, ensure_pack_input, fresh_layout, top_layer_size  # noqa: E402
+from pack_inputs import (  # noqa: E402
+    PackInput,
+    ensure_pack_input,
+    fresh_layout,
+    top_layer_size,
+    upper_stats,
+)
 
-GROUPS = ("unpack", "pack", "tarsplit", "memory")
-QUICK_GROUPS = ("unpack", "pack", "tarsplit")  # memory is for full runs only
+GROUPS = ("unpack", "pack", "tarsplit", "commit", "memory")
+# What --quick runs without --only: memory is for full runs only; commit's quick variant runs
+# when asked (`--quick --only commit`), so that a plain --quick stays under a minute.
+QUICK_GROUPS = ("unpack", "pack", "tarsplit")
 DEFAULT_CACHE = "/var/tmp/ocilayers-bench"
 SETTLE_NOTE = ("ext4 here (no journal) creates files several times slower for ~60 s after "
                "many deletions")
@@ -281,14 +290,22 @@ def docker_load(img: BenchImage, rd: str) -> Sample:
     try:
         d.start(rd + ".dockerd.log")
         os.sync()
-        cpu0 = d.cpu_seconds()
-        d.reset_peak_rss()
-        s = run_measured(d.load_argv(img.docker_archive), log_path=rd + ".log")
-        cpu = d.cpu_seconds() - cpu0
-        return Sample(s.wall, s.cpu + cpu, max(s.rss_kib, d.peak_rss_kib()), s.ok, s.error,
-                      s.sys, max(0.0, s.other - cpu))
+        return daemon_measured(d, d.load_argv(img.docker_archive), rd + ".log")
     finally:
         d.stop()
+
+
+def daemon_measured(d: dockerd.Dockerd, argv: list[str], log_path: str) -> Sample:
+    """Time a docker client command: CPU (and its sys part) = the client's + the daemon's CPU
+    delta (with the children it reaped), peak RSS = the larger of the client's and the
+    daemon's VmHWM over the command (reset just before), other CPU less the daemon's."""
+    cpu0, sys0 = d.cpu_split()
+    d.reset_peak_rss()
+    s = run_measured(argv, env=d.client_env(), log_path=log_path)
+    cpu1, sys1 = d.cpu_split()
+    cpu = cpu1 - cpu0
+    return Sample(s.wall, s.cpu + cpu, max(s.rss_kib, d.peak_rss_kib()), s.ok, s.error,
+                  s.sys + sys1 - sys0, max(0.0, s.other - cpu))
 
 
 def rss_split(img: BenchImage, work: str) -> dict[str, object]:
@@ -654,6 +671,273 @@ def profile_areas(st: pstats.Stats, areas: list[tuple[str, Callable[[str, str], 
     return [(a, t, t / total) for a, t in sorted(sums.items(), key=lambda x: -x[1])]
 
 
+# --- group: commit (ocilayers commit vs docker commit of the same upper dir) ---
+
+BASE_TAG = "ocilayers-bench:latest"  # the base image's name in every store (as in the archive)
+MARKER = "bench-round"  # a file added to each run's copy of the upper dir
+MARKER_MTIME = 1700000000
+
+
+def layerdb_entries(root: str) -> set[str]:
+    """The chain IDs (hex) in a Docker-format store's layerdb (ocilayers' or dockerd's)."""
+    d = os.path.join(root, "image", "overlay2", "layerdb", "sha256")
+    return set(os.listdir(d)) if os.path.isdir(d) else set()
+
+
+def new_layer(root: str, before: set[str]) -> dict[str, Any]:
+    """The one layer a commit added to the store `root`: its DiffID, layerdb size and the size
+    of its tar-split file."""
+    new = sorted(layerdb_entries(root) - before)
+    if len(new) != 1:
+        return {"error": f"{len(new)} new layers in the layerdb"}
+    d = os.path.join(root, "image", "overlay2", "layerdb", "sha256", new[0])
+
+    def read(name: str) -> str:
+        with open(os.path.join(d, name)) as f:
+            return f.read().strip()
+
+    return {"chain_id": f"sha256:{new[0]}", "diff_id": read("diff"), "size": int(read("size")),
+            "tar_split_bytes": os.path.getsize(os.path.join(d, "tar-split.json.gz"))}
+
+
+def copy_upper(src: str, dst: str, rnd: int, expect: dict[str, int]) -> None:
+    """`cp -a` of the upper dir's content into `dst` (an empty dir: whiteouts, opaque xattrs,
+    owners, modes, mtimes and hardlinks kept), plus a marker file naming the round, so that
+    each round's layer is new to its store. Checked against the input's counts."""
+    subprocess.run(["cp", "-a", "--", os.path.join(src, "."), dst + "/"], check=True)
+    marker = os.path.join(dst, MARKER)
+    text = f"commit benchmark round {rnd}\n"
+    with open(marker, "w") as f:
+        f.write(text)
+    os.chmod(marker, 0o644)
+    os.utime(marker, (MARKER_MTIME, MARKER_MTIME))
+    want = dict(expect)
+    want["entries"] += 1
+    want["files"] += 1
+    want["file_bytes"] += len(text)
+    got = upper_stats(dst)
+    if got != want:
+        raise RuntimeError(f"the copy of the upper dir in {dst} differs from it: {got} != {want}")
+
+
+@dataclass
+class CommitSetup:
+    """What the commit group made before its timed runs (not timed)."""
+
+    stores: dict[str, str] = field(default_factory=dict)  # case key -> ocilayers store
+    daemon: dockerd.Dockerd | None = None
+    docker: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # key -> rnd
+    seconds: float = 0.0
+
+
+def commit_cases(ctx: Ctx, setup: CommitSetup, base: str) -> tuple[list[Case], list[str]]:
+    """Each ocilayers row gets a store of its own with the image unpacked (tagged BASE_TAG),
+    the docker row a throwaway dockerd with the docker-archive loaded; the daemon stays up for
+    the whole group. A run copies the upper dir into a new dir (`--upper`) or into a new
+    container's rw diff dir (`ocilayers create`, `docker create`), then `sync`, then only the
+    commit is timed."""
+    assert ctx.img is not None and ctx.pack_input is not None
+    img, pin = ctx.img, ctx.pack_input
+    notes: list[str] = []
+    oci = ocilayers_argv()
+    expect = {k: int(v) for k, v in pin.meta["upper"].items()}
+    t0 = time.monotonic()
+
+    def record(key: str, rnd: int, root: str, before: set[str]) -> None:
+        setup.layers.setdefault(key, {})[rnd] = new_layer(root, before)
+
+    def store_for(key: str) -> str:
+        root = os.path.join(base, key, "store")
+        log(f"commit: unpack the image into the store of `{key}` (not timed)")
+        subprocess.run([*oci, "-q", "--root", root, "unpack", img.gzip_dir, "--tag", BASE_TAG],
+                       check=True, stdout=subprocess.DEVNULL)
+        setup.stores[key] = root
+        return root
+
+    def ocilayers_upper(key: str, extra: list[str]) -> Callable[[str, int], Sample]:
+        root = store_for(key)
+
+        def measure(rd: str, rnd: int) -> Sample:
+            upper = os.path.join(rd, "upper")
+            os.makedirs(upper)
+            copy_upper(pin.upper, upper, rnd, expect)
+            before = layerdb_entries(root)
+            os.sync()
+            s = run_measured([*oci, "-q", "--root", root, "commit", "--upper", upper, "--from",
+                              BASE_TAG, f"bench:commit-r{rnd}", *extra], log_path=rd + ".log")
+            record(key, rnd, root, before)
+            return s
+        return measure
+
+    def ocilayers_container(key: str) -> Callable[[str, int], Sample]:
+        root = store_for(key)
+
+        def measure(rd: str, rnd: int) -> Sample:
+            os.makedirs(rd)
+            out = subprocess.run([*oci, "-q", "--root", root, "create", BASE_TAG, "--name",
+                                  f"bench-r{rnd}", "--json", "--", "true"],
+                                 check=True, capture_output=True, text=True).stdout
+            diff = os.path.join(root, "overlay2", json.loads(out)["mount_id"], "diff")
+            copy_upper(pin.upper, diff, rnd, expect)
+            before = layerdb_entries(root)
+            os.sync()
+            s = run_measured([*oci, "-q", "--root", root, "commit", f"bench-r{rnd}",
+                              f"bench:commit-r{rnd}"], log_path=rd + ".log")
+            record(key, rnd, root, before)
+            return s
+        return measure
+
+    def layer_size(key: str) -> Callable[[str], int]:
+        def size(rd: str) -> int:
+            rnd = int(os.path.basename(rd)[1:])
+            return int(setup.layers.get(key, {}).get(rnd, {}).get("size", 0))
+        return size
+
+    cases = [
+        Case("ocilayers-commit-upper", "ocilayers commit --upper DIR --from IMAGE", "none", True,
+             ocilayers_upper("ocilayers-commit-upper", []), short="ocilayers commit --upper",
+             output=layer_size("ocilayers-commit-upper")),
+    ]
+    if ctx.kind == "full":  # reference rows; the quick run keeps to the goal's pair
+        cases += [
+            Case("ocilayers-commit-container", "ocilayers commit CONTAINER (ocilayers create)",
+                 "none", True, ocilayers_container("ocilayers-commit-container"),
+                 short="ocilayers commit CONTAINER",
+                 output=layer_size("ocilayers-commit-container")),
+            Case("ocilayers-commit-upper-docker",
+                 "ocilayers commit --upper, --xattrs docker --opaque docker", "none", True,
+                 ocilayers_upper("ocilayers-commit-upper-docker",
+                                 ["--xattrs", "docker", "--opaque", "docker"]),
+                 short="ocilayers commit --upper --xattrs docker --opaque docker",
+                 output=layer_size("ocilayers-commit-upper-docker")),
+        ]
+
+    def docker_commit(rd: str, rnd: int) -> Sample:
+        d = setup.daemon
+        assert d is not None
+        os.makedirs(rd)
+        upper = d.create_container(BASE_TAG, f"bench-r{rnd}")
+        if not upper.startswith(str(d.data_root) + "/") or os.listdir(upper):
+            raise RuntimeError(f"unexpected upper dir of a created container: {upper}")
+        copy_upper(pin.upper, upper, rnd, expect)
+        before = layerdb_entries(str(d.data_root))
+        os.sync()
+        s = daemon_measured(d, d.commit_argv(f"bench-r{rnd}", f"bench:commit-r{rnd}"),
+                            rd + ".log")
+        record("docker-commit", rnd, str(d.data_root), before)
+        return s
+
+    docker_case = Case("docker-commit", "docker commit (docker create, upper dir filled)",
+                       "none", False, docker_commit,
+                       short="docker commit", output=layer_size("docker-commit"))
+    why = "--no-docker" if ctx.args.no_docker else dockerd.available()
+    if why:
+        notes.append(f"docker commit skipped: {why}")
+    else:
+        d = dockerd.Dockerd(os.path.join(base, "docker-commit", "data"))
+        exec_roots.append(str(d.base))
+        setup.daemon = d
+        try:
+            os.makedirs(os.path.join(base, "docker-commit"), exist_ok=True)
+            log("commit: start a throwaway dockerd and `docker load` the image (not timed)")
+            d.start(os.path.join(base, "docker-commit", "dockerd.log"))
+            d.docker("load", "-q", "-i", img.docker_archive, timeout=600)
+            setup.docker = {"version": d.version(), "driver_status": d.driver_status()}
+            if setup.docker["driver_status"].get("Native Overlay Diff") != "true":
+                notes.append("dockerd does not use overlay2's native diff here (it diffs the "
+                             "merged view against the lowers: slower): "
+                             f"{setup.docker['driver_status']}")
+            cases.append(docker_case)
+        except Exception as exc:  # a baseline that cannot run is skipped, not fatal
+            notes.append(f"docker commit skipped: {type(exc).__name__}: {str(exc)[:300]}")
+
+    setup.seconds = round(time.monotonic() - t0, 1)
+    return cases, notes
+
+
+COMMIT_RATIOS: list[tuple[str, str, float | None]] = [
+    ("ocilayers-commit-upper", "docker-commit", 0.5),
+    ("ocilayers-commit-container", "docker-commit", None),
+    ("ocilayers-commit-upper-docker", "docker-commit", None),
+]
+
+
+def commit_layers_summary(setup: CommitSetup, cases: list[Case]) -> tuple[dict[str, Any],
+                                                                          list[str]]:
+    """The layers each row made, per round, and what they say: an ocilayers row's DiffID is
+    the same for the same content (--upper and CONTAINER must agree round by round); dockerd
+    fills uname/gname, so its DiffID differs, but its layerdb size must be the same."""
+    out: dict[str, Any] = {}
+    lines: list[str] = []
+    for c in cases:
+        per = setup.layers.get(c.key, {})
+        out[c.key] = [per[r] for r in sorted(per)]
+    rounds = sorted(set().union(*(set(v) for v in setup.layers.values())) if setup.layers
+                    else set())
+    for a, b in (("ocilayers-commit-upper", "ocilayers-commit-container"),):
+        pa, pb = setup.layers.get(a, {}), setup.layers.get(b, {})
+        both = [r for r in rounds if r in pa and r in pb]
+        if both:
+            same = all(pa[r].get("diff_id") == pb[r].get("diff_id") for r in both)
+            lines.append(f"`commit --upper` and `commit CONTAINER` made the same layer (DiffID) "
+                         f"in {'every' if same else 'NOT every'} round ({len(both)})")
+    sizes = {k: sorted({int(x.get("size", -1)) for x in v.values()})
+             for k, v in setup.layers.items()}
+    if sizes:
+        lines.append("layerdb size of the new layer: " + ", ".join(
+            f"{k} {'/'.join(str(x) for x in v)}" for k, v in sizes.items()))
+        ts = {k: statistics.median(x.get("tar_split_bytes", 0) for x in v.values())
+              for k, v in setup.layers.items()}
+        lines.append("tar-split.json.gz bytes (median): " + ", ".join(
+            f"{k} {int(v)}" for k, v in ts.items()))
+    errors = [f"{k} round {r}: {x['error']}" for k, v in setup.layers.items()
+              for r, x in v.items() if "error" in x]
+    lines += [f"PROBLEM: {e}" for e in errors]
+    return out, lines
+
+
+def group_commit(ctx: Ctx) -> dict[str, Any]:
+    assert ctx.img is not None and ctx.pack_input is not None
+    pin = ctx.pack_input
+    base = os.path.join(ctx.work, "commit")
+    os.makedirs(base)
+    setup = CommitSetup()
+    try:
+        cases, notes = commit_cases(ctx, setup, base)
+        notes.append(
+            "set-up, not timed: each ocilayers row has a store of its own with the image "
+            "unpacked; the docker row a throwaway dockerd (own data root, overlay2) with the "
+            "docker-archive loaded, up for the whole group; before each run the upper dir is "
+            "copied with `cp -a` (whiteouts, opaque xattrs, hardlinks; counts checked) into a "
+            "new dir (--upper) or into a new container's rw diff dir (`ocilayers create`, "
+            f"`docker create`, never started), plus a file /{MARKER} naming the round (so each "
+            "run's layer is new to its store; an existing one would be found by ChainID and "
+            "the new copy deleted), then `sync`; only the commit is timed")
+        notes.append("both sides do the same job: diff the upper dir into an uncompressed "
+                     "layer tar, apply it into a new layer dir, tar-split records, DiffID, "
+                     "layerdb entry, image config; out MiB = the new layer's layerdb size")
+        notes.append("docker commit: CPU = the client's + dockerd's CPU delta; peak RSS = "
+                     "dockerd's VmHWM over the commit (reset before)")
+        res = timed_group(ctx, "commit", cases, notes, int(pin.meta["upper"]["file_bytes"]),
+                          COMMIT_RATIOS)
+    finally:
+        if setup.daemon is not None:
+            setup.daemon.stop()
+    res["input"] = {k: v for k, v in pin.meta.items() if k != "change_script"}
+    res["setup_seconds"] = setup.seconds
+    res["docker"] = setup.docker
+    res["layers"], layer_lines = commit_layers_summary(setup, cases)
+    res["layer_checks"] = layer_lines
+    res["header"].insert(3, describe_pack_input(pin).replace(
+        "; the umoci bundle's rootfs has the same change", ""))
+    print_group(res)
+    print()
+    for line in layer_lines:
+        print(line)
+    return res
+
+
 # --- group: memory ---
 
 def group_memory(ctx: Ctx) -> dict[str, Any]:
@@ -899,17 +1183,18 @@ def merge_results(path: str, new: dict[str, Any], groups: dict[str, Any]) -> dic
 
 GROUP_RUNNERS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "unpack": group_unpack, "pack": group_pack, "tarsplit": group_tarsplit,
-    "memory": group_memory,
+    "commit": group_commit, "memory": group_memory,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true",
-                   help="small busybox image, 2 runs, no settling pauses, no memory group "
-                        "(about a minute)")
+                   help="small busybox image, 2 runs, no settling pauses, no memory group, "
+                        "commit group only with --only commit (about a minute)")
     p.add_argument("--only", choices=GROUPS, action="append",
-                   help="benchmark group(s) to run (default: all; with --quick all but memory)")
+                   help="benchmark group(s) to run (default: all; with --quick unpack, pack "
+                        "and tarsplit)")
     p.add_argument("--runs", type=int, help="timed runs per tool (default 5; 2 with --quick)")
     p.add_argument("--cache", default=os.environ.get("OCILAYERS_BENCH_CACHE", DEFAULT_CACHE),
                    help="input cache and scratch dir (default $OCILAYERS_BENCH_CACHE or "
@@ -917,7 +1202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="results file (default benchmarks/results/latest.json; "
                                   "with --quick CACHE/results-quick.json); groups not run are "
                                   "kept from it")
-    p.add_argument("--no-docker", action="store_true", help="skip the docker load baseline")
+    p.add_argument("--no-docker", action="store_true",
+                   help="skip the docker baselines (docker load, docker commit)")
     p.add_argument("--profile", action="store_true",
                    help="also print the top functions of the tarsplit group's cProfile of "
                         "`unpack --jobs 1`, and (pack group) cProfile one `pack` per "
@@ -961,10 +1247,10 @@ def main(argv: list[str] | None = None) -> int:
     kind = "quick" if args.quick else "full"
     img = pin = mem = None
     deleted = False
-    if any(g in groups for g in ("unpack", "pack", "tarsplit")):
+    if any(g in groups for g in ("unpack", "pack", "tarsplit", "commit")):
         img, built = ensure_image(kind, cache, REPO, base=args.base)
         deleted |= built
-    if "pack" in groups:
+    if "pack" in groups or "commit" in groups:
         assert img is not None
         pin, built = ensure_pack_input(kind, cache, img)
         deleted |= built

@@ -1,6 +1,6 @@
-"""benchmarks/run.py --quick: it runs end to end (unpack, pack and tarsplit groups), prints the
-tables and exits 0 (no timings are checked: speed belongs in the benchmark output, not in a
-test)."""
+"""benchmarks/run.py --quick: it runs end to end (unpack, pack, tarsplit and commit groups),
+prints the tables and exits 0 (no timings are checked: speed belongs in the benchmark output,
+not in a test)."""
 
 from __future__ import annotations
 
@@ -37,11 +37,13 @@ def test_quick_benchmark_prints_table(tmp_path: object) -> None:
     out = os.path.join(str(tmp_path), "quick.json")
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--quick", "--no-docker",
-         "--cache", cache, "--json", out],
+         "--cache", cache, "--json", out,
+         # a plain --quick runs the first three; commit's quick variant only when asked
+         "--only", "unpack", "--only", "pack", "--only", "tarsplit", "--only", "commit"],
         cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert sum(line.startswith("tool") and "wall s" in line for line in lines) == 3, proc.stdout
+    assert sum(line.startswith("tool") and "wall s" in line for line in lines) == 4, proc.stdout
     for row in ("ocilayers unpack, cold (gzip)", "ocilayers unpack, dedup re-unpack (gzip)",
                 "ocilayers unpack, cold (zstd)", "umoci raw unpack", "gzip -dc | tar -x",
                 "zstd -dc | tar -x",
@@ -49,7 +51,8 @@ def test_quick_benchmark_prints_table(tmp_path: object) -> None:
                 "ocilayers pack --compression zstd", "tar|zstd -3", "umoci repack",
                 "ocilayers unpack --jobs 1 (in-process wrapper)",
                 "the same, tar-split writer and size walk no-ops",
-                "floor 1/2: inflate + both sha256 only", "floor 2/2: tar -x of the decompressed"):
+                "floor 1/2: inflate + both sha256 only", "floor 2/2: tar -x of the decompressed",
+                "ocilayers commit --upper DIR --from IMAGE"):
         assert any(line.startswith(row) for line in lines), row
     assert "ratios of medians" in proc.stdout
     for ratio in ("ocilayers pack (gzip) / tar|gzip -6 = ",
@@ -63,8 +66,8 @@ def test_quick_benchmark_prints_table(tmp_path: object) -> None:
     with open(out) as f:
         result = json.load(f)
     groups = result["groups"]
-    assert sorted(groups) == ["pack", "tarsplit", "unpack"]
-    for name in ("unpack", "pack", "tarsplit"):
+    assert sorted(groups) == ["commit", "pack", "tarsplit", "unpack"]
+    for name in ("unpack", "pack", "tarsplit", "commit"):
         assert all("median_wall_s" in r for r in groups[name]["results"]), groups[name]
     assert all("output_bytes" in r for r in groups["pack"]["results"])
     floor = groups["unpack"]["floor"]
@@ -73,6 +76,11 @@ def test_quick_benchmark_prints_table(tmp_path: object) -> None:
     assert floor["floor_wall_s"] > 0
     assert 0 < groups["tarsplit"]["profile"]["share_of_total"] < 1
     assert "share" in groups["tarsplit"]["ablation"]
+    # every commit made one new layer of the upper dir's content (+ the round's marker file)
+    made = groups["commit"]["layers"]["ocilayers-commit-upper"]
+    assert len(made) == 2 and all(x["size"] > 0 for x in made), made
+    assert len({x["diff_id"] for x in made}) == 2, made
+    assert "docker commit skipped: --no-docker" in groups["commit"]["notes"]
     # nothing left behind but the cached inputs, the profile and the results
     assert sorted(os.listdir(cache)) == [".lock", "pack-quick-v1", "quick-v1",
                                          "unpack-jobs1.prof"]
