@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from ocilayers.spec import (
     Descriptor,
     HistoryEntry,
     Platform,
+    created_time,
     manifest_family,
     normalize_reference,
 )
@@ -67,12 +67,6 @@ class AppendOptions:
     warn: Callable[[str], None] | None = field(default=None, compare=False)
 
 
-def _created(sde: int | None) -> str:
-    from ocilayers.store.containers import now_rfc3339
-
-    if sde is None:
-        return now_rfc3339()
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sde))
 
 
 class _CheckedTar:
@@ -162,7 +156,7 @@ def append_image(source: str, out: str, opts: AppendOptions, *, ref: str | None 
         if not os.path.exists(add.path):
             raise OCILayersError(f"{add.path}: no such file or directory")
     tags = [normalize_reference(t) for t in opts.tags]
-    created = _created(opts.source_date_epoch)
+    created = created_time(opts.source_date_epoch)
     with open_source(source) as src:
         image = src.resolve(ref, platform)
         family = opts.manifest or manifest_family(image.manifest.media_type)

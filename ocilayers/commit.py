@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +14,16 @@ from ocilayers.builder import ImageBuilder
 from ocilayers.errors import OCILayersError
 from ocilayers.fsutil import write_atomic
 from ocilayers.pack import open_layer_tar
-from ocilayers.spec import EMPTY_LAYER_DIFF_ID, Digest, HistoryEntry, ImageConfig
+from ocilayers.spec import (
+    EMPTY_LAYER_DIFF_ID,
+    Digest,
+    HistoryEntry,
+    ImageConfig,
+    created_time,
+    now_rfc3339,
+)
 from ocilayers.store import LayerRecord, Store
-from ocilayers.store.containers import Container, now_rfc3339
+from ocilayers.store.containers import Container
 from ocilayers.store.layers import fill_staging
 from ocilayers.store.layout import held_interrupt
 from ocilayers.streams import HashingReader
@@ -55,10 +61,6 @@ class CommitOptions:
     warn: Callable[[str], None] | None = None
 
 
-def _created(sde: int | None) -> str:
-    if sde is None:
-        return now_rfc3339()
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sde))
 
 
 def _ingest_upper(store: Store, upper: str, chain: list[LayerRecord], opts: CommitOptions,
@@ -119,7 +121,7 @@ def commit_upper(store: Store, upper: str, base_raw: bytes, base_id: Digest,
         parse_change(c)
     tags = tuple(dict.fromkeys(normalize_reference(t) for t in opts.tags))
     ImageConfig.parse(base_raw, "base config")
-    created = _created(opts.source_date_epoch)
+    created = created_time(opts.source_date_epoch)
 
     def prepare(diff_id: Digest | None) -> bytes:
         return _new_config(base_raw, diff_id, created,

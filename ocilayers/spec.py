@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -600,3 +601,22 @@ def _without(data: Mapping[str, Any], paths: Iterable[str]) -> dict[str, Any]:
             obj = out["history"][int(n)]
         obj.pop(key, None)
     return out
+
+
+# --- times as configs carry them ---
+
+def now_rfc3339() -> str:
+    """The time now, UTC, RFC 3339 with nanoseconds (Go's RFC3339Nano trims trailing 0s)."""
+    ns = time.time_ns()
+    secs, frac = divmod(ns, 1_000_000_000)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    digits = f"{frac:09d}".rstrip("0")
+    return f"{text}.{digits}Z" if digits else f"{text}Z"
+
+
+def created_time(source_date_epoch: int | None) -> str:
+    """A history entry's or config's `created`: SOURCE_DATE_EPOCH in whole seconds when set
+    (reproducible builds), else now."""
+    if source_date_epoch is None:
+        return now_rfc3339()
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(source_date_epoch))

@@ -16,13 +16,12 @@ import os
 import re
 import secrets
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from ocilayers.errors import StoreError
 from ocilayers.fsutil import rmtree, write_atomic
-from ocilayers.spec import Digest
+from ocilayers.spec import Digest, now_rfc3339
 from ocilayers.store.layers import MAX_DEPTH, LayerStore
 from ocilayers.store.layout import StoreLayout, read_text, write_new
 
@@ -77,15 +76,6 @@ class Container:
                    str(obj["parent"]), str(obj["created"]), tuple(map(str, command)),
                    None if obj.get("name") is None else str(obj["name"]),
                    tuple(tuple(map(str, r)) for r in runs))
-
-
-def now_rfc3339() -> str:
-    """The time now, UTC, RFC 3339 with nanoseconds (Go's RFC3339Nano trims trailing 0s)."""
-    ns = time.time_ns()
-    secs, frac = divmod(ns, 1_000_000_000)
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
-    digits = f"{frac:09d}".rstrip("0")
-    return f"{text}.{digits}Z" if digits else f"{text}Z"
 
 
 def created_key(created: str) -> tuple[str, str]:
