@@ -28,6 +28,14 @@ from ocilayers.store import Store
 from ocilayers.streams import COMPRESSIONS
 
 
+def _output_format(p: argparse.ArgumentParser, compression_help: str) -> None:
+    """--format and --compression of the commands that write an image."""
+    p.add_argument("--format", choices=FORMATS, default="oci-archive",
+                   help="output format (default: %(default)s)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
+                   help=f"{compression_help} (default: %(default)s)")
+
+
 def add_inspect(add: AddFn, pick: PickFn) -> None:
     p = add("inspect", "show an image (from a source, or from the store): layers, DiffIDs, "
                        "ChainIDs")
@@ -172,10 +180,7 @@ def add_export(add: AddFn, pick: PickFn) -> None:
                         "unique ID prefix (no tag), as `docker save` takes them")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="file or dir, or - for stdout (archive formats)")
-    p.add_argument("--format", choices=FORMATS, default="oci-archive",
-                   help="output format (default: %(default)s)")
-    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
-                   help="layer compression (default: %(default)s)")
+    _output_format(p, "layer compression")
     p.add_argument("--json", action="store_true", help="print the written digests as JSON")
     p.set_defaults(func=cmd_export)
 
@@ -199,10 +204,7 @@ def add_convert(add: AddFn, pick: PickFn) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="file or dir, or - for stdout (archive formats)")
     pick(p)
-    p.add_argument("--format", choices=FORMATS, default="oci-archive",
-                   help="output format (default: %(default)s)")
-    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
-                   help="layer compression (default: %(default)s)")
+    _output_format(p, "layer compression")
     p.add_argument("--tag", action="append", metavar="REPO:TAG",
                    help="tag to write (repeatable; default: the source's tags)")
     p.add_argument("--json", action="store_true", help="print the written digests as JSON")
@@ -275,10 +277,7 @@ def add_append(add: AddFn, pick: PickFn) -> None:
                    help="a Dockerfile instruction for the config, as commit's (repeatable)")
     p.add_argument("--tag", action="append", default=[], metavar="REPO:TAG",
                    help="tag to write (repeatable; default: none)")
-    p.add_argument("--format", choices=FORMATS, default="oci-archive",
-                   help="output format (default: %(default)s)")
-    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
-                   help="the new layers' compression (default: %(default)s)")
+    _output_format(p, "the new layers' compression")
     p.add_argument("--manifest", choices=("oci", "docker"),
                    help="the manifest's media-type family (default: the base's)")
     p.add_argument("--xattrs", choices=("all", "docker"), default="all",
