@@ -162,15 +162,11 @@ def commit_dir(store: Store, upper: str, image: str, opts: CommitOptions) -> Com
     """Commit an upper dir made elsewhere (Docker's, podman's) onto an image in the store."""
     if not os.path.isdir(upper):
         raise OCILayersError(f"{upper}: not a directory")
-    with store.lock():
-        img = store.find_image(image)
-        chains = [r.chain_id for r in img.layers]
-        claim = store.layers.claim(chains)  # its layers stay while we read them
-        claim.__enter__()
-    try:
-        if img.top is None:
-            raise OCILayersError(f"image {img.image_id.short} has no layers to commit onto")
+    with contextlib.ExitStack() as held:
+        with store.lock():  # (a claim is made under the lock; it lasts past it)
+            img = store.find_image(image)
+            if img.top is None:
+                raise OCILayersError(f"image {img.image_id.short} has no layers to commit "
+                                     "onto")
+            held.enter_context(store.layers.claim([r.chain_id for r in img.layers]))
         return commit_upper(store, upper, img.config.raw, img.image_id, list(img.layers), opts)
-    finally:
-        with contextlib.suppress(Exception):
-            claim.__exit__(None, None, None)
