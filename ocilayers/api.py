@@ -2,7 +2,8 @@
 
 Images from sources (`inspect_source`, `convert_image`), the store (`open_store`, `unpack`,
 `find_image`, `load_image`, `list_images`, `tag`, `untag`, `remove_image`, `prune`, `verify`,
-`export`, `flatten`, `mount`, `umount`) and layers from upper dirs (`pack`). JSON shapes are
+`export`, `flatten`, `mount`, `umount`), layers from upper dirs (`pack`), and why images
+grow (`history`, `squash`). JSON shapes are
 in `ocilayers.shapes`."""
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from ocilayers.store import Store, StoreImage
 
 if TYPE_CHECKING:
     from ocilayers.builder import ProgressFn, WrittenImage
+    from ocilayers.history import HistoryReport
     from ocilayers.pack import PackResult
     from ocilayers.sources import Image
+    from ocilayers.squash import SquashOptions, SquashResult
     from ocilayers.unpack import ProgressFn as UnpackProgress
     from ocilayers.unpack import UnpackResult
 
-__all__ = ["PackResult", "Store", "StoreImage", "convert_image", "export", "find_image",
-           "flatten", "inspect_source", "list_images", "load_image", "mount", "open_store",
-           "pack", "pack_to_file", "prune", "remove_image", "resolve_source", "source_or_image",
-           "tag", "umount",
-           "unpack", "untag", "verify"]
+__all__ = ["PackResult", "SquashOptions", "Store", "StoreImage", "convert_image", "export",
+           "find_image", "flatten", "history", "inspect_source", "list_images", "load_image",
+           "mount", "open_store", "pack", "pack_to_file", "prune", "remove_image",
+           "resolve_source", "source_or_image", "squash", "tag", "umount", "unpack", "untag",
+           "verify"]
 
 
 # --- sources ---
@@ -183,9 +186,32 @@ def pack_to_file(upper: str, out: str, **kwargs: Any) -> PackResult:
     return pack_file(upper, out, **kwargs)
 
 
+# --- growth: history and squash ---
+
+def history(arg: str, **kwargs: Any) -> HistoryReport:
+    """The history of a store image or a source with every layer's growth figures (added,
+    changed, whiteouts, wasted and unchanged-rewrite bytes), the totals and dive's figures;
+    see `ocilayers.history.image_history` for the options."""
+    from ocilayers.history import image_history
+
+    return image_history(arg, **kwargs)
+
+
+def squash(arg: str, options: SquashOptions, **kwargs: Any) -> SquashResult:
+    """Merge the layers above a point into one (`SquashOptions`: keep N, keep the layers of a
+    base image, or all; into `-o OUT` or the store); see `ocilayers.squash.squash`."""
+    from ocilayers.squash import squash as squash_image
+
+    return squash_image(arg, options, **kwargs)
+
+
 def __getattr__(name: str) -> Any:
     if name == "PackResult":
         from ocilayers.pack import PackResult
 
         return PackResult
+    if name == "SquashOptions":
+        from ocilayers.squash import SquashOptions
+
+        return SquashOptions
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,6 +8,7 @@ layers and history on top of a base."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -119,12 +120,25 @@ class ImageBuilder:
     _edits: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     created: str | None = None
     author: str | None = None
+    _rebased: bool = False
 
     @classmethod
     def from_config(cls, raw: bytes, what: str = "base config") -> ImageBuilder:
         return cls(raw, ImageConfig.parse(raw, what))
 
     # -- layers --
+
+    def rebase(self, keep: int, history: Sequence[HistoryEntry]) -> None:
+        """Keep only the base's first `keep` layers, and make `history` its whole history
+        (squash: the layers above go into one new layer). Call before `keep_layer`."""
+        if self._kept or not 0 <= keep <= len(self.base.diff_ids):
+            raise ValueError(f"cannot keep {keep} of {len(self.base.diff_ids)} layers")
+        obj: dict[str, Any] = json.loads(self.base_raw)
+        obj["rootfs"] = {**obj.get("rootfs", {}),
+                         "diff_ids": [str(d) for d in self.base.diff_ids[:keep]]}
+        obj["history"] = [h.to_json() for h in history]
+        self.base = ImageConfig(self.base_raw, obj, self.base.diff_ids[:keep], tuple(history))
+        self._rebased = True
 
     def keep_layer(self, layer: LayerInput | BlobInput) -> None:
         """One of the base's own layers, in order: re-encoded (LayerInput, its DiffID
@@ -157,7 +171,7 @@ class ImageBuilder:
     @property
     def changed(self) -> bool:
         return bool(self._added or self._history or self._edits or self.created
-                    or self.author)
+                    or self.author or self._rebased)
 
     def config_bytes(self, new_diff_ids: Sequence[Digest]) -> bytes:
         """The base config's exact bytes when nothing changed (the image ID stays), else

@@ -12,7 +12,6 @@ from typing import Any
 
 from ocilayers.builder import ImageBuilder
 from ocilayers.errors import OCILayersError
-from ocilayers.fsutil import write_atomic
 from ocilayers.pack import open_layer_tar
 from ocilayers.spec import (
     EMPTY_LAYER_DIFF_ID,
@@ -20,7 +19,6 @@ from ocilayers.spec import (
     HistoryEntry,
     ImageConfig,
     created_time,
-    now_rfc3339,
 )
 from ocilayers.store import LayerRecord, Store
 from ocilayers.store.containers import Container
@@ -128,14 +126,7 @@ def commit_upper(store: Store, upper: str, base_raw: bytes, base_id: Digest,
                            opts.created_by if opts.created_by is not None else created_by, opts)
 
     def publish(config: bytes) -> Digest:  # (under the store lock)
-        image_id = store.images.put(config)
-        meta = store.layout.image_metadata(image_id)
-        os.makedirs(meta, mode=0o700, exist_ok=True)
-        write_atomic(os.path.join(meta, "parent"), str(base_id).encode(), 0o600)
-        write_atomic(os.path.join(meta, "lastUpdated"), now_rfc3339().encode(), 0o600)
-        for t in tags:
-            store.images.set_tag(t, image_id)
-        return image_id
+        return store.images.add(config, base_id, tags)
 
     rec, image_id = _ingest_upper(store, upper, chain, opts, prepare, publish)
     return CommitResult(image_id, rec.diff_id if rec else None,

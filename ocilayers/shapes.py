@@ -9,8 +9,11 @@ if TYPE_CHECKING:
 
     from ocilayers.builder import WrittenImage
     from ocilayers.commit import CommitResult
+    from ocilayers.growth import GateResult
+    from ocilayers.history import HistoryReport
     from ocilayers.pack import PackResult
     from ocilayers.sources import Image
+    from ocilayers.squash import SquashResult
     from ocilayers.store import StoreImage
     from ocilayers.store.containers import Container
     from ocilayers.store.mounts import MountRecord
@@ -97,3 +100,57 @@ def commit_result(result: CommitResult) -> dict[str, Any]:
             "diff_id": str(result.diff_id) if result.diff_id else None,
             "chain_id": str(result.chain_id) if result.chain_id else None,
             "empty_layer": result.empty_layer, "size": result.size, "tags": list(result.tags)}
+
+
+def _ratio(x: float) -> float | None:
+    return None if x == float("inf") else x
+
+
+def history_report(r: HistoryReport, gate: Sequence[GateResult] | None = None,
+                   gate_figures: str = "ocilayers") -> dict[str, Any]:
+    """`ocilayers history --json`: every history entry (base first, `layer` the index into
+    `layers` or null), every layer's figures, the totals with dive's own, the top wasted
+    paths; with --ci, the rules checked."""
+    out: dict[str, Any] = {
+        "image_id": str(r.image_id),
+        "history": [{**(row.entry.to_json() if row.entry else {}),
+                     "empty_layer": row.layer is None, "layer": row.layer} for row in r.rows],
+        "layers": [{"index": i, "diff_id": str(x.diff_id), "chain_id": str(x.chain_id),
+                    "compressed_size": x.compressed_size, "size": x.size,
+                    "entries": x.figures.entries, "added": x.figures.added,
+                    "changed": x.figures.changed, "whiteouts": x.figures.whiteouts,
+                    "opaques": x.figures.opaques, "stored_bytes": x.figures.stored_bytes,
+                    "wasted_bytes": x.figures.wasted_bytes,
+                    "unchanged_rewrite_bytes": x.figures.unchanged_rewrite_bytes,
+                    "rewrote_unchanged_bytes": x.figures.rewrote_unchanged_bytes}
+                   for i, x in enumerate(r.layers)],
+        "totals": {"stored_bytes": r.stored_bytes, "merged_bytes": r.merged_bytes,
+                   "wasted_bytes": r.wasted_bytes,
+                   "unchanged_rewrite_bytes": r.unchanged_rewrite_bytes,
+                   "efficiency": r.efficiency,
+                   "user_wasted_percent": _ratio(r.user_wasted_percent),
+                   "dive_efficiency": r.dive.efficiency,
+                   "dive_wasted_bytes": r.dive.wasted_bytes,
+                   "dive_user_wasted_percent": _ratio(r.dive.user_wasted_percent)},
+        "top": [{"path": t.path, "size": t.size, "layer": t.layer, "hidden_by": t.hidden_by,
+                 "unchanged": t.unchanged} for t in r.top],
+        "note": r.note,
+    }
+    if gate is not None:
+        out["ci"] = {"figures": gate_figures, "passed": all(g.passed for g in gate),
+                     "rules": [{"rule": g.rule, "figure": _ratio(g.figure),
+                                "threshold": g.threshold, "passed": g.passed} for g in gate]}
+    return out
+
+
+def squash_result(r: SquashResult) -> dict[str, Any]:
+    """`ocilayers squash --json`."""
+    out: dict[str, Any] = {
+        "image_id": str(r.image_id), "old_image_id": str(r.old_image_id),
+        "diff_id": str(r.diff_id), "kept_layers": r.kept, "squashed_layers": r.squashed,
+        "tags": list(r.tags), "entries": r.stats.entries, "whiteouts": r.stats.whiteouts,
+        "opaques": r.stats.opaques, "hardlinks": r.stats.hardlinks, "bytes": r.stats.bytes,
+        "note": r.note}
+    if r.written is not None:
+        out["manifest_digest"] = str(r.written.manifest.digest)
+    return out

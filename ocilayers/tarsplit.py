@@ -200,30 +200,37 @@ def assemble(records: Iterator[Record], diff_dir: str | bytes,
             continue
         if rec.size <= 0:
             continue
-        rel = clean_name(rec.name)
-        shown = rel.decode("utf-8", "backslashreplace")
-        try:
-            fd = os.open(os.path.join(root, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ChangedError(f"layer changed: '{shown}' is missing or unreadable "
-                               f"({exc.strerror})") from None
-        try:
-            left = rec.size
-            crc = 0
-            while left > 0:
-                data = os.read(fd, min(chunk, left))
-                if not data:
-                    raise ChangedError(f"layer changed: '{shown}' is shorter than "
-                                       f"{rec.size} bytes")
-                crc = crc64(data, crc)
-                left -= len(data)
-                yield data
-            if os.read(fd, 1):
-                raise ChangedError(f"layer changed: '{shown}' is longer than {rec.size} bytes")
-        finally:
-            os.close(fd)
-        if rec.payload is not None and crc.to_bytes(8, "big") != rec.payload:
-            raise ChangedError(f"layer changed: '{shown}' content differs (CRC mismatch)")
+        yield from file_chunks(root, clean_name(rec.name), rec.size,
+                               rec.payload if rec.payload is not None else None, chunk)
+
+
+def file_chunks(root: bytes, rel: bytes, size: int, crc: bytes | None,
+                chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The data of the diff dir file `rel`, checked against its record's size and CRC-64
+    (8 bytes, big-endian; None: not checked); raises ChangedError naming the path."""
+    shown = rel.decode("utf-8", "backslashreplace")
+    try:
+        fd = os.open(os.path.join(root, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ChangedError(f"layer changed: '{shown}' is missing or unreadable "
+                           f"({exc.strerror})") from None
+    try:
+        left = size
+        got = 0
+        while left > 0:
+            data = os.read(fd, min(chunk, left))
+            if not data:
+                raise ChangedError(f"layer changed: '{shown}' is shorter than "
+                                   f"{size} bytes")
+            got = crc64(data, got)
+            left -= len(data)
+            yield data
+        if os.read(fd, 1):
+            raise ChangedError(f"layer changed: '{shown}' is longer than {size} bytes")
+    finally:
+        os.close(fd)
+    if crc is not None and got.to_bytes(8, "big") != crc:
+        raise ChangedError(f"layer changed: '{shown}' content differs (CRC mismatch)")
 
 
 def open_records(path: str) -> Iterator[Record]:

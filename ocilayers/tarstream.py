@@ -202,6 +202,16 @@ class TarReader:
         while self._left > 0:
             self.read_data()
 
+    @property
+    def data_left(self) -> int:
+        """Bytes of the current entry's data not read yet."""
+        return self._left
+
+    def data_elsewhere(self) -> None:
+        """The stream does not hold the current entry's data (tar-split's segments, where a
+        file record stands for it): go on to its padding as if the data was read."""
+        self._left = 0
+
     def _finish_entry(self) -> None:
         self.skip_data()
         if self._pad:

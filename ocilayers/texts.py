@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from ocilayers.spec import HistoryEntry
 
 if TYPE_CHECKING:
+    from ocilayers.growth import GateResult
+    from ocilayers.history import HistoryReport
     from ocilayers.sources import Image
     from ocilayers.store import Store, StoreImage
     from ocilayers.store.containers import Container
@@ -184,3 +186,60 @@ def containers_table(store: Store, rows: Sequence[tuple[Container, Sequence[Moun
                     ellipsize(" ".join(c.command), 30, no_trunc) or "-", since(c.created),
                     where])
     return table(["CONTAINER ID", "NAME", "IMAGE", "COMMAND", "CREATED", "MOUNTED"], out)
+
+
+def _pct(x: float) -> str:
+    return "inf" if x == float("inf") else f"{x * 100:.1f}%"
+
+
+def history_text(r: HistoryReport, no_trunc: bool = False) -> str:
+    """`ocilayers history`: one row per history entry, base first, with each layer's
+    growth figures; then the totals, dive's figures and the largest wasted paths."""
+    rows = []
+    for row in r.rows:
+        h = row.entry
+        created = since(h.created) if h is not None and h.created else "-"
+        by = ellipsize(((h.created_by or "") if h else "").replace("\n", " "), 40, no_trunc)
+        if row.layer is None:
+            rows.append(["-", created, by or "-", "0B", "-", "", "", "", "", "", ""])
+            continue
+        x = r.layers[row.layer]
+        f = x.figures
+        rows.append([str(row.layer + 1), created, by or "-", human_size(x.size),
+                     human_size(x.compressed_size) if x.compressed_size is not None else "-",
+                     str(f.added), str(f.changed), str(f.whiteouts), str(f.opaques),
+                     human_size(f.wasted_bytes), human_size(f.unchanged_rewrite_bytes)])
+    out = [f"Image ID:  {r.image_id}", "",
+           table(["#", "CREATED", "CREATED BY", "SIZE", "COMPRESSED", "ADDED", "CHANGED",
+                  "WHITEOUTS", "OPAQUE", "WASTED", "UNCHANGED"], rows), "",
+           f"Stored:       {human_size(r.stored_bytes)} ({r.stored_bytes} bytes of files in "
+           f"{len(r.layers)} layers)",
+           f"Merged view:  {human_size(r.merged_bytes)} ({r.merged_bytes} bytes)",
+           f"Wasted:       {human_size(r.wasted_bytes)} ({r.wasted_bytes} bytes; "
+           f"{r.unchanged_rewrite_bytes} of them unchanged rewrites)",
+           f"Efficiency:   {_pct(r.efficiency)}",
+           f"dive figures: efficiency {_pct(r.dive.efficiency)}, wasted "
+           f"{human_size(r.dive.wasted_bytes)} ({r.dive.wasted_bytes} bytes), user wasted "
+           f"{_pct(r.dive.user_wasted_percent)}"]
+    if r.note:
+        out.append(f"Note:         {r.note}")
+    if r.top:
+        out += ["", table(["WASTED", "PATH", "ADDED BY", "HIDDEN BY"], [
+            [human_size(t.size), t.path, f"layer {t.layer + 1}",
+             f"layer {t.hidden_by + 1}" + (" (unchanged rewrite)" if t.unchanged else "")]
+            for t in r.top])]
+    return "\n".join(out)
+
+
+def gate_lines(results: Sequence[GateResult]) -> list[str]:
+    """One line per rule of the CI gate: PASS or FAIL, the figure and the threshold."""
+    out = []
+    for g in results:
+        if g.rule == "highestWastedBytes":
+            fig, thr = f"{int(g.figure)} bytes", f"{int(g.threshold)} bytes"
+        else:
+            fig, thr = (f"{g.figure:.4f}" if g.figure != float("inf") else "inf"), f"{g.threshold}"
+        cmp = {"lowestEfficiency": ">="}.get(g.rule, "<=")
+        out.append(f"{'PASS' if g.passed else 'FAIL'}: {g.rule}: {fig} "
+                   f"(must be {cmp} {thr})")
+    return out

@@ -15,9 +15,11 @@ LEVELS: dict[str, int] = {
     "changes": 0,
     "streams": 1, "tarstream": 1, "tarsplit": 1, "fsutil": 1,
     "extract": 2, "initlayer": 2, "differ": 2, "verify": 2, "cas": 2, "sources": 2, "mount": 2,
+    "layerscan": 2, "growth": 2, "squashtar": 2,
     "builder": 3, "writer": 3, "store": 3, "bundle": 3,
     "unpack": 4, "commit": 4, "run": 4, "append": 4, "lifecycle": 4, "export": 4,
     "flatten": 4, "pack": 4, "view": 4, "lookup": 4,
+    "history": 4, "squash": 4,
     "api": 5, "shapes": 5, "texts": 5,
     "cli": 6, "__main__": 6, "__init__": 0,
 }

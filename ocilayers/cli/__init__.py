@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from ocilayers import __version__
-from ocilayers.cli import containers, images, store
+from ocilayers.cli import containers, growth, images, store
 from ocilayers.cli.common import PROG, Parser, _global_options
 from ocilayers.errors import OCILayersError
 
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_export(add, pick)
     images.add_convert(add, pick)
     images.add_append(add, pick)
+    growth.add_history(add, pick)
+    growth.add_squash(add, pick)
     containers.register(add, pick)
     return parser
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ocilayers.errors import ImageError, ImageNotFoundError, OCILayersError, StoreError
@@ -57,6 +58,21 @@ class ImageStore:
         path = self.layout.image_content(image_id)
         if not os.path.exists(path):
             write_atomic(path, config_raw, 0o600)
+        return image_id
+
+    def add(self, config_raw: bytes, parent: Digest | None, tags: Sequence[str]) -> Digest:
+        """A new image built here (commit, squash): its config, its metadata (`parent`,
+        `lastUpdated`, as dockerd writes for a commit) and its tags. Call under the lock."""
+        from ocilayers.spec import now_rfc3339
+
+        image_id = self.put(config_raw)
+        meta = self.layout.image_metadata(image_id)
+        os.makedirs(meta, mode=0o700, exist_ok=True)
+        if parent is not None:
+            write_atomic(os.path.join(meta, "parent"), str(parent).encode(), 0o600)
+        write_atomic(os.path.join(meta, "lastUpdated"), now_rfc3339().encode(), 0o600)
+        for t in tags:
+            self.set_tag(t, image_id)
         return image_id
 
     def config_bytes(self, image_id: Digest) -> bytes:

@@ -1,0 +1,189 @@
+"""The history workflow: an image's history with what every layer adds, changes, deletes
+and wastes, from the store (layerdb and tar-split alone: no diff dir walked, nothing
+decompressed but the records) or from a source (each layer streamed once, its digests
+checked, nothing written)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from ocilayers.growth import DiveFigures, LayerFigures, Merge, dive_figures
+from ocilayers.layerscan import Entry, ScanCounts, ignored, scan_records, scan_tar
+from ocilayers.lookup import source_or_image
+from ocilayers.sources import Image, ImageSource, open_source
+from ocilayers.spec import Digest, HistoryEntry, ImageConfig, Platform
+from ocilayers.store import Store
+from ocilayers.tarsplit import open_records
+
+
+@dataclass
+class ScannedLayer:
+    diff_id: Digest
+    chain_id: Digest
+    compressed_size: int | None  # None: not known (a store keeps no compressed blob)
+    size: int  # the uncompressed tar's bytes
+    entries: list[Entry]
+
+
+@dataclass
+class ScannedImage:
+    """An image's layers read as entries. `source`/`image`: where a source's layers can be
+    read again (squash reads the data it keeps)."""
+
+    name: str
+    image_id: Digest
+    config: ImageConfig
+    layers: list[ScannedLayer]
+    from_store: bool
+    source: ImageSource | None = None
+    image: Image | None = None
+
+
+@contextlib.contextmanager
+def scanned(arg: str, store: Store, *, ref: str | None = None,
+            platform: Platform | str | None = None, keep_headers: bool = False,
+            ignore: Sequence[str] = (),
+            progress: Callable[[int, int], None] | None = None) -> Iterator[ScannedImage]:
+    """Read every layer of `arg` (a store image or a source) as entries; the source stays
+    open for the block. `progress(layer, n)` hears of the bytes read of a source's layer."""
+    skip = ignored(ignore)
+
+    def kept(entries: Iterator[Entry]) -> list[Entry]:
+        return [e for e in entries if not skip(e.path)] if skip else list(entries)
+
+    if source_or_image(store, arg) == "image":
+        img = store.find_image(arg)
+        layers = []
+        for rec in img.layers:
+            counts = ScanCounts()
+            entries = kept(scan_records(open_records(store.layers.tar_split_path(rec.chain_id)),
+                                        keep_headers=keep_headers, counts=counts))
+            layers.append(ScannedLayer(rec.diff_id, rec.chain_id, None, counts.tar_size,
+                                       entries))
+        yield ScannedImage(arg, img.image_id, img.config, layers, True)
+        return
+    with open_source(arg) as src:
+        image = src.resolve(ref, platform)
+        layers = []
+        for i, layer in enumerate(image.layers):
+            counts = ScanCounts()
+            cb = (lambda n, i=i: progress(i, n)) if progress else None
+            with contextlib.closing(src.open_layer(layer, cb, readahead=True)) as reader:
+                entries = kept(scan_tar(reader, keep_headers=keep_headers, counts=counts))
+                reader.finish()  # digest, size and DiffID
+            layers.append(ScannedLayer(layer.diff_id, layer.chain_id,
+                                       layer.descriptor.size, counts.tar_size, entries))
+        yield ScannedImage(arg, image.config_digest, image.config, layers, False, src, image)
+
+
+def merge_layers(layers: Sequence[Sequence[Entry]]) -> Merge:
+    m = Merge()
+    for entries in layers:
+        m.apply(entries)
+    m.finish()
+    return m
+
+
+# --- the report ---
+
+@dataclass(frozen=True)
+class LayerReport:
+    diff_id: Digest
+    chain_id: Digest
+    compressed_size: int | None
+    size: int
+    figures: LayerFigures
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One history entry; `layer`: the index of its layer in `HistoryReport.layers`, None
+    for an `empty_layer` entry."""
+
+    entry: HistoryEntry | None
+    layer: int | None
+
+
+@dataclass(frozen=True)
+class WastedPath:
+    path: str
+    size: int
+    layer: int  # the layer that added it (index)
+    hidden_by: int  # the layer that hid it
+    unchanged: bool  # hidden by a rewrite with the same content
+
+
+@dataclass(frozen=True)
+class HistoryReport:
+    name: str
+    image_id: Digest
+    rows: tuple[HistoryRow, ...]
+    layers: tuple[LayerReport, ...]
+    stored_bytes: int
+    merged_bytes: int
+    wasted_bytes: int
+    unchanged_rewrite_bytes: int
+    top: tuple[WastedPath, ...]
+    dive: DiveFigures
+    note: str | None = None
+
+    @property
+    def efficiency(self) -> float:
+        """merged ÷ stored; 1.0 for an image with no file bytes."""
+        return self.merged_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    @property
+    def user_wasted_percent(self) -> float:
+        """Wasted bytes ÷ the stored bytes of every layer but the first (dive's rule on
+        ocilayers' figures); 0 for a one-layer image."""
+        user = sum(layer.figures.stored_bytes for layer in self.layers[1:])
+        if len(self.layers) <= 1 or self.wasted_bytes == 0:
+            return 0.0
+        return self.wasted_bytes / user if user else float("inf")
+
+
+def history_rows(config: ImageConfig, layers: int) -> tuple[list[HistoryRow], str | None]:
+    """History entries matched to layers (the non-empty ones, in order); a history that is
+    missing or does not match gets one bare row per layer and a note saying so."""
+    non_empty = sum(1 for h in config.history if not h.empty_layer)
+    if config.history and non_empty == layers:
+        rows = []
+        n = 0
+        for h in config.history:
+            if h.empty_layer:
+                rows.append(HistoryRow(h, None))
+            else:
+                rows.append(HistoryRow(h, n))
+                n += 1
+        return rows, None
+    note = ("the image has no history" if not config.history else
+            f"the history has {non_empty} entries with a layer for {layers} layers")
+    return [HistoryRow(None, i) for i in range(layers)], note + ": one row per layer"
+
+
+def report(scan: ScannedImage, top: int = 10) -> HistoryReport:
+    merge = merge_layers([layer.entries for layer in scan.layers])
+    rows, note = history_rows(scan.config, len(scan.layers))
+    layers = tuple(LayerReport(s.diff_id, s.chain_id, s.compressed_size, s.size, f)
+                   for s, f in zip(scan.layers, merge.layers, strict=True))
+    wasted = merge.wasted()
+    top_paths = tuple(WastedPath(g.entry.shown, g.size, g.layer, g.hidden_by, g.unchanged)
+                      for g in wasted[:max(top, 0)])
+    return HistoryReport(
+        scan.name, scan.image_id, tuple(rows), layers, merge.stored_bytes,
+        merge.merged_bytes, sum(g.size for g in wasted),
+        sum(g.size for g in wasted if g.unchanged), top_paths,
+        dive_figures([layer.entries for layer in scan.layers]), note)
+
+
+def image_history(arg: str, *, root: str | None = None, ref: str | None = None,
+                  platform: Platform | str | None = None, top: int = 10,
+                  ignore: Sequence[str] = (),
+                  progress: Callable[[int, int], None] | None = None) -> HistoryReport:
+    """The history of a store image or a source, with the growth figures of every layer."""
+    store = Store(root)
+    with scanned(arg, store, ref=ref, platform=platform, ignore=ignore,
+                 progress=progress) as scan:
+        return report(scan, top)

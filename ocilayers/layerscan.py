@@ -1,0 +1,236 @@
+"""A layer's entries as growth analysis sees them, read from a tar stream (one pass, each
+file's data CRC-64'd on the way, nothing written) or from a store layer's tar-split records
+(headers only: no data read, no decompression of the layer).
+
+Both give the same `Entry` values for the same layer, so every figure computed from them is
+the same whichever way the image is read."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from ocilayers.errors import StoreError, TarError
+from ocilayers.tarsplit import FILE, SEGMENT, Record, crc64
+from ocilayers.tarstream import (
+    AREG,
+    CONT,
+    DIR,
+    LNK,
+    PAX_GLOBAL,
+    REG,
+    SYM,
+    TarEntry,
+    TarReader,
+)
+from ocilayers.whiteout import classify
+
+FILE_KIND = "file"
+DIR_KIND = "dir"
+SYMLINK_KIND = "symlink"
+HARDLINK_KIND = "hardlink"
+OTHER_KIND = "other"  # devices, fifos
+WHITEOUT_KIND = "whiteout"
+OPAQUE_KIND = "opaque"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One tar entry of a layer. `path` is normalised (no leading `./` or `/`, no trailing
+    `/`); for a whiteout it is the path it deletes, for an opaque marker the dir it marks.
+    `size` is the header's size; `crc` the CRC-64 of a regular file's data (0 for none);
+    `link` a hardlink's normalised target. `header` is kept when asked for (squash)."""
+
+    path: bytes
+    kind: str
+    size: int = 0
+    crc: int = 0
+    link: bytes = b""
+    header: TarEntry | None = None
+
+    @property
+    def shown(self) -> str:
+        return "/" + self.path.decode("utf-8", "backslashreplace")
+
+
+def normalize(name: bytes, what: str = "entry") -> bytes:
+    """A tar name as a path under the layer root; `..` anywhere is an error."""
+    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise TarError(f"{what} '{name.decode('utf-8', 'backslashreplace')}' escapes the layer")
+    return b"/".join(parts)
+
+
+def entry_of(t: TarEntry, keep_header: bool = False) -> Entry | None:
+    """The analysis' view of one tar entry; None for what is not content (the root dir, a PAX
+    global header, AUFS bookkeeping names)."""
+    if t.type == PAX_GLOBAL:
+        return None
+    path = normalize(t.name)
+    if not path:
+        return None  # the layer's root: never hidden, never hiding
+    parent, _, base = path.rpartition(b"/")
+    kind_of, target = classify(base, t.display_name)
+    header = t if keep_header else None
+    if kind_of == "meta":
+        return None
+    if kind_of == "opaque":
+        return Entry(parent, OPAQUE_KIND, t.size, header=header)
+    if kind_of == "whiteout":
+        return Entry(parent + b"/" + target if parent else target, WHITEOUT_KIND, t.size,
+                     header=header)
+    if t.type in (REG, AREG, CONT):
+        kind = FILE_KIND
+    elif t.type == DIR:
+        kind = DIR_KIND
+    elif t.type == SYM:
+        kind = SYMLINK_KIND
+    elif t.type == LNK:
+        return Entry(path, HARDLINK_KIND, t.size, link=normalize(t.linkname, "hardlink target"),
+                     header=header)
+    else:
+        kind = OTHER_KIND
+    return Entry(path, kind, t.size, header=header)
+
+
+@dataclass
+class ScanCounts:
+    """What a scan saw besides the entries: the layer's uncompressed (tar) size."""
+
+    tar_size: int = 0
+
+
+def scan_tar(stream: object, *, keep_headers: bool = False,
+             counts: ScanCounts | None = None) -> Iterator[Entry]:
+    """Every entry of the tar `stream`, each regular file's data read once for its CRC-64
+    (the same CRC tar-split records). Reads the stream to its end."""
+    counted = _Counting(stream)
+    reader = TarReader(counted)
+    for t in reader:
+        e = entry_of(t, keep_headers)
+        if e is None:
+            continue
+        if e.kind == FILE_KIND and reader.data_left:
+            crc = 0
+            while data := reader.read_data():
+                crc = crc64(data, crc)
+            e.crc = crc
+        yield e
+    while counted.read(1 << 20):  # what follows the end-of-archive blocks is in the DiffID
+        pass
+    if counts is not None:
+        counts.tar_size = counted.count
+
+
+def spool(stream: object, wanted: set[int], path_of: Callable[[int], str]) -> None:
+    """Write the data of the entries numbered `wanted` (counted as `scan_tar` yields them,
+    from 0) of the tar `stream` into the files `path_of(n)`. Reads the stream to its end."""
+    reader = TarReader(stream)
+    n = -1
+    for t in reader:
+        if entry_of(t) is None:
+            continue
+        n += 1
+        if n in wanted:
+            with open(path_of(n), "xb") as out:
+                while data := reader.read_data():
+                    out.write(data)
+    read: Callable[[int], bytes] = stream.read  # type: ignore[attr-defined]
+    while read(1 << 20):
+        pass
+
+
+class _Counting:
+    def __init__(self, stream: object) -> None:
+        self._read: Callable[[int], bytes] = stream.read  # type: ignore[attr-defined]
+        self.count = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._read(n)
+        self.count += len(data)
+        return data
+
+
+class _Segments:
+    """tar-split's segments as one byte stream, for the tar reader to parse the headers in;
+    the file records between them stand for the data, which is not there."""
+
+    def __init__(self, records: Iterable[Record]) -> None:
+        self._records = iter(records)
+        self._buf = b""
+        self._off = 0
+        self.size = 0  # the tar's size: segments and file data
+
+    def read(self, n: int = -1, /) -> bytes:
+        while self._off >= len(self._buf):
+            rec = next(self._records, None)
+            if rec is None:
+                return b""
+            if rec.type != SEGMENT:
+                raise StoreError("tar-split: a file record where a header was expected")
+            self._buf, self._off = rec.payload or b"", 0
+            self.size += len(self._buf)
+        end = len(self._buf) if n < 0 else self._off + n
+        data = self._buf[self._off:end]
+        self._off += len(data)
+        return data
+
+    def file_record(self, data_size: int) -> Record:
+        """The file record that stands where the entry just read has its data."""
+        if self._off < len(self._buf):
+            raise StoreError("tar-split: header bytes where a file record was expected")
+        rec = next(self._records, None)
+        if rec is None or rec.type != FILE:
+            raise StoreError("tar-split: an entry without its file record")
+        if rec.size != data_size and (rec.size or data_size):
+            raise StoreError(f"tar-split: file record of {rec.size} bytes for an entry of "
+                             f"{data_size}")
+        self.size += data_size
+        return rec
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def scan_records(records: Iterable[Record], *, keep_headers: bool = False,
+                 counts: ScanCounts | None = None) -> Iterator[Entry]:
+    """Every entry of a store layer from its tar-split records alone: headers parsed from the
+    segments, each file's CRC-64 taken from its record (no data read)."""
+    seg = _Segments(records)
+    reader = TarReader(seg)
+    for t in reader:
+        left = reader.data_left
+        rec = seg.file_record(left)
+        reader.data_elsewhere()
+        e = entry_of(t, keep_headers)
+        if e is None:
+            continue
+        if e.kind == FILE_KIND and left:
+            if rec.payload is None or len(rec.payload) != 8:
+                raise StoreError(f"tar-split: no CRC-64 for '{t.display_name}'")
+            e.crc = int.from_bytes(rec.payload, "big")
+        yield e
+    seg.drain()
+    if counts is not None:
+        counts.tar_size = seg.size
+
+
+def ignored(patterns: Sequence[str]) -> Callable[[bytes], bool] | None:
+    """A test for `--ignore` globs: a path is left out when it or any dir above it matches a
+    pattern (fnmatch, against the absolute path: `/var/cache/*`, `*.pyc`, `/tmp`)."""
+    if not patterns:
+        return None
+    pats = [p.encode("utf-8", "surrogateescape") for p in patterns]
+
+    def test(path: bytes) -> bool:
+        full = b"/" + path
+        while True:
+            if any(fnmatch.fnmatchcase(full, p) for p in pats):
+                return True
+            full = full.rpartition(b"/")[0]
+            if not full:
+                return False
+
+    return test
