@@ -199,7 +199,8 @@ def history_text(r: HistoryReport, no_trunc: bool = False) -> str:
     for row in r.rows:
         h = row.entry
         created = since(h.created) if h is not None and h.created else "-"
-        by = ellipsize(((h.created_by or "") if h else "").replace("\n", " "), 40, no_trunc)
+        what = (h.created_by or (f"({h.comment})" if h.comment else "")) if h else ""
+        by = ellipsize(what.replace("\n", " "), 40, no_trunc)
         if row.layer is None:
             rows.append(["-", created, by or "-", "0B", "-", "", "", "", "", "", ""])
             continue
