@@ -39,7 +39,12 @@ class Group:
     names: list[Node] = field(default_factory=list)
     alive: int = 0
     hidden_by: int = -1  # the layer that hid its last name
-    unchanged: bool = False  # a later layer wrote it again with the same content
+    rewritten_by: int = -1  # a later layer that wrote it again with the same content
+
+    @property
+    def unchanged(self) -> bool:
+        """Wasted by a rewrite with the same content (a `chmod -R`)."""
+        return self.rewritten_by >= 0
 
 
 @dataclass(slots=True, eq=False)
@@ -121,26 +126,30 @@ class Merge:
 
     # -- hiding --
 
-    def _hide(self, node: Node, layer: int, unchanged: bool = False) -> None:
-        """`node` and everything below it are hidden by `layer`."""
-        if unchanged and node.group is not None:
-            node.group.unchanged = True
-        todo = [node]
+    def _hide(self, node: Node, layer: int, unchanged: bool = False,
+              gone: set[bytes] | None = None, path: bytes = b"") -> None:
+        """`node` and everything below it are hidden by `layer`; `gone` collects their
+        paths (`path` is the node's)."""
+        if unchanged and node.group is not None and node.group.rewritten_by < 0:
+            node.group.rewritten_by = layer
+        todo = [(node, path)]
         while todo:
-            n = todo.pop()
+            n, p = todo.pop()
+            if gone is not None:
+                gone.add(p)
             g = n.group
             if g is not None:
                 g.alive -= 1
                 if g.alive == 0:
                     g.hidden_by = layer
             if n.children:
-                todo.extend(n.children.values())
+                todo.extend((c, p + b"/" + name) for name, c in n.children.items())
 
-    def _cut(self, node: Node, layer: int) -> None:
+    def _cut(self, node: Node, layer: int, gone: set[bytes], path: bytes) -> None:
         """An opaque dir: what lower layers have in it is hidden."""
         assert node.children is not None
-        for child in node.children.values():
-            self._hide(child, layer)
+        for name, child in node.children.items():
+            self._hide(child, layer, gone=gone, path=path + b"/" + name)
         node.children = {}
         node.cut = layer
 
@@ -152,12 +161,13 @@ class Merge:
         i = len(self.layers)
         fig = LayerFigures()
         self.layers.append(fig)
+        gone: set[bytes] = set()  # lower paths this layer deleted: re-made, they are "changed"
         for e in entries:
             if e.kind == WHITEOUT_KIND:
                 fig.whiteouts += 1
                 node = self.find(e.path)
                 if node is not None:
-                    self._hide(node, i)
+                    self._hide(node, i, gone=gone, path=e.path)
                     assert node.parent is not None and node.parent.children is not None
                     del node.parent.children[node.name]
             elif e.kind == OPAQUE_KIND:
@@ -166,26 +176,38 @@ class Merge:
                     continue  # overlayfs ignores an opaque layer root
                 node = self.find(e.path)
                 if node is not None and node.children is not None:
-                    self._cut(node, i)
+                    self._cut(node, i, gone, e.path)
         links: dict[bytes, Group] = {}
+        # The dir the last entry went in: a tar lists a dir's entries together, so most
+        # entries need no walk from the root. Forgotten whenever something is hidden.
+        last_dir: bytes | None = None
+        last: Node = self.root
         for e in entries:
-            if e.kind in (WHITEOUT_KIND, OPAQUE_KIND):
+            kind = e.kind
+            if kind in (WHITEOUT_KIND, OPAQUE_KIND):
                 continue
             fig.entries += 1
-            parent, name = self._parent_dir(e.path, i)
-            assert parent.children is not None
-            old = parent.children.get(name)
-            if old is None:
+            up, _, name = e.path.rpartition(b"/")
+            if up == last_dir:
+                parent = last
+            else:
+                parent, name = self._parent_dir(e.path, i)
+                last_dir, last = up, parent
+            children = parent.children
+            assert children is not None
+            old = children.get(name)
+            if old is None and (not gone or e.path not in gone):
                 fig.added += 1
             else:
                 fig.changed += 1
-            if e.kind == DIR_KIND:
+            if kind == DIR_KIND:
                 if old is not None and old.children is not None:
                     old.entry, old.layer = e, i  # a dir over a dir: their contents merge
                     continue
                 if old is not None:
                     self._hide(old, i)
-                parent.children[name] = Node(name, parent, e, i, None, {}, i)
+                    last_dir = None
+                children[name] = Node(name, parent, e, i, None, {}, i)
                 continue
             if e.kind == HARDLINK_KIND:
                 g = links.get(e.link)
@@ -203,25 +225,25 @@ class Merge:
                 same = (og is not None and og.entry.kind == FILE_KIND
                         and g.entry.kind == FILE_KIND and og.size == g.size
                         and og.entry.crc == g.entry.crc)
-                if same and og is not None and og.alive == 1:
-                    fig.rewrote_unchanged_bytes += og.size
                 self._hide(old, i, unchanged=same)
+                last_dir = None
             node = Node(name, parent, e, i, g)
             g.names.append(node)
             g.alive += 1
-            parent.children[name] = node
+            children[name] = node
         return fig
 
     def finish(self) -> None:
         """Count every hidden inode against the layer that added it."""
         for fig in self.layers:
-            fig.wasted_bytes = fig.unchanged_rewrite_bytes = 0
+            fig.wasted_bytes = fig.unchanged_rewrite_bytes = fig.rewrote_unchanged_bytes = 0
         for g in self.groups:
             if g.alive == 0 and g.size:
                 fig = self.layers[g.layer]
                 fig.wasted_bytes += g.size
-                if g.unchanged:
+                if g.rewritten_by >= 0:
                     fig.unchanged_rewrite_bytes += g.size
+                    self.layers[g.rewritten_by].rewrote_unchanged_bytes += g.size
 
     # -- results --
 
@@ -260,22 +282,59 @@ class DiveFigures:
 
 
 class _DiveDir:
-    __slots__ = ("children", "is_dir", "size")
+    __slots__ = ("children", "is_dir", "path", "size")
 
-    def __init__(self, size: int, is_dir: bool) -> None:
+    def __init__(self, path: bytes, size: int, is_dir: bool) -> None:
+        self.path = path
         self.size = size
         self.is_dir = is_dir
         self.children: dict[bytes, _DiveDir] = {}
 
 
-def _subtree_size(node: _DiveDir) -> int:
-    total = 0
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        total += n.size
-        todo.extend(n.children.values())
-    return total
+class _DiveStack:
+    """dive's stacked tree of the layers so far, with an index by path."""
+
+    def __init__(self) -> None:
+        self.root = _DiveDir(b"", 0, True)
+        self.index: dict[bytes, _DiveDir] = {b"": self.root}
+
+    def subtree_size(self, path: bytes) -> int:
+        """The summed sizes of a dir and everything below it; 0 for a non-dir or nothing."""
+        node = self.index.get(path)
+        if node is None or not node.is_dir:
+            return 0
+        total = 0
+        todo = [node]
+        while todo:
+            n = todo.pop()
+            total += n.size
+            todo.extend(n.children.values())
+        return total
+
+    def remove(self, path: bytes) -> None:
+        node = self.index.get(path)
+        if node is None or not path:
+            return
+        parent = self.index[path.rpartition(b"/")[0]]
+        del parent.children[path.rpartition(b"/")[2]]
+        todo = [node]
+        while todo:
+            n = todo.pop()
+            del self.index[n.path]
+            todo.extend(n.children.values())
+
+    def add(self, path: bytes, size: int, is_dir: bool) -> None:
+        have = self.index.get(path)
+        if have is not None:  # dive's AddPath: the node's data changes, its children stay
+            have.size, have.is_dir = size, is_dir
+            return
+        up, _, name = path.rpartition(b"/")
+        parent = self.index.get(up)
+        if parent is None:
+            self.add(up, 0, True)
+            parent = self.index[up]
+        node = parent.children[name] = _DiveDir(path, size, is_dir)
+        self.index[path] = node
 
 
 def dive_figures(layers: Sequence[Sequence[Entry]]) -> DiveFigures:
@@ -286,7 +345,7 @@ def dive_figures(layers: Sequence[Sequence[Entry]]) -> DiveFigures:
     efficiency = sum of each path's smallest size / sum of its sizes (1.0 with no bytes);
     wasted = the summed sizes of every path met in two layers or more (the survivor too);
     user wasted percent = wasted / the size of every layer but the first."""
-    stack = _DiveDir(0, True)
+    stack = _DiveStack()
     eff: dict[bytes, list[int]] = {}  # path -> [cumulative size, smallest size, count]
     layer_sizes: list[int] = []
     for entries in layers:
@@ -318,24 +377,21 @@ def dive_figures(layers: Sequence[Sequence[Entry]]) -> DiveFigures:
             if path in parents:
                 continue  # not a leaf
             if whiteout:
-                below = _dive_find(stack, path)
-                size = _subtree_size(below) if below is not None and below.is_dir else 0
+                size = stack.subtree_size(path)
             rec = eff.get(path)
             if rec is None:
                 eff[path] = [size, size, 1]
             else:
                 rec[0] += size
-                rec[1] = min(rec[1], size)
+                if size < rec[1]:
+                    rec[1] = size
                 rec[2] += 1
         for path in sorted(nodes):  # the layer onto the stack: whiteouts remove, others add
             size, whiteout, is_dir = nodes[path]
             if whiteout:
-                parent_path, _, name = path.rpartition(b"/")
-                parent = _dive_find(stack, parent_path) if parent_path else stack
-                if parent is not None:
-                    parent.children.pop(name, None)
+                stack.remove(path)
             else:
-                _dive_add(stack, path, size, is_dir)
+                stack.add(path, size, is_dir)
     cumulative = sum(r[0] for r in eff.values())
     smallest = sum(r[1] for r in eff.values())
     efficiency = 1.0 if cumulative == 0 else smallest / cumulative
@@ -348,31 +404,6 @@ def dive_figures(layers: Sequence[Sequence[Entry]]) -> DiveFigures:
     else:
         percent = wasted / user
     return DiveFigures(efficiency, wasted, percent)
-
-
-def _dive_find(root: _DiveDir, path: bytes) -> _DiveDir | None:
-    node = root
-    for part in path.split(b"/"):
-        child = node.children.get(part)
-        if child is None:
-            return None
-        node = child
-    return node
-
-
-def _dive_add(root: _DiveDir, path: bytes, size: int, is_dir: bool) -> None:
-    node = root
-    *dirs, name = path.split(b"/")
-    for part in dirs:
-        child = node.children.get(part)
-        if child is None:
-            child = node.children[part] = _DiveDir(0, True)
-        node = child
-    have = node.children.get(name)
-    if have is None:
-        node.children[name] = _DiveDir(size, is_dir)
-    else:  # dive's AddPath: the node's data changes, its children stay
-        have.size, have.is_dir = size, is_dir
 
 
 # --- the CI gate ---

@@ -6,11 +6,22 @@ checked, nothing written)."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from ocilayers.forking import Forked, can_fork
 from ocilayers.growth import DiveFigures, LayerFigures, Merge, dive_figures
-from ocilayers.layerscan import Entry, ScanCounts, ignored, scan_records, scan_tar
+from ocilayers.layerscan import (
+    HARDLINK_KIND,
+    Entry,
+    ScanCounts,
+    ignored,
+    scan_records,
+    scan_tar,
+    scan_tar_split,
+)
 from ocilayers.lookup import source_or_image
 from ocilayers.sources import Image, ImageSource, open_source
 from ocilayers.spec import Digest, HistoryEntry, ImageConfig, Platform
@@ -51,17 +62,21 @@ def scanned(arg: str, store: Store, *, ref: str | None = None,
     skip = ignored(ignore)
 
     def kept(entries: Iterator[Entry]) -> list[Entry]:
-        return [e for e in entries if not skip(e.path)] if skip else list(entries)
+        return _without(entries, skip) if skip else list(entries)
 
     if source_or_image(store, arg) == "image":
         img = store.find_image(arg)
-        layers = []
-        for rec in img.layers:
-            counts = ScanCounts()
-            entries = kept(scan_records(open_records(store.layers.tar_split_path(rec.chain_id)),
-                                        keep_headers=keep_headers, counts=counts))
-            layers.append(ScannedLayer(rec.diff_id, rec.chain_id, None, counts.tar_size,
-                                       entries))
+        paths = [store.layers.tar_split_path(rec.chain_id) for rec in img.layers]
+        if keep_headers:
+            read = []
+            for path in paths:
+                counts = ScanCounts()
+                read.append((list(scan_records(open_records(path), keep_headers=True,
+                                               counts=counts)), counts.tar_size))
+        else:
+            read = _scan_tar_splits(paths)
+        layers = [ScannedLayer(rec.diff_id, rec.chain_id, None, size, kept(iter(entries)))
+                  for rec, (entries, size) in zip(img.layers, read, strict=True)]
         yield ScannedImage(arg, img.image_id, img.config, layers, True)
         return
     with open_source(arg) as src:
@@ -76,6 +91,67 @@ def scanned(arg: str, store: Store, *, ref: str | None = None,
             layers.append(ScannedLayer(layer.diff_id, layer.chain_id,
                                        layer.descriptor.size, counts.tar_size, entries))
         yield ScannedImage(arg, image.config_digest, image.config, layers, False, src, image)
+
+
+def _without(entries: Iterator[Entry], skip: Callable[[bytes], bool]) -> list[Entry]:
+    """The entries whose paths `skip` does not pick. The first hardlink kept whose target is
+    left out stands for the target (its inode's name now, carrying its data); later links
+    to that target link to it."""
+    out: list[Entry] = []
+    dropped: dict[bytes, Entry] = {}  # left-out non-dirs by path (a left-out link: its target)
+    holder: dict[int, bytes] = {}  # id(left-out entry) -> the kept name that holds it now
+    for e in entries:
+        if skip(e.path):
+            if e.kind != HARDLINK_KIND:
+                dropped[e.path] = e
+            elif e.link in dropped:
+                dropped[e.path] = dropped[e.link]
+            continue
+        if e.kind == HARDLINK_KIND and e.link in dropped:
+            held = dropped[e.link]
+            name = holder.get(id(held))
+            if name is None:
+                holder[id(held)] = e.path
+                e = Entry(e.path, held.kind, held.size, held.crc, held.link, e.header)
+            else:
+                e = Entry(e.path, HARDLINK_KIND, e.size, 0, name, e.header)
+        out.append(e)
+    return out
+
+
+def _scan_one(path: str) -> tuple[list[Entry], int]:
+    counts = ScanCounts()
+    return scan_tar_split(path, counts), counts.tar_size
+
+
+def _scan_packed(paths: Sequence[str]) -> list[tuple[list[tuple[Any, ...]], int]]:
+    out = []
+    for path in paths:
+        entries, size = _scan_one(path)
+        out.append(([(e.path, e.kind, e.size, e.crc, e.link) for e in entries], size))
+    return out
+
+
+def _scan_tar_splits(paths: Sequence[str]) -> list[tuple[list[Entry], int]]:
+    """Every layer's entries and tar size from its tar-split; with a second core, a forked
+    child reads about half of the records (by file size) while this process reads the rest."""
+    if len(paths) < 2 or not can_fork():
+        return [_scan_one(p) for p in paths]
+    sizes = [os.path.getsize(p) for p in paths]
+    theirs: list[int] = []
+    mine: list[int] = []
+    load = [0, 0]
+    for i in sorted(range(len(paths)), key=lambda i: -sizes[i]):
+        side = 0 if load[0] <= load[1] else 1
+        (theirs if side == 0 else mine).append(i)
+        load[side] += sizes[i]
+    out: dict[int, tuple[list[Entry], int]] = {}
+    with Forked(lambda: _scan_packed([paths[i] for i in theirs])) as child:
+        for i in mine:
+            out[i] = _scan_one(paths[i])
+        for i, (packed, size) in zip(theirs, child.result(), strict=True):
+            out[i] = ([Entry(*t) for t in packed], size)
+    return [out[i] for i in range(len(paths))]
 
 
 def merge_layers(layers: Sequence[Sequence[Entry]]) -> Merge:
@@ -111,7 +187,7 @@ class WastedPath:
     path: str
     size: int
     layer: int  # the layer that added it (index)
-    hidden_by: int  # the layer that hid it
+    hidden_by: int  # the layer that hid it (that rewrote it, for an unchanged rewrite)
     unchanged: bool  # hidden by a rewrite with the same content
 
 
@@ -164,18 +240,27 @@ def history_rows(config: ImageConfig, layers: int) -> tuple[list[HistoryRow], st
 
 
 def report(scan: ScannedImage, top: int = 10) -> HistoryReport:
-    merge = merge_layers([layer.entries for layer in scan.layers])
+    """The figures of a scanned image (dive's computed in a forked child meanwhile, when
+    there is a second core)."""
+    entries = [layer.entries for layer in scan.layers]
+    if can_fork() and sum(len(e) for e in entries) > 2000:
+        with Forked(lambda: dive_figures(entries)) as child:
+            merge = merge_layers(entries)
+            dive = child.result()
+    else:
+        merge = merge_layers(entries)
+        dive = dive_figures(entries)
     rows, note = history_rows(scan.config, len(scan.layers))
     layers = tuple(LayerReport(s.diff_id, s.chain_id, s.compressed_size, s.size, f)
                    for s, f in zip(scan.layers, merge.layers, strict=True))
     wasted = merge.wasted()
-    top_paths = tuple(WastedPath(g.entry.shown, g.size, g.layer, g.hidden_by, g.unchanged)
+    top_paths = tuple(WastedPath(g.entry.shown, g.size, g.layer,
+                                 g.rewritten_by if g.unchanged else g.hidden_by, g.unchanged)
                       for g in wasted[:max(top, 0)])
     return HistoryReport(
         scan.name, scan.image_id, tuple(rows), layers, merge.stored_bytes,
         merge.merged_bytes, sum(g.size for g in wasted),
-        sum(g.size for g in wasted if g.unchanged), top_paths,
-        dive_figures([layer.entries for layer in scan.layers]), note)
+        sum(g.size for g in wasted if g.unchanged), top_paths, dive, note)
 
 
 def image_history(arg: str, *, root: str | None = None, ref: str | None = None,

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ocilayers"
 LEVELS: dict[str, int] = {
     "errors": 0, "spec": 0, "whiteout": 0,
     "changes": 0,
-    "streams": 1, "tarstream": 1, "tarsplit": 1, "fsutil": 1,
+    "streams": 1, "tarstream": 1, "tarsplit": 1, "fsutil": 1, "forking": 1,
     "extract": 2, "initlayer": 2, "differ": 2, "verify": 2, "cas": 2, "sources": 2, "mount": 2,
     "layerscan": 2, "growth": 2, "squashtar": 2,
     "builder": 3, "writer": 3, "store": 3, "bundle": 3,

@@ -1,0 +1,102 @@
+"""One call run in a forked child while the caller goes on: CPU-bound Python work on a second
+core, without multiprocessing's start-up cost or its pickling of the arguments (the child has
+the parent's memory). The result comes back pickled through a pipe; an error comes back as the
+same exception. Used only where the process has one thread (a fork copies no other thread)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import threading
+from collections.abc import Callable
+from typing import Generic, NoReturn, TypeVar
+
+T = TypeVar("T")
+
+
+def can_fork() -> bool:
+    """A second core to use, and no other thread whose locks a fork could copy held."""
+    return (os.cpu_count() or 1) > 1 and threading.active_count() == 1 and hasattr(os, "fork")
+
+
+class Forked(Generic[T]):
+    """`fn()` running in a child; `result()` waits for it. Leaving the block without
+    asking for the result kills the child."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        rfd, wfd = os.pipe()
+        parent = os.getpid()
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(rfd)
+            os.close(wfd)
+            raise
+        if pid == 0:
+            os.close(rfd)
+            _child(fn, wfd, parent)
+        os.close(wfd)
+        self._pid: int | None = pid
+        self._rfd = rfd
+
+    def result(self) -> T:
+        parts = []
+        try:
+            while data := os.read(self._rfd, 1 << 20):
+                parts.append(data)
+        finally:
+            self.close()
+        if not parts:
+            raise RuntimeError("a forked worker died without a result")
+        ok, value = pickle.loads(b"".join(parts))
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if self._pid is None:
+            return
+        pid, self._pid = self._pid, None
+        with contextlib.suppress(OSError):
+            os.close(self._rfd)
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:  # still running: not wanted any more
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+
+    def __enter__(self) -> Forked[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _child(fn: Callable[[], object], wfd: int, parent: int) -> NoReturn:
+    status = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # die with the parent
+        if os.getppid() != parent:
+            os._exit(1)
+        try:
+            payload = pickle.dumps((True, fn()), pickle.HIGHEST_PROTOCOL)
+        except BaseException as exc:
+            try:
+                payload = pickle.dumps((False, exc), pickle.HIGHEST_PROTOCOL)
+                pickle.loads(payload)
+            except Exception:
+                from ocilayers.errors import OCILayersError
+
+                payload = pickle.dumps((False, OCILayersError(f"{type(exc).__name__}: {exc}")))
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(wfd, view):]
+        status = 0
+    finally:
+        os._exit(status)
