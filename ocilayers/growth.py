@@ -121,6 +121,11 @@ class Merge:
                     self._hide(child, layer)
                 child = Node(part, node, None, layer, None, {}, layer)
                 node.children[part] = child
+            elif child.layer != layer:
+                # The layer makes the dir implicitly (its applier does: mode 0755, root),
+                # and a top-most dir shows its own owner and mode: the lower entry is
+                # shadowed, the contents merge.
+                child.entry, child.layer = None, layer
             node = child
         return node, name
 

@@ -108,11 +108,10 @@ def _check(opts: SquashOptions) -> tuple[str, ...]:
     return tuple(dict.fromkeys(normalize_reference(t) for t in opts.tags))
 
 
-def _keep_count(scan: ScannedImage, opts: SquashOptions, store: Store, *,
-                ref: str | None, platform: Platform | str | None
-                ) -> tuple[int, Digest | None]:
+def _keep_count(diff_ids: Sequence[Digest], name: str, opts: SquashOptions, store: Store,
+                *, platform: Platform | str | None) -> tuple[int, Digest | None]:
     """How many layers stay, and the base image's ID (`--keep-image`)."""
-    total = len(scan.layers)
+    total = len(diff_ids)
     if opts.all:
         keep, base = 0, None
     elif opts.keep is not None:
@@ -126,8 +125,8 @@ def _keep_count(scan: ScannedImage, opts: SquashOptions, store: Store, *,
             with open_source(opts.keep_image) as bsrc:
                 bimage = bsrc.resolve(None, platform)
                 base_ids, base = bimage.config.diff_ids, bimage.image_id
-        if tuple(scan.config.diff_ids[:len(base_ids)]) != tuple(base_ids):
-            raise ImageError(f"{opts.keep_image} is not a base of {scan.name}: its layers are "
+        if tuple(diff_ids[:len(base_ids)]) != tuple(base_ids):
+            raise ImageError(f"{opts.keep_image} is not a base of {name}: its layers are "
                              "not the image's first layers")
         keep = len(base_ids)
     if keep >= total:
@@ -143,13 +142,7 @@ def squash(arg: str, opts: SquashOptions, *, root: str | None = None,
     tags = _check(opts)
     store = Store(root)
     if opts.out is None and source_or_image(store, arg) == "source":
-        # Into the store from a source: unpack it (its layers are the kept layers' too),
-        # then squash the store image.
-        from ocilayers.unpack import unpack_image
-
-        with open_source(arg) as src:
-            image = src.resolve(ref, platform)
-            arg = str(unpack_image(store, src, image).image_id)
+        return _source_into_store(arg, opts, store, ref=ref, platform=platform)
     with contextlib.ExitStack() as held:
         if source_or_image(store, arg) == "image":
             with store.lock():  # (the claim keeps rmi/prune off the layers read)
@@ -158,7 +151,8 @@ def squash(arg: str, opts: SquashOptions, *, root: str | None = None,
             arg = str(img.image_id)
         scan = held.enter_context(scanned(arg, store, ref=ref, platform=platform,
                                           keep_headers=True))
-        keep, base = _keep_count(scan, opts, store, ref=ref, platform=platform)
+        keep, base = _keep_count(scan.config.diff_ids, scan.name, opts, store,
+                                 platform=platform)
         full = merge_layers([layer.entries for layer in scan.layers])
         kept = merge_layers([layer.entries for layer in scan.layers[:keep]])
         created = created_time(opts.source_date_epoch)
@@ -229,6 +223,28 @@ def _data(scan: ScannedImage, full: Merge, keep: int, store: Store,
         yield from_spool
     finally:
         shutil.rmtree(spool_dir, ignore_errors=True)
+
+
+def _source_into_store(arg: str, opts: SquashOptions, store: Store, *, ref: str | None,
+                       platform: Platform | str | None) -> SquashResult:
+    """A source squashed into the store: unpacked first (its layers are the kept layers'
+    too), then squashed there. The squash point is checked before anything is written, and
+    an image the unpack added is removed again when the squash fails."""
+    from ocilayers.store.gc import remove_image
+    from ocilayers.unpack import unpack_image
+
+    with open_source(arg) as src:
+        image = src.resolve(ref, platform)
+        _keep_count(image.config.diff_ids, arg, opts, store, platform=platform)
+        had = store.exists() and image.image_id in store.images.ids()
+        image_id = unpack_image(store, src, image).image_id
+    try:
+        return squash(str(image_id), opts, root=store.root)
+    except BaseException:
+        if not had:
+            with contextlib.suppress(OCILayersError):
+                remove_image(store, str(image_id))
+        raise
 
 
 def _spool_path(spool_dir: str, layer: int, n: int) -> str:

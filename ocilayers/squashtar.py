@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from ocilayers.errors import OCILayersError
 from ocilayers.growth import Group, Merge, Node
 from ocilayers.layerscan import FILE_KIND, Entry
-from ocilayers.tarstream import BLOCK, END_OF_ARCHIVE, LNK, REG, TarEntry, encode_header
+from ocilayers.tarstream import BLOCK, DIR, END_OF_ARCHIVE, LNK, REG, TarEntry, encode_header
 from ocilayers.whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX
 
 # The data of `entry` of layer `layer` (0-based, in the image), as chunks.
@@ -80,13 +80,17 @@ def squashed_tar(full: Merge, kept: Merge, keep: int, data: DataOpener,
         if node is None:
             yield _marker(path, parent)
             continue
-        if node.layer >= keep and node.entry is not None:
+        if node.layer >= keep:
             if node.children is not None:
-                yield _renamed(_header(node.entry), path + b"/")
+                # A dir a squashed layer made implicitly (for a path below it) is written
+                # as its applier made it, 0755 and root's: it shadows what is below it,
+                # and it must exist even when nothing is left in it.
+                yield (_renamed(_header(node.entry), path + b"/") if node.entry is not None
+                       else encode_header(TarEntry(name=path + b"/", type=DIR, mode=0o755)))
                 st.entries += 1
             else:
                 yield from _non_dir(node, path, carriers, data, st)
-        # (a non-dir from a kept layer, or a dir only they declare: nothing to write)
+        # (a non-dir or a dir from the kept layers: nothing to write)
         if node.children is not None:
             stack.append(_items(node, kid, keep, full.root, st))
     yield END_OF_ARCHIVE
@@ -103,7 +107,8 @@ def _renamed(t: TarEntry, name: bytes, **changes: object) -> bytes:
     records and all), else the header written anew under the new name."""
     if not changes and _same_name(t.name, name):
         return t.raw
-    return encode_header(dataclasses.replace(t, name=name, raw=b"", **changes))  # type: ignore[arg-type]
+    return encode_header(dataclasses.replace(t, name=name, raw=b"", **changes),  # type: ignore[arg-type]
+                         exact_mtime=True)
 
 
 def _same_name(raw_name: bytes, name: bytes) -> bool:
@@ -140,7 +145,7 @@ def _non_dir(node: Node, name: bytes, carriers: dict[int, bytes], data: DataOpen
     if node.entry is g.entry:
         yield _renamed(holder, name)
     else:  # the name that held the data is hidden (or sorts later): this one holds it
-        yield encode_header(dataclasses.replace(holder, name=name, raw=b""))
+        yield encode_header(dataclasses.replace(holder, name=name, raw=b""), exact_mtime=True)
     if g.entry.kind != FILE_KIND or not holder.size:
         return
     left = holder.size

@@ -511,12 +511,14 @@ def _block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, ty
     return bytes(b)
 
 
-def encode_header(entry: TarEntry, *, pax_format: bool = True, type_bits: int = 0) -> bytes:
+def encode_header(entry: TarEntry, *, pax_format: bool = True, type_bits: int = 0,
+                  exact_mtime: bool = False) -> bytes:
     """Header block(s) for `entry`, as Go's archive/tar writes them (moby sets FormatPAX).
 
     Mode carries `type_bits` (Docker puts the file-type bits in the mode field). PAX records
     appear only when needed: long or non-ASCII names, big or negative numbers, xattrs; the
-    extended header is named `<dir>/PaxHeaders.0/<base>`. mtime is whole seconds."""
+    extended header is named `<dir>/PaxHeaders.0/<base>`. mtime is whole seconds, unless
+    `exact_mtime` (a PAX `mtime` record keeps the nanoseconds)."""
     mtime = entry.mtime_ns // 1_000_000_000  # floor, as Go's Time.Truncate(time.Second)
     pax: dict[bytes, bytes] = {}
     ustar_ok = True  # Go picks USTAR whenever the header fits it (moby's FormatPAX allows it)
@@ -536,6 +538,9 @@ def encode_header(entry: TarEntry, *, pax_format: bool = True, type_bits: int = 
             pax[key] = str(number).encode()
     if not _fits_octal(12, mtime):
         pax[b"mtime"] = str(mtime).encode()
+    if exact_mtime and entry.mtime_ns % 1_000_000_000:
+        whole, frac = divmod(abs(entry.mtime_ns), 1_000_000_000)
+        pax[b"mtime"] = b"%s%d.%09d" % (b"-" if entry.mtime_ns < 0 else b"", whole, frac)
     for name, value in entry.xattrs.items():
         pax[b"SCHILY.xattr." + name.encode("utf-8", "surrogateescape")] = value
     if set(pax) - {b"path"}:
