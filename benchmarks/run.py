@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """ocilayers benchmark harness.
 
-    python benchmarks/run.py [--quick] [--only unpack|pack|tarsplit|commit|memory]... [--runs N]
+    python benchmarks/run.py [--quick] [--only unpack|pack|tarsplit|commit|growth|memory]...
+                             [--runs N]
                              [--cache DIR] [--no-docker] [--profile] [--json PATH] [--keep]
 
 Builds (once, cached) a realistic 5-layer Debian image in gzip and zstd, an overlay upper dir
 made over it, and ~2 GiB layers, then times `ocilayers unpack` and `ocilayers pack` against
 umoci, tar with gzip/zstd and (when a daemon can start) docker load, and `ocilayers commit` of
-the upper dir against `docker commit` of a container holding it, alternating the tools run by
-run, measures how much of an unpack goes to tar-split and `size`, and the peak RSS of every
-ocilayers process on big layers. Prints a table per group. See benchmarks/README.md.
+the upper dir against `docker commit` of a container holding it, `ocilayers history` from the
+store against history from the archive and `gzip -dc | tar -t`, and `ocilayers squash --all`
+against `ocilayers pack` of the flattened image, alternating the tools run by run, measures how
+much of an unpack goes to tar-split and `size`, and the peak RSS of every ocilayers process on
+big layers. Prints a table per group. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import dockerd  # noqa: E402
+import growth  # noqa: E402
 import memory  # noqa: E402
 from inputs import (  # noqa: E402
     BenchImage,
@@ -53,9 +57,10 @@ from pack_inputs import (  # noqa: E402
     upper_stats,
 )
 
-GROUPS = ("unpack", "pack", "tarsplit", "commit", "memory")
-# What --quick runs without --only: memory is for full runs only; commit's quick variant runs
-# when asked (`--quick --only commit`), so that a plain --quick stays under a minute.
+GROUPS = ("unpack", "pack", "tarsplit", "commit", "growth", "memory")
+# What --quick runs without --only: memory is for full runs only; commit's and growth's quick
+# variants run when asked (`--quick --only commit`), so that a plain --quick stays under a
+# minute.
 QUICK_GROUPS = ("unpack", "pack", "tarsplit")
 DEFAULT_CACHE = "/var/tmp/ocilayers-bench"
 SETTLE_NOTE = ("ext4 here (no journal) creates files several times slower for ~60 s after "
@@ -94,6 +99,7 @@ class Ctx:
     img: BenchImage | None
     pack_input: PackInput | None
     mem_input: memory.MemoryInputs | None
+    growth_input: growth.GrowthInput | None = None
 
 
 def log(msg: str) -> None:
@@ -659,6 +665,32 @@ PACK_AREAS: list[tuple[str, Callable[[str, str], bool]]] = [
 ]
 
 
+# The same for `ocilayers history` and `ocilayers squash`.
+GROWTH_AREAS: list[tuple[str, Callable[[str, str], bool]]] = [
+    ("waits for the readahead thread (inflate + blob digest there: not profiled)",
+     lambda f, n: "acquire" in n and "lock" in n),
+    ("compression, decompression (isal gzip)",
+     lambda f, n: f in ("gzip.py", "igzip.py", "_compression.py") or "isal_zlib" in n
+     or "compress" in n or "BufferedReader" in n),
+    ("sha256 (DiffID, blob digest)", lambda f, n: "HASH" in n),
+    ("filesystem syscalls", lambda f, n: n.startswith("<built-in method posix.")
+     or "DirEntry" in n),
+    ("tar-split records (tarsplit.py: json, base64, crc64)",
+     lambda f, n: f in ("tarsplit.py", "decoder.py", "base64.py") or n in ("loads",
+                                                                          "detect_encoding")
+     or "a2b_base64" in n or "JSONDecoder" in n),
+    ("tar headers (tarstream.py: parse, encode)", lambda f, n: f == "tarstream.py"),
+    ("entries, fast tar-split reader (layerscan.py)", lambda f, n: f == "layerscan.py"),
+    ("growth figures (growth.py, history.py: merge, dive's figures)",
+     lambda f, n: f in ("growth.py", "history.py")),
+    ("squash tar and image (squashtar.py, builder.py, writer.py)",
+     lambda f, n: f in ("squashtar.py", "builder.py", "writer.py", "squash.py")),
+    ("streams, sources, store, cli",
+     lambda f, n: f in ("streams.py", "sources.py", "cas.py", "layers.py", "layout.py",
+                        "images.py", "api.py", "pack.py", "common.py", "shapes.py")),
+]
+
+
 def profile_areas(st: pstats.Stats, areas: list[tuple[str, Callable[[str, str], bool]]]
                   ) -> list[tuple[str, float, float]]:
     sums: dict[str, float] = {}
@@ -938,6 +970,117 @@ def group_commit(ctx: Ctx) -> dict[str, Any]:
     return res
 
 
+# --- group: growth (ocilayers history and squash) ---
+
+def growth_cases(gin: growth.GrowthInput) -> list[Case]:
+    """history from the store, from the gzip layout, and `gzip -dc | tar -t` of its blobs;
+    squash --all from the store, and `pack` of the image flattened once (not timed)."""
+    img = gin.image
+    oci = ocilayers_argv()
+    root = ["--root", gin.store]
+
+    def squash_out(rd: str) -> str:
+        return os.path.join(rd, "squashed")
+
+    return [
+        Case("ocilayers-history-store", "ocilayers history IMAGE --json (store)",
+             "none", True, prepared(lambda rd: [*oci, "-q", *root, "history", growth.TAG,
+                                                "--json"]),
+             short="history IMAGE (store)"),
+        Case("ocilayers-history-source", "ocilayers history LAYOUT --json (gzip OCI layout)",
+             "gzip", True, prepared(lambda rd: [*oci, "-q", *root, "history", img.gzip_dir,
+                                                "--json"]),
+             short="history LAYOUT (gzip)"),
+        Case("gzip-tar-t", "gzip -dc | tar -t > /dev/null, every layer in turn", "gzip",
+             False, prepared(lambda rd: growth.tar_list_script(img)),
+             short="gzip -dc | tar -t"),
+        Case("ocilayers-squash-all", "ocilayers squash IMAGE --all -o OUT --format oci (store)",
+             "gzip", True, prepared(lambda rd: [*oci, "-q", *root, "squash", growth.TAG,
+                                                "--all", "-o", squash_out(rd), "--format",
+                                                "oci", "--compression", "gzip"]),
+             short="squash --all (store)",
+             output=lambda rd: growth.squashed_layer_size(squash_out(rd))),
+        Case("ocilayers-pack-flat", "ocilayers pack FLATDIR -o OUT --compression gzip", "gzip",
+             True, prepared(lambda rd: [*oci, "-q", "pack", gin.flat, "-o",
+                                        os.path.join(rd, "layer.tar.gz"), "--compression",
+                                        "gzip"]),
+             short="pack of the flattened image",
+             output=lambda rd: os.path.getsize(os.path.join(rd, "layer.tar.gz"))),
+    ]
+
+
+GROWTH_RATIOS: list[tuple[str, str, float | None]] = [
+    ("ocilayers-history-store", "ocilayers-history-source", 0.25),
+    ("ocilayers-history-source", "gzip-tar-t", 1.2),
+    ("ocilayers-squash-all", "ocilayers-pack-flat", 1.2),
+    ("ocilayers-history-store", "gzip-tar-t", None),
+]
+
+
+def describe_growth_input(gin: growth.GrowthInput) -> str:
+    f = gin.meta["flat"]
+    return (f"inputs: the image unpacked once into a store of its own (tagged {growth.TAG}), "
+            f"and flattened once with `ocilayers flatten` into a plain dir: "
+            f"{f['file_bytes'] / 1e6:.0f} MB of file data, {f['entries']} entries "
+            f"({f['files']} files, {f['dirs']} dirs, {f['symlinks']} symlinks)")
+
+
+def profile_growth(gin: growth.GrowthInput, rd: str, what: str, prof: str) -> None:
+    """cProfile of one `history` from the store or the gzip layout, or one `squash --all`."""
+    os.makedirs(rd)
+    root = ["--root", gin.store]
+    cmd = {"history-store": ["history", growth.TAG, "--json"],
+           "history-source": ["history", gin.image.gzip_dir, "--json"],
+           "squash": ["squash", growth.TAG, "--all", "-o", os.path.join(rd, "squashed"),
+                      "--format", "oci"]}[what]
+    os.sync()
+    subprocess.run([ocilayers_python(), "-m", "cProfile", "-o", prof, "-m", "ocilayers", "-q",
+                    *root, *cmd], check=True, stdout=subprocess.DEVNULL)
+
+
+def group_growth(ctx: Ctx) -> dict[str, Any]:
+    assert ctx.img is not None and ctx.growth_input is not None
+    gin = ctx.growth_input
+    cases = growth_cases(gin)
+    notes = [
+        "history from the store reads the layerdb and each layer's tar-split records only (no "
+        "diff dir walked, no blob); from the layout it streams every gzip blob once (inflate, "
+        "blob digest and DiffID checked, tar headers parsed, nothing written); both print "
+        "--json (into the run's log); `gzip -dc | tar -t` lists the same blobs, one after the "
+        "other, into /dev/null (no digests)",
+        "squash --all reads the store's diff dirs and writes an OCI layout with one gzip "
+        "layer; the baseline packs the image's merged rootfs (`ocilayers flatten`, once, not "
+        "timed) as a gzip layer (pack writes the blob only: no config, manifest or index)",
+        "MB/s = the image's uncompressed layer bytes / median wall, for every row (a scale: "
+        "squash and pack write the merged rootfs, smaller); out MiB = the gzip layer blob "
+        "written",
+    ]
+    res = timed_group(ctx, "growth", cases, notes, int(ctx.img.meta["uncompressed_bytes"]),
+                      GROWTH_RATIOS)
+    check = growth.compare_histories(
+        os.path.join(ctx.work, "growth", "ocilayers-history-store", "r0.log"),
+        os.path.join(ctx.work, "growth", "ocilayers-history-source", "r0.log"))
+    res["history_check"] = check
+    res["input"] = dict(gin.meta)
+    res["header"].insert(3, describe_image(ctx.img))
+    res["header"].insert(4, describe_growth_input(gin))
+    print_group(res)
+    print()
+    print(check)
+    if ctx.args.profile:
+        res["profile_top"] = {}
+        for what in ("history-store", "history-source", "squash"):
+            prof = os.path.join(ctx.cache, f"growth-{what}.prof")
+            log(f"growth: cProfile of one `ocilayers {what.replace('-', ' from the ')}`")
+            profile_growth(gin, os.path.join(ctx.work, "growth", f"profile-{what}"), what, prof)
+            res["profile_top"][what] = profile_top(prof, 20, GROWTH_AREAS)
+            print()
+            print(f"cProfile, ocilayers {what.replace('-', ' from the ')}, top functions by own "
+                  "time:")
+            print(res["profile_top"][what])
+    return res
+
+
 # --- group: memory ---
 
 def group_memory(ctx: Ctx) -> dict[str, Any]:
@@ -1183,7 +1326,7 @@ def merge_results(path: str, new: dict[str, Any], groups: dict[str, Any]) -> dic
 
 GROUP_RUNNERS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "unpack": group_unpack, "pack": group_pack, "tarsplit": group_tarsplit,
-    "commit": group_commit, "memory": group_memory,
+    "commit": group_commit, "growth": group_growth, "memory": group_memory,
 }
 
 
@@ -1191,7 +1334,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true",
                    help="small busybox image, 2 runs, no settling pauses, no memory group, "
-                        "commit group only with --only commit (about a minute)")
+                        "commit and growth groups only with --only (about a minute)")
     p.add_argument("--only", choices=GROUPS, action="append",
                    help="benchmark group(s) to run (default: all; with --quick unpack, pack "
                         "and tarsplit)")
@@ -1207,7 +1350,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="also print the top functions of the tarsplit group's cProfile of "
                         "`unpack --jobs 1`, and (pack group) cProfile one `pack` per "
-                        "compression")
+                        "compression, (growth group) one `history` from the store, one from "
+                        "the gzip layout and one `squash --all`")
     p.add_argument("--keep", action="store_true", help="keep the unpacked trees and outputs")
     p.add_argument("--settle", type=float,
                    help=f"seconds to pause after deletions (default 60; 0 with --quick): "
@@ -1245,14 +1389,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"otherwise make every start of an editable install compile them again"]
 
     kind = "quick" if args.quick else "full"
-    img = pin = mem = None
+    img = pin = mem = gin = None
     deleted = False
-    if any(g in groups for g in ("unpack", "pack", "tarsplit", "commit")):
+    if any(g in groups for g in ("unpack", "pack", "tarsplit", "commit", "growth")):
         img, built = ensure_image(kind, cache, REPO, base=args.base)
         deleted |= built
     if "pack" in groups or "commit" in groups:
         assert img is not None
         pin, built = ensure_pack_input(kind, cache, img)
+        deleted |= built
+    if "growth" in groups:
+        assert img is not None
+        gin, built = growth.ensure_growth_input(kind, cache, img)
         deleted |= built
     if "memory" in groups:
         mem, _ = memory.ensure_memory_inputs(cache)
@@ -1274,7 +1422,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"runs; the outputs are deleted after all groups ({SETTLE_NOTE})")
     work = os.path.join(work_root, datetime.datetime.now().strftime("%Y%m%dT%H%M%S"))
     os.makedirs(work)
-    ctx = Ctx(args, kind, runs, cache, work, img, pin, mem)
+    ctx = Ctx(args, kind, runs, cache, work, img, pin, mem, gin)
 
     mach = machine_info(cache)
     print(f"ocilayers benchmarks ({kind}): {', '.join(groups)}")

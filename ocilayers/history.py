@@ -18,7 +18,6 @@ from ocilayers.layerscan import (
     Entry,
     ScanCounts,
     ignored,
-    scan_records,
     scan_tar,
     scan_tar_split,
 )
@@ -26,7 +25,6 @@ from ocilayers.lookup import source_or_image
 from ocilayers.sources import Image, ImageSource, open_source
 from ocilayers.spec import Digest, HistoryEntry, ImageConfig, Platform
 from ocilayers.store import Store
-from ocilayers.tarsplit import open_records
 
 
 @dataclass
@@ -67,14 +65,7 @@ def scanned(arg: str, store: Store, *, ref: str | None = None,
     if source_or_image(store, arg) == "image":
         img = store.find_image(arg)
         paths = [store.layers.tar_split_path(rec.chain_id) for rec in img.layers]
-        if keep_headers:
-            read = []
-            for path in paths:
-                counts = ScanCounts()
-                read.append((list(scan_records(open_records(path), keep_headers=True,
-                                               counts=counts)), counts.tar_size))
-        else:
-            read = _scan_tar_splits(paths)
+        read = _scan_tar_splits(paths, keep_headers)
         layers = [ScannedLayer(rec.diff_id, rec.chain_id, None, size, kept(iter(entries)))
                   for rec, (entries, size) in zip(img.layers, read, strict=True)]
         yield ScannedImage(arg, img.image_id, img.config, layers, True)
@@ -119,24 +110,28 @@ def _without(entries: Iterator[Entry], skip: Callable[[bytes], bool]) -> list[En
     return out
 
 
-def _scan_one(path: str) -> tuple[list[Entry], int]:
+def _scan_one(path: str, keep_raw: bool) -> tuple[list[Entry], int]:
     counts = ScanCounts()
-    return scan_tar_split(path, counts), counts.tar_size
+    return scan_tar_split(path, counts, keep_raw=keep_raw), counts.tar_size
 
 
-def _scan_packed(paths: Sequence[str]) -> list[tuple[list[tuple[Any, ...]], int]]:
+def _scan_packed(paths: Sequence[str], keep_raw: bool
+                 ) -> list[tuple[list[tuple[Any, ...]], int]]:
     out = []
     for path in paths:
-        entries, size = _scan_one(path)
-        out.append(([(e.path, e.kind, e.size, e.crc, e.link) for e in entries], size))
+        entries, size = _scan_one(path, keep_raw)
+        out.append(([(e.path, e.kind, e.size, e.crc, e.link, None, e.raw) for e in entries],
+                    size))
     return out
 
 
-def _scan_tar_splits(paths: Sequence[str]) -> list[tuple[list[Entry], int]]:
-    """Every layer's entries and tar size from its tar-split; with a second core, a forked
-    child reads about half of the records (by file size) while this process reads the rest."""
+def _scan_tar_splits(paths: Sequence[str], keep_raw: bool = False
+                     ) -> list[tuple[list[Entry], int]]:
+    """Every layer's entries and tar size from its tar-split (`keep_raw`: with their header
+    bytes); with a second core, a forked child reads about half of the records (by file
+    size) while this process reads the rest."""
     if len(paths) < 2 or not can_fork():
-        return [_scan_one(p) for p in paths]
+        return [_scan_one(p, keep_raw) for p in paths]
     sizes = [os.path.getsize(p) for p in paths]
     theirs: list[int] = []
     mine: list[int] = []
@@ -146,9 +141,9 @@ def _scan_tar_splits(paths: Sequence[str]) -> list[tuple[list[Entry], int]]:
         (theirs if side == 0 else mine).append(i)
         load[side] += sizes[i]
     out: dict[int, tuple[list[Entry], int]] = {}
-    with Forked(lambda: _scan_packed([paths[i] for i in theirs])) as child:
+    with Forked(lambda: _scan_packed([paths[i] for i in theirs], keep_raw)) as child:
         for i in mine:
-            out[i] = _scan_one(paths[i])
+            out[i] = _scan_one(paths[i], keep_raw)
         for i, (packed, size) in zip(theirs, child.result(), strict=True):
             out[i] = ([Entry(*t) for t in packed], size)
     return [out[i] for i in range(len(paths))]
@@ -240,16 +235,10 @@ def history_rows(config: ImageConfig, layers: int) -> tuple[list[HistoryRow], st
 
 
 def report(scan: ScannedImage, top: int = 10) -> HistoryReport:
-    """The figures of a scanned image (dive's computed in a forked child meanwhile, when
-    there is a second core)."""
+    """The figures of a scanned image."""
     entries = [layer.entries for layer in scan.layers]
-    if can_fork() and sum(len(e) for e in entries) > 2000:
-        with Forked(lambda: dive_figures(entries)) as child:
-            merge = merge_layers(entries)
-            dive = child.result()
-    else:
-        merge = merge_layers(entries)
-        dive = dive_figures(entries)
+    merge = merge_layers(entries)
+    dive = dive_figures(entries)
     rows, note = history_rows(scan.config, len(scan.layers))
     layers = tuple(LayerReport(s.diff_id, s.chain_id, s.compressed_size, s.size, f)
                    for s, f in zip(scan.layers, merge.layers, strict=True))

@@ -12,7 +12,6 @@ import fnmatch
 import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from ocilayers.errors import StoreError, TarError
 from ocilayers.tarsplit import FILE, SEGMENT, Record, crc64, open_records
@@ -59,6 +58,7 @@ class Entry:
     crc: int = 0
     link: bytes = b""
     header: TarEntry | None = None
+    raw: bytes = b""  # the header blocks, from a store's tar-split (parsed when needed)
 
     @property
     def shown(self) -> str:
@@ -243,19 +243,21 @@ class _Unusual(Exception):
 _NO_DATA = (LNK, SYM, DIR, CHR, BLK, FIFO)
 
 
-def scan_tar_split(path: str, counts: ScanCounts | None = None) -> list[Entry]:
+def scan_tar_split(path: str, counts: ScanCounts | None = None, *,
+                   keep_raw: bool = False) -> list[Entry]:
     """`scan_records` of a store layer's `tar-split.json.gz`, fast: the records are sliced,
     not JSON-decoded, and a plain USTAR header is read field by field; PAX and GNU headers
     go through the tar reader one by one. Records or headers of any other shape (a global
     PAX header, a record not as dockerd or ocilayers write them) make it read the whole
-    layer with `scan_records` instead. No headers are kept."""
+    layer with `scan_records` instead. `keep_raw`: each entry keeps its header bytes."""
     try:
-        return _fast_tar_split(path, counts)
+        return _fast_tar_split(path, counts, keep_raw)
     except _Unusual:
-        return list(scan_records(open_records(path), counts=counts))
+        entries = list(scan_records(open_records(path), keep_headers=keep_raw, counts=counts))
+        return entries
 
 
-def _fast_tar_split(path: str, counts: ScanCounts | None) -> list[Entry]:
+def _fast_tar_split(path: str, counts: ScanCounts | None, keep_raw: bool) -> list[Entry]:
     from isal import igzip
 
     from ocilayers.streams import igzip_lib_error
@@ -265,38 +267,62 @@ def _fast_tar_split(path: str, counts: ScanCounts | None) -> list[Entry]:
     size = 0
     pad = 0
     a2b = binascii.a2b_base64
+    seg_head = b'{"type":2,"payload":"'
+    file_head = b'{"type":1,'
     with igzip.open(path, "rb") as f:  # type: ignore[no-untyped-call]
         try:
-            for line in _lines(f):
-                if line.startswith(b'{"type":2,"payload":"'):
-                    b64 = line[21:line.find(b'"', 21)]
-                    size += len(b64) // 4 * 3 - b64[-2:].count(b"=")
-                    segs.append(b64)
-                    continue
-                if not line.startswith(b'{"type":1,'):
-                    if line.strip():
-                        raise _Unusual
-                    continue
-                if len(segs) == 1:  # decode only what follows the padding: base64 is slow
-                    skip = pad // 3 * 4
-                    hdr = a2b(segs[0][skip:])[pad % 3:] if skip else a2b(segs[0])[pad:]
+            rest: bytes | None = b""
+            while rest is not None:
+                chunk = f.read(1 << 20)
+                if chunk:
+                    lines = (rest + chunk).split(b"\n")
+                    rest = lines.pop()
                 else:
-                    hdr = b"".join(a2b(x) for x in segs)[pad:]
-                segs.clear()
-                e, data = _header_entry(hdr)
-                pad = -data % BLOCK
-                size += data
-                if e is None:
-                    continue
-                if e.kind == FILE_KIND and data:
-                    p = line.rfind(b'"payload":"')
-                    if p < 0:
-                        raise _Unusual
-                    crc = a2b(line[p + 11:line.index(b'"', p + 11)])
-                    if len(crc) != 8:
-                        raise _Unusual
-                    e.crc = int.from_bytes(crc, "big")
-                out.append(e)
+                    lines, rest = [rest], None
+                for line in lines:
+                    if line.startswith(seg_head):
+                        b64 = line[21:line.find(b'"', 21)]
+                        size += len(b64) // 4 * 3 - b64[-2:].count(b"=")
+                        segs.append(b64)
+                        continue
+                    if not line.startswith(file_head):
+                        if line.strip():
+                            raise _Unusual
+                        continue
+                    if len(segs) == 1:  # decode only what follows the padding (base64 is slow)
+                        skip = pad // 3 * 4
+                        hdr = a2b(segs[0][skip:])[pad % 3:] if skip else a2b(segs[0])[pad:]
+                    else:
+                        hdr = b"".join(a2b(x) for x in segs)[pad:]
+                    segs.clear()
+                    typeflag = hdr[156:157]
+                    if (len(hdr) == BLOCK and typeflag not in _EXTENSION_TYPES
+                            and hdr[124] < 0x80):  # a plain header: its fields, as they are
+                        name = hdr[:100].split(b"\0", 1)[0]
+                        if hdr[345] and hdr[257:263] == b"ustar\0":
+                            name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+                        hsize = int(hdr[124:136].strip(b" \0") or b"0", 8)
+                        data = 0 if typeflag in _NO_DATA else hsize
+                        e = _entry(name, typeflag, hsize,
+                                   hdr[157:257].split(b"\0", 1)[0] if typeflag == LNK else b"",
+                                   None)
+                    else:
+                        e, data = _header_entry(hdr)
+                    pad = -data % BLOCK
+                    size += data
+                    if e is None:
+                        continue
+                    if data and e.kind == FILE_KIND:
+                        p = line.rfind(b'"payload":"')
+                        if p < 0:
+                            raise _Unusual
+                        crc = a2b(line[p + 11:line.index(b'"', p + 11)])
+                        if len(crc) != 8:
+                            raise _Unusual
+                        e.crc = int.from_bytes(crc, "big")
+                    if keep_raw:
+                        e.raw = hdr
+                    out.append(e)
         except (EOFError, igzip_lib_error(), binascii.Error, ValueError) as exc:
             if isinstance(exc, TarError):
                 raise
@@ -304,17 +330,6 @@ def _fast_tar_split(path: str, counts: ScanCounts | None) -> list[Entry]:
     if counts is not None:
         counts.tar_size = size
     return out
-
-
-def _lines(f: Any) -> Iterator[bytes]:
-    """The lines of a file, read in big chunks (no Python call per line)."""
-    rest = b""
-    while chunk := f.read(1 << 20):
-        lines = (rest + chunk).split(b"\n")
-        rest = lines.pop()
-        yield from lines
-    if rest:
-        yield rest
 
 
 def _header_entry(hdr: bytes) -> tuple[Entry | None, int]:

@@ -15,12 +15,22 @@ image, written as a diff against the merged view of the kept layers below it.
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Callable, Iterator
 
 from ocilayers.errors import OCILayersError
 from ocilayers.growth import Group, Merge, Node
 from ocilayers.layerscan import FILE_KIND, Entry
-from ocilayers.tarstream import BLOCK, DIR, END_OF_ARCHIVE, LNK, REG, TarEntry, encode_header
+from ocilayers.tarstream import (
+    BLOCK,
+    DIR,
+    END_OF_ARCHIVE,
+    LNK,
+    REG,
+    TarEntry,
+    TarReader,
+    encode_header,
+)
 from ocilayers.whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX
 
 # The data of `entry` of layer `layer` (0-based, in the image), as chunks.
@@ -97,8 +107,14 @@ def squashed_tar(full: Merge, kept: Merge, keep: int, data: DataOpener,
 
 
 def _header(e: Entry) -> TarEntry:
+    """The entry's header, parsed from its header bytes when it was read from tar-split."""
     if e.header is None:
-        raise ValueError("squash needs the entries read with their headers")
+        if not e.raw:
+            raise ValueError("squash needs the entries read with their headers")
+        t = next(iter(TarReader(io.BytesIO(e.raw))), None)
+        if t is None:
+            raise ValueError(f"'{e.shown}': its header bytes hold no entry")
+        e.header = t
     return e.header
 
 
@@ -121,10 +137,11 @@ def _marker(name: bytes, parent: Node) -> bytes:
     permission bits for an opaque marker)."""
     uid = gid = 0
     mode = 0o600
-    if parent.entry is not None and parent.entry.header is not None:
-        uid, gid = parent.entry.header.uid, parent.entry.header.gid
+    if parent.entry is not None:
+        t = _header(parent.entry)
+        uid, gid = t.uid, t.gid
         if name.endswith(OPAQUE_MARKER):
-            mode = parent.entry.header.mode & 0o777
+            mode = t.mode & 0o777
     return encode_header(TarEntry(name=name, type=REG, mode=mode, uid=uid, gid=gid))
 
 

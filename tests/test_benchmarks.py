@@ -1,6 +1,6 @@
-"""benchmarks/run.py --quick: it runs end to end (unpack, pack, tarsplit and commit groups),
-prints the tables and exits 0 (no timings are checked: speed belongs in the benchmark output,
-not in a test)."""
+"""benchmarks/run.py --quick: it runs end to end (unpack, pack, tarsplit, commit and growth
+groups), prints the tables and exits 0 (no timings are checked: speed belongs in the benchmark
+output, not in a test)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,48 @@ def test_quick_benchmark_prints_table(tmp_path: object) -> None:
     # nothing left behind but the cached inputs, the profile and the results
     assert sorted(os.listdir(cache)) == [".lock", "pack-quick-v1", "quick-v1",
                                          "unpack-jobs1.prof"]
+
+
+@pytest.mark.slow
+def test_quick_growth_group(tmp_path: object) -> None:
+    """`--quick --only growth`: history (store, gzip layout, gzip | tar -t) and squash vs pack
+    on the quick image; its cached store and flattened dir are made once (~15 s in all)."""
+    if shutil.which("umoci") is None or not os.access("/usr/bin/time", os.X_OK):
+        pytest.skip("missing tools: umoci (quick image build) or /usr/bin/time")
+    if not _can_chown():
+        pytest.skip("the harness needs root (owners, umoci)")
+    cache = os.path.join(str(tmp_path), "cache")
+    out = os.path.join(str(tmp_path), "quick.json")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--quick", "--no-docker",
+         "--cache", cache, "--json", out, "--only", "growth"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("tool") and "wall s" in line for line in lines) == 1, proc.stdout
+    for row in ("ocilayers history IMAGE --json (store)",
+                "ocilayers history LAYOUT --json (gzip OCI layout)",
+                "gzip -dc | tar -t > /dev/null, every layer in turn",
+                "ocilayers squash IMAGE --all -o OUT --format oci (store)",
+                "ocilayers pack FLATDIR -o OUT --compression gzip"):
+        assert any(line.startswith(row) for line in lines), row
+    for ratio in ("history IMAGE (store) / history LAYOUT (gzip) = ",
+                  "history LAYOUT (gzip) / gzip -dc | tar -t = ",
+                  "squash --all (store) / pack of the flattened image = "):
+        assert any(line.strip().startswith(ratio) and "goal <= " in line
+                   for line in lines), ratio
+    assert "history from the store and from the gzip layout agree" in proc.stdout
+    with open(out) as f:
+        group = json.load(f)["groups"]["growth"]
+    assert group["runs_per_tool"] == 2
+    assert all(r.get("runs") == 2 for r in group["results"]), group["results"]
+    assert [x.get("goal_at_most") for x in group["ratios"]] == [0.25, 1.2, 1.2, None]
+    assert all(isinstance(x["goal_met"], bool) for x in group["ratios"][:3])
+    squash, pack = (next(r for r in group["results"] if r["key"] == k)
+                    for k in ("ocilayers-squash-all", "ocilayers-pack-flat"))
+    # the same merged rootfs, gzip both: layer blobs of about the same size
+    assert 0.8 < squash["output_bytes"] / pack["output_bytes"] < 1.25, (squash, pack)
+    assert sorted(os.listdir(cache)) == [".lock", "growth-quick-v1", "quick-v1"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,137 @@
+"""Input of the `growth` group (`ocilayers history` and `ocilayers squash`), built once and
+cached: the benchmark image unpacked into a store of its own (tagged), and the image's merged
+rootfs written by `ocilayers flatten` into a plain dir (what `ocilayers pack` reads for the
+squash baseline). Rebuilt when the image it was made from is rebuilt."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from inputs import BenchImage, layer_blobs, log, ocilayers_argv, publish, remove_tree
+from pack_inputs import upper_stats
+
+GROWTH_RECIPE = "v1"  # bump when what the input holds changes
+TAG = "ocilayers-bench:latest"
+
+
+@dataclass(frozen=True)
+class GrowthInput:
+    """`<dir>/store` (the image unpacked, tagged TAG), `<dir>/flat` (its merged rootfs)."""
+
+    dir: str
+    meta: dict[str, Any]
+    image: BenchImage
+
+    @property
+    def store(self) -> str:
+        return os.path.join(self.dir, "store")
+
+    @property
+    def flat(self) -> str:
+        return os.path.join(self.dir, "flat")
+
+
+def _image_key(img: BenchImage) -> str:
+    with open(os.path.join(img.gzip_dir, "index.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def ensure_growth_input(kind: str, cache: str, img: BenchImage) -> tuple[GrowthInput, bool]:
+    """The cached growth input for image `img` (built first if missing or made from another
+    build of the image). The flag says whether a build ran."""
+    final = os.path.join(cache, f"growth-{kind}-{GROWTH_RECIPE}")
+    meta_path = os.path.join(final, "meta.json")
+    key = _image_key(img)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("image_index_sha256") == key:
+            return GrowthInput(final, meta, img), False
+        log(f"{final} was made from another build of the image: rebuilding it")
+    if os.path.exists(final):
+        remove_tree(final)
+    scratch = tempfile.mkdtemp(prefix=f".build-growth-{kind}-", dir=cache)
+    os.chmod(scratch, 0o755)
+    t0 = time.monotonic()
+    try:
+        meta = _build(kind, scratch, img)
+        meta["image_index_sha256"] = key
+        meta["build_seconds"] = round(time.monotonic() - t0, 1)
+        publish(scratch, meta, final)
+    except BaseException:
+        remove_tree(scratch)
+        raise
+    with open(meta_path) as f:
+        return GrowthInput(final, json.load(f), img), True
+
+
+def _build(kind: str, scratch: str, img: BenchImage) -> dict[str, Any]:
+    oci = ocilayers_argv()
+    store = os.path.join(scratch, "store")
+    log(f"growth input: unpack the {kind} image into a store of its own, tagged {TAG}")
+    out = subprocess.run([*oci, "-q", "--root", store, "unpack", img.gzip_dir, "--tag", TAG,
+                          "--json"], check=True, capture_output=True, text=True).stdout
+    layers = len(json.loads(out)["layers"])
+    log("growth input: flatten it into a plain dir (ocilayers flatten)")
+    flat = os.path.join(scratch, "flat")
+    subprocess.run([*oci, "-q", "--root", store, "flatten", TAG, flat], check=True,
+                   stdout=subprocess.DEVNULL)
+    return {"kind": kind, "recipe": GROWTH_RECIPE, "tag": TAG, "layers": layers,
+            "flat": upper_stats(flat)}
+
+
+def tar_list_script(img: BenchImage) -> list[str]:
+    """`gzip -dc blob | tar -tf - > /dev/null` for every layer blob of the gzip image, one
+    after the other (the baseline of `history SOURCE`: read every layer's tar headers)."""
+    lines = ["set -eu -o pipefail"]
+    lines += [f"gzip -dc {shlex.quote(b)} | tar -tf - > /dev/null" for b in img.blobs("gzip")]
+    return ["bash", "-c", "\n".join(lines)]
+
+
+def squashed_layer_size(layout: str) -> int:
+    """Size of the one layer blob of the image `squash -o LAYOUT --format oci` wrote."""
+    blobs = layer_blobs(layout)
+    if len(blobs) != 1:
+        raise RuntimeError(f"{layout}: {len(blobs)} layers, not 1")
+    return os.path.getsize(blobs[0])
+
+
+def history_json(log_path: str) -> dict[str, Any]:
+    """The JSON `history --json` printed into a run's log (stdout and stderr; -q: no
+    progress)."""
+    with open(log_path) as f:
+        return json.loads(f.read())
+
+
+def compare_histories(store_log: str, source_log: str) -> str:
+    """Whether the history from the store and from the source say the same (every figure
+    but the compressed sizes, which a store does not keep)."""
+    try:
+        a, b = history_json(store_log), history_json(source_log)
+    except (OSError, ValueError) as exc:
+        return f"PROBLEM: could not read the history JSON: {type(exc).__name__}: {exc}"
+
+    def strip(d: dict[str, Any]) -> dict[str, Any]:
+        d = dict(d)
+        d["layers"] = [{k: v for k, v in x.items() if k != "compressed_size"}
+                       for x in d["layers"]]
+        return d
+
+    if strip(a) != strip(b):
+        diff = [k for k in sorted(set(a) | set(b)) if strip(a).get(k) != strip(b).get(k)]
+        return f"PROBLEM: history from the store and from the source differ in {diff}"
+    t = a.get("totals") or {}
+    figs = ""
+    if {"efficiency", "wasted_bytes", "stored_bytes"} <= set(t):
+        figs = (f": efficiency {float(t['efficiency']):.3f}, wasted {int(t['wasted_bytes'])}"
+                f" of {int(t['stored_bytes'])} stored bytes")
+    return (f"history from the store and from the gzip layout agree (round 1; every figure "
+            f"but compressed_size){figs}")
