@@ -13,14 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from ocilayers import shapes
 from ocilayers.lookup import source_or_image
-from ocilayers.sources import open_source
+from ocilayers.remote import RegistrySource
 from ocilayers.spec import Digest, Platform
 from ocilayers.store import Store, StoreImage
+from ocilayers.transports import open_source
 
 if TYPE_CHECKING:
     from ocilayers.builder import ProgressFn, WrittenImage
     from ocilayers.history import HistoryReport
     from ocilayers.pack import PackResult
+    from ocilayers.push import PushResult
     from ocilayers.sources import Image
     from ocilayers.squash import SquashOptions, SquashResult
     from ocilayers.unpack import ProgressFn as UnpackProgress
@@ -28,7 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["PackResult", "SquashOptions", "Store", "StoreImage", "convert_image", "export",
            "find_image", "flatten", "history", "inspect_source", "list_images", "load_image",
-           "mount", "open_store", "pack", "pack_to_file", "prune", "remove_image",
+           "login", "logout", "mount", "open_store", "pack", "pack_to_file", "prune", "push",
+           "remove_image",
            "resolve_source", "source_or_image", "squash", "tag", "umount", "unpack", "untag",
            "verify"]
 
@@ -83,9 +86,18 @@ def unpack(source: str, *, root: str | None = None, ref: str | None = None,
 
     store = open_store(root, must_exist=False)
     with open_source(source) as src:
+        remote = src if isinstance(src, RegistrySource) else None
+        if remote is not None and store.exists():  # a config the store has: no request
+            remote.config_cache = lambda d: (store.images.config_bytes(d)
+                                          if d in store.images.ids() else None)
         image = src.resolve(ref, platform)
-        return unpack_image(store, src, image, tags=image.names if tags is None else tags,
-                            jobs=jobs, progress=progress)
+        result = unpack_image(store, src, image, tags=image.names if tags is None else tags,
+                              jobs=jobs, progress=progress)
+        if remote is not None:
+            from ocilayers.push import record_pull
+
+            record_pull(store, remote, image, result.image_id)
+        return result
 
 
 def find_image(store: Store, name: str) -> Digest:
@@ -203,6 +215,29 @@ def squash(arg: str, options: SquashOptions, **kwargs: Any) -> SquashResult:
     from ocilayers.squash import squash as squash_image
 
     return squash_image(arg, options, **kwargs)
+
+
+# --- registries ---
+
+def push(arg: str, dest: str, **kwargs: Any) -> PushResult:
+    """Push a store image or a source to `docker://HOST/REPO:TAG`; see
+    `ocilayers.push.push` for the options."""
+    from ocilayers.push import push as push_image
+
+    return push_image(arg, dest, **kwargs)
+
+
+def login(host: str, username: str, password: str) -> str:
+    """Store credentials for a registry as `docker login` does; returns where."""
+    from ocilayers.credentials import login as store_login
+
+    return store_login(host, username, password)
+
+
+def logout(host: str) -> bool:
+    from ocilayers.credentials import logout as drop_login
+
+    return drop_login(host)
 
 
 def __getattr__(name: str) -> Any:

@@ -15,7 +15,6 @@ from typing import Any
 from ocilayers.builder import BlobInput, ImageBuilder, LayerInput, ProgressFn, WrittenImage
 from ocilayers.cas import Blob
 from ocilayers.errors import OCILayersError, TarError
-from ocilayers.sources import open_source
 from ocilayers.spec import (
     MANIFEST_FAMILIES,
     Descriptor,
@@ -26,6 +25,7 @@ from ocilayers.spec import (
     normalize_reference,
 )
 from ocilayers.streams import CHUNK, COMPRESSIONS, Readable, decompressor
+from ocilayers.transports import open_source
 from ocilayers.writer import full_reference, open_destination
 
 ANNOTATION_BASE_NAME = "org.opencontainers.image.base.name"

@@ -221,8 +221,9 @@ class ImageBuilder:
         config = Descriptor(config_type, dest.blobs.put_blob(config_raw), len(config_raw))
         manifest = Manifest(manifest_type, config, tuple(descs), dict(annotations or {}))
         manifest_raw = dump_json(manifest.to_json())
-        mdesc = Descriptor(manifest_type, dest.blobs.put_blob(manifest_raw),
-                           len(manifest_raw))
+        mdigest = (dest.blobs.put_blob(manifest_raw) if getattr(dest, "manifest_as_blob", True)
+                   else Digest.of_bytes(manifest_raw))  # (a registry: PUT by commit())
+        mdesc = Descriptor(manifest_type, mdigest, len(manifest_raw))
         names = tuple(dict.fromkeys(normalize_reference(t) for t in tags))
         written = WrittenImage(mdesc, config, tuple(descs), manifest_raw, config_raw,
                                tags=names, dropped_nulls=dropped, config_before=before)

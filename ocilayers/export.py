@@ -20,10 +20,11 @@ from ocilayers.builder import (
     verified,
 )
 from ocilayers.errors import ImageError, OCILayersError
-from ocilayers.sources import Image, ImageSource, Layer, open_source
+from ocilayers.sources import Image, ImageSource, Layer
 from ocilayers.spec import Descriptor, Digest, Platform, normalize_reference, split_reference
 from ocilayers.store import LayerRecord, Store, StoreImage
 from ocilayers.streams import COMPRESSIONS, Readable
+from ocilayers.transports import open_source
 from ocilayers.writer import LayoutDestination, open_destination
 
 
@@ -164,8 +165,11 @@ def export(store: Store, name: str, out: str, *, format: str = "oci-archive",
                 have = done.get(layer.diff_id) if layer.diff_id is not None else None
                 if have is None or layer.diff_id is None:
                     layers.append(layer)
-                else:  # (the builder finds the blob there and copies nothing)
+                elif isinstance(dest, LayoutDestination):
+                    # (the builder finds the blob there and copies nothing)
                     layers.append(BlobInput(have, layer.diff_id, _staged(dest, have)))
+                else:  # (a registry: the repository has it, the builder's HEAD finds it)
+                    layers.append(layer)
             w = _build(img.config.raw, layers, dest, compression=compression, tags=tags,
                        progress=_shifted(progress, offset))
             done.update(zip(img.config.diff_ids, w.layers, strict=True))

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from ocilayers.errors import OCILayersError
 from ocilayers.fsutil import remove_at, rmtree
 from ocilayers.lookup import source_or_image
-from ocilayers.sources import open_source
 from ocilayers.spec import Platform
 from ocilayers.store import Store
+from ocilayers.transports import open_source
 
 
 def flatten(arg: str, dest: str, *, root: str | None = None, ref: str | None = None,

@@ -22,9 +22,10 @@ from ocilayers.layerscan import (
     scan_tar_split,
 )
 from ocilayers.lookup import source_or_image
-from ocilayers.sources import Image, ImageSource, open_source
+from ocilayers.sources import Image, ImageSource
 from ocilayers.spec import Digest, HistoryEntry, ImageConfig, Platform
 from ocilayers.store import Store
+from ocilayers.transports import open_source
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from ocilayers.errors import ImageNotFoundError, OCILayersError, StoreError
+from ocilayers.registry import TRANSPORT
 from ocilayers.sources import TRANSPORTS
 from ocilayers.store import Store
 
@@ -23,7 +24,7 @@ def is_store_name(store: Store, name: str) -> bool:
 
 def source_or_image(store: Store, arg: str) -> str:
     """'source' or 'image'. A name that is both is an error asking which one."""
-    if arg == "-" or arg.startswith(TRANSPORTS):
+    if arg == "-" or arg.startswith((*TRANSPORTS, TRANSPORT)):
         return "source"
     exists = os.path.exists(arg)
     in_store = is_store_name(store, arg)

@@ -24,7 +24,6 @@ from ocilayers.growth import Merge
 from ocilayers.history import ScannedImage, merge_layers, scanned
 from ocilayers.layerscan import Entry, spool
 from ocilayers.lookup import source_or_image
-from ocilayers.sources import open_source
 from ocilayers.spec import (
     Descriptor,
     Digest,
@@ -42,6 +41,7 @@ from ocilayers.store.layers import fill_staging
 from ocilayers.store.layout import held_interrupt
 from ocilayers.streams import COMPRESSIONS, HashingReader, IterReader, Readable
 from ocilayers.tarsplit import file_chunks
+from ocilayers.transports import open_source
 from ocilayers.writer import open_destination
 
 

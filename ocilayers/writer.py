@@ -9,17 +9,26 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ocilayers.builder import WrittenImage
 from ocilayers.cas import LayoutWriter
 from ocilayers.errors import ImageError, OCILayersError
 from ocilayers.fsutil import atomic_output
+from ocilayers.registry import (
+    TRANSPORT,
+    PushStats,
+    Registry,
+    RegistryOptions,
+    RemoteRef,
+    RepoWriter,
+)
 from ocilayers.spec import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
     IMAGE_FORMATS,
     MEDIA_TYPE_OCI_INDEX,
+    Digest,
     dump_json,
     normalize_reference,
     split_reference,
@@ -115,11 +124,54 @@ def _output_dir(out: str) -> str:
     return os.path.dirname(os.path.normpath(out)) or "."
 
 
+class RegistryDestination:
+    """Images pushed to a registry repository: blobs first (HEAD, a cross-repository mount,
+    or an upload streamed as it is made), each manifest by its digest as it is committed, and
+    the tag last (`finish`)."""
+
+    oci_config = True
+    manifest_as_blob = False  # manifests go to /manifests/, not /blobs/
+
+    def __init__(self, ref: RemoteRef, opts: RegistryOptions | None = None,
+                 mount_from: Callable[[Digest], Sequence[str]] | None = None,
+                 stats: PushStats | None = None) -> None:
+        from ocilayers.remote import current_options
+
+        self.ref = ref
+        self.registry = Registry(ref.host, opts or current_options())
+        self.blobs = RepoWriter(self.registry, ref.repo, mount_from, stats)
+        self.images: list[WrittenImage] = []
+
+    def commit(self, image: WrittenImage, tags: Sequence[str]) -> None:
+        if self.images:
+            raise ImageError(f"{self.ref}: a registry tag names one image; this output has "
+                             "several")
+        self.registry.put_manifest(self.ref.repo, str(image.manifest.digest),
+                                   image.manifest_raw, image.manifest.media_type)
+        self.images.append(image)
+
+    def finish(self) -> None:
+        if not self.images:
+            raise ValueError("no image was committed to the destination")
+        image = self.images[0]
+        if self.ref.tag is not None:
+            self.registry.put_manifest(self.ref.repo, self.ref.tag, image.manifest_raw,
+                                       image.manifest.media_type)
+        elif self.ref.digest is not None and self.ref.digest != image.manifest.digest:
+            raise ImageError(f"{self.ref}: the manifest pushed is {image.manifest.digest}")
+
+
 @contextlib.contextmanager
-def open_destination(out: str, format: str) -> Iterator[LayoutDestination]:
+def open_destination(out: str, format: str) -> Iterator[LayoutDestination | RegistryDestination]:
     """A destination at `out`, written when the block ends without an error (`finish`). For
     `oci` the target dir must not exist, or be an empty dir. The staging dir is removed when
-    the block ends, whatever happens. Errors name `out`, never a temp file."""
+    the block ends, whatever happens. Errors name `out`, never a temp file. `docker://...`:
+    a registry repository (the format is then the manifests' family's business)."""
+    if out.startswith(TRANSPORT):
+        reg = RegistryDestination(RemoteRef.parse(out))
+        yield reg
+        reg.finish()
+        return
     if format not in FORMATS:
         raise ImageError(f"unknown output format {format!r} (want one of {', '.join(FORMATS)})")
     parent = os.path.dirname(os.path.abspath(out))

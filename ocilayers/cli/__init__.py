@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from ocilayers import __version__
-from ocilayers.cli import containers, growth, images, store
+from ocilayers.cli import containers, growth, images, registry, store
 from ocilayers.cli.common import PROG, Parser, _global_options
 from ocilayers.errors import OCILayersError
 
@@ -20,8 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="Docker's overlay2 image store, without the daemon.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _global_options(parser, suppress=False)
+    registry.registry_options(parser, suppress=False)
     common = Parser(add_help=False)
     _global_options(common, suppress=True)
+    registry.registry_options(common, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_append(add, pick)
     growth.add_history(add, pick)
     growth.add_squash(add, pick)
+    registry.add_push(add, pick)
+    registry.add_login(add, pick)
+    registry.add_logout(add, pick)
     containers.register(add, pick)
     return parser
 
@@ -93,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.root is None:
         args.root = os.environ.get("OCILAYERS_ROOT") or None
     try:
-        result: int = args.func(args)
+        with registry.registry_context(args):
+            result: int = args.func(args)
         return result
     except BrokenPipeError:
         return 1

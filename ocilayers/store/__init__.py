@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager
 
 from ocilayers.spec import Digest
 from ocilayers.store.containers import ContainerStore
+from ocilayers.store.distribution import Distribution
 from ocilayers.store.images import ImageStore, StoreImage
 from ocilayers.store.layers import MAX_DEPTH, LayerRecord, LayerStore, Staging, diff_size
 from ocilayers.store.layout import StoreLayout, default_root
@@ -36,6 +37,7 @@ class Store:
         self.images = ImageStore(self.layout)
         self.containers = ContainerStore(self.layout)
         self.mounts = MountStore(self.layout)
+        self.distribution = Distribution(self.layout)
 
     def init(self) -> None:
         self.layout.init()
