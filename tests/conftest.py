@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from registry_servers import (  # noqa: F401  (registry fixtures for every test module)
+    hostile_registry,
+    plain_registry,
+    tls_registry,
+    token_registry,
+)
 
 from ocilayers.cli import main
 
