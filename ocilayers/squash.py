@@ -206,7 +206,8 @@ def _data(scan: ScannedImage, full: Merge, keep: int, store: Store,
         g = n.group
         if g is not None and g.layer >= keep and g.size:
             wanted.setdefault(g.layer, set()).add(number[g.layer][id(g.entry)])
-    where = os.path.dirname(os.path.abspath(out)) if out is not None else None
+    where = (os.path.dirname(os.path.abspath(out))
+             if out is not None and not out.startswith("docker://") else None)
     spool_dir = tempfile.mkdtemp(prefix=".ocilayers-squash-", dir=where)
     try:
         for i, want in sorted(wanted.items()):
