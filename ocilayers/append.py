@@ -12,7 +12,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ocilayers.builder import BlobInput, ImageBuilder, LayerInput, ProgressFn, WrittenImage
+from ocilayers.builder import (
+    BlobInput,
+    ImageBuilder,
+    LayerInput,
+    ProgressFn,
+    WrittenImage,
+    check_family,
+)
 from ocilayers.cas import Blob
 from ocilayers.errors import OCILayersError, TarError
 from ocilayers.spec import (
@@ -160,6 +167,8 @@ def append_image(source: str, out: str, opts: AppendOptions, *, ref: str | None 
     with open_source(source) as src:
         image = src.resolve(ref, platform)
         family = opts.manifest or manifest_family(image.manifest.media_type)
+        check_family(family, opts.compression if opts.layers else "gzip",
+                     [layer.descriptor for layer in image.layers], "--manifest oci")
         builder = ImageBuilder.from_config(image.config.raw)
         blob_path = getattr(src.blobs, "blob_path", None)
         def blob(d: Descriptor) -> Callable[[], AbstractContextManager[Blob]]:

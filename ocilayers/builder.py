@@ -261,11 +261,26 @@ _TO_OCI = {MEDIA_TYPE_DOCKER_LAYER: MEDIA_TYPE_OCI_LAYER,
 _TO_DOCKER = {v: k for k, v in _TO_OCI.items()}
 
 
+def check_family(family: str, compression: str, kept: Sequence[Descriptor], hint: str) -> None:
+    """Fail before any work when the Docker family cannot hold the layers: a new zstd layer,
+    or a zstd layer of the base (`hint` names the caller's option for an OCI manifest)."""
+    if family != "docker":
+        return
+    if compression == "zstd":
+        raise ImageError(f"a Docker schema 2 manifest has no zstd layer type: use "
+                         f"--compression gzip, or {hint}")
+    for d in kept:
+        if d.media_type in (MEDIA_TYPE_OCI_LAYER_ZSTD, MEDIA_TYPE_OCI_LAYER_ND_ZSTD):
+            raise ImageError(f"layer {d.digest} of the base is zstd-compressed and a Docker "
+                             f"schema 2 manifest has no zstd layer type: use {hint}")
+
+
 def _in_family(d: Descriptor, family: str) -> str:
     if family == "docker":
         if d.media_type in (MEDIA_TYPE_OCI_LAYER_ZSTD, MEDIA_TYPE_OCI_LAYER_ND_ZSTD):
             raise ImageError(f"layer {d.digest} of the base is zstd-compressed and a Docker "
-                             "schema 2 manifest has no zstd layer type: use --manifest oci")
+                             "schema 2 manifest has no zstd layer type: write an OCI "
+                             "manifest")
         return _TO_DOCKER.get(d.media_type, d.media_type)
     return _TO_OCI.get(d.media_type, d.media_type)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from ocilayers.builder import BlobInput, ImageBuilder, ProgressFn
+from ocilayers.builder import BlobInput, ImageBuilder, ProgressFn, check_family
 from ocilayers.cas import Blob
 from ocilayers.errors import ImageError, OCILayersError
 from ocilayers.export import source_layers, store_layers
@@ -23,6 +23,9 @@ from ocilayers.remote import RegistrySource
 from ocilayers.sources import Image, ImageSource
 from ocilayers.spec import (
     INDEX_MEDIA_TYPES,
+    MEDIA_TYPE_OCI_LAYER,
+    MEDIA_TYPE_OCI_LAYER_GZIP,
+    MEDIA_TYPE_OCI_LAYER_ZSTD,
     Descriptor,
     Digest,
     Index,
@@ -55,6 +58,7 @@ def push(arg: str, dest: str, *, root: str | None = None, ref: str | None = None
         raise OCILayersError(f"unknown manifest format {family!r} (oci or docker)")
     store = Store(root)
     if source_or_image(store, arg) == "image":
+        check_family(family or "oci", compression or "gzip", [], "--format oci")
         return _push_store_image(store, arg, target, compression or "gzip", family or "oci",
                                  progress)
     with open_source(arg) as src:
@@ -62,6 +66,8 @@ def push(arg: str, dest: str, *, root: str | None = None, ref: str | None = None
             return _copy_source(src, target, ref, platform)
         image = src.resolve(ref, platform)
         fam = family or manifest_family(image.manifest.media_type)
+        check_family(fam, compression or "gzip", [] if compression else
+                     [layer.descriptor for layer in image.layers], "--format oci")
         stats = PushStats()
         builder = ImageBuilder.from_config(image.config.raw)
         if compression is None:
@@ -117,7 +123,8 @@ def _push_store_image(store: Store, name: str, target: RemoteRef, compression: s
         d.finish()
         with store.lock():
             for rec, desc in zip(img.layers, written.layers, strict=True):
-                dist.record(rec.diff_id, desc.digest, f"{target.host}/{target.repo}")
+                dist.record(rec.diff_id, desc.digest, f"{target.host}/{target.repo}",
+                            desc.media_type)
     return PushResult(str(target), written.manifest.digest, written.config.digest, stats,
                       written.manifest.media_type)
 
@@ -134,16 +141,17 @@ def _known_blob(d: RegistryDestination, store: Store, diff_id: Digest,
         size = d.registry.blob_size(target.repo, digest)
         if size is None or size < 0:
             continue
-        head = d.registry.open_blob(target.repo, digest, size)
-        try:
-            kind = sniff(head.read(4))
-        finally:
-            head.close()
-        media = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-                 "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
-                 "none": "application/vnd.oci.image.layer.v1.tar"}.get(kind)
-        if media is None:
-            continue
+        media = store.distribution.media_type_of(digest)
+        if media is None:  # (recorded by dockerd, or before ocilayers kept media types)
+            head = d.registry.open_blob(target.repo, digest, size)
+            try:
+                kind = sniff(head.read(4))
+            finally:
+                head.close()
+            media = {"gzip": MEDIA_TYPE_OCI_LAYER_GZIP, "zstd": MEDIA_TYPE_OCI_LAYER_ZSTD,
+                     "none": MEDIA_TYPE_OCI_LAYER}.get(kind)
+            if media is None:
+                continue
 
         def unused() -> AbstractContextManager[Blob]:
             raise OCILayersError("the registry's blob is not read again")
@@ -233,7 +241,8 @@ def record_pull(store: Store, src: RegistrySource, image: Image, image_id: Diges
     repo = f"{src.ref.host}/{src.ref.repo}"
     with store.lock():
         for layer in image.layers:
-            store.distribution.record(layer.diff_id, layer.descriptor.digest, repo)
+            store.distribution.record(layer.diff_id, layer.descriptor.digest, repo,
+                                      layer.descriptor.media_type)
         digest = src.manifest_digest
         if digest is not None:
             store.images.set_tag(f"{repo}@{digest}", image_id)

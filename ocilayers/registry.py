@@ -189,12 +189,15 @@ class Registry:
         resp.read(1 << 20)
         return self._base
 
-    def _authorize(self, scheme: str, params: dict[str, str], scopes: Sequence[str]) -> str:
+    def _authorize(self, scheme: str, params: dict[str, str], scopes: Sequence[str],
+                   repo: str | None = None) -> str:
         creds = self.credentials()
+        where = f"registry {self.host}" + (f": repository {repo}" if repo else "")
         if scheme == "basic":
             if creds is None:
-                raise RegistryError(f"registry {self.host}: needs credentials (Basic auth); "
-                                    "run `ocilayers login` or pass --creds", 401, "UNAUTHORIZED")
+                raise RegistryError(f"{where}: HTTP 401 UNAUTHORIZED: needs credentials (Basic "
+                                    "auth); run `ocilayers login` or pass --creds", 401,
+                                    "UNAUTHORIZED")
             return "Basic " + base64.b64encode(
                 f"{creds.username}:{creds.password}".encode()).decode()
         if scheme != "bearer" or "realm" not in params:
@@ -219,7 +222,7 @@ class Registry:
         self.requests += 1
         if resp.status != 200:
             code, msg = _error_detail(resp)
-            raise RegistryError(f"registry {self.host}: token server {params['realm']}: HTTP "
+            raise RegistryError(f"{where}: token server {params['realm']}: HTTP "
                                 f"{resp.status}{' ' + code if code else ''}"
                                 f"{': ' + msg if msg else ''}", resp.status, code)
         try:
@@ -248,7 +251,7 @@ class Registry:
             if key not in self._auth and attempt == 0 and self._scheme is not None and (
                     self._scheme[0] == "bearer" or self.credentials() is not None):
                 # The /v2/ challenge says how: no need to be refused first.
-                self._auth[key] = self._authorize(*self._scheme, scopes)
+                self._auth[key] = self._authorize(*self._scheme, scopes, repo)
             if key in self._auth:
                 hdrs["Authorization"] = self._auth[key]
             resp = self.http.request(method, url, headers=hdrs, body=body,
@@ -261,7 +264,7 @@ class Registry:
                 if params.get("error") == "insufficient_scope" and key in self._auth:
                     return self._fail(method, repo, url, 401, "INSUFFICIENT_SCOPE",
                                       "insufficient scope", ok, quiet)
-                self._auth[key] = self._authorize(scheme, params, scopes)
+                self._auth[key] = self._authorize(scheme, params, scopes, repo)
                 continue
             if resp.status in ok or resp.status in quiet:
                 return resp
@@ -516,16 +519,21 @@ class RemoteBlob:
         resp = self._reg.request("GET", self._repo, f"blobs/{self._digest}", headers=headers,
                                  ok=(200, 206), quiet=(404,))
         if resp.status == 404:
-            resp.close()
+            code, msg = _error_detail(resp)
             raise BlobNotFoundError(f"registry {self._reg.host}: repository {self._repo}: "
-                                    f"blob {self._digest} is missing (HTTP 404)")
+                                    f"blob {self._digest} is missing: HTTP 404"
+                                    f"{' ' + code if code else ''}{': ' + msg if msg else ''}")
         if self._pos and resp.status == 200:  # no Range support: skip what we have
             left = self._pos
-            while left:
-                b = resp.raw.read(min(left, 1 << 20))
-                if not b:
-                    raise HTTPError("the blob is shorter on a second read")
-                left -= len(b)
+            try:
+                while left:
+                    b = resp.raw.read(min(left, 1 << 20))
+                    if not b:
+                        raise ConnectionError("the blob ended early on a second read")
+                    left -= len(b)
+            except BaseException:
+                resp.close()
+                raise
         self._resp = resp
 
     def read(self, n: int = -1, /) -> bytes:
@@ -538,21 +546,26 @@ class RemoteBlob:
             if n <= 0:
                 return b""
         while True:
-            assert self._resp is not None
             try:
+                if self._resp is None:
+                    self._open()  # (a resume: skipping what we have may break too)
+                assert self._resp is not None
                 data = self._resp.raw.read(n)
                 if not data and self._size is not None and self._pos < self._size:
                     raise urllib3.exceptions.ProtocolError("the connection closed early")
                 self._pos += len(data)
                 return bytes(data)
             except (urllib3.exceptions.HTTPError, OSError, ssl.SSLError) as exc:
-                self._resp.close()
+                if isinstance(exc, (HTTPError, BlobNotFoundError)):
+                    raise
+                if self._resp is not None:
+                    self._resp.close()
+                    self._resp = None
                 self._resumes += 1
                 if self._resumes > _RESUMES:
                     raise HTTPError(f"registry {self._reg.host}: repository {self._repo}: "
                                     f"blob {self._digest}: download failed at byte "
                                     f"{self._pos}: {exc}") from None
-                self._open()
 
     def close(self) -> None:
         if self._resp is not None:

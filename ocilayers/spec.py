@@ -354,8 +354,8 @@ def layer_media_type(compression: str, family: str = "oci") -> str:
     """A new layer's media type in a manifest family. Docker schema 2 has no zstd type."""
     if family == "docker":
         if compression == "zstd":
-            raise ImageError("a Docker schema 2 manifest has no zstd layer type: use "
-                             "--compression gzip, or --manifest oci")
+            raise ImageError("a Docker schema 2 manifest has no zstd layer type: compress "
+                             "with gzip, or write an OCI manifest")
         return MEDIA_TYPE_DOCKER_LAYER_GZIP if compression == "gzip" else MEDIA_TYPE_DOCKER_LAYER
     return oci_layer_media_type(compression)
 

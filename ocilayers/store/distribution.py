@@ -20,6 +20,16 @@ from ocilayers.store.layout import StoreLayout
 class Distribution:
     def __init__(self, layout: StoreLayout) -> None:
         self.root = os.path.join(layout.image_root, "distribution")
+        # ocilayers' own: a blob's media type (dockerd's records have none, and a push that
+        # reuses a blob must name it in the manifest without reading the blob)
+        self.media_root = os.path.join(layout.root, "ocilayers", "media-types", "sha256")
+
+    def media_type_of(self, blob: Digest) -> str | None:
+        try:
+            with open(os.path.join(self.media_root, blob.hex), "rb") as f:
+                return f.read(256).decode().strip() or None
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
 
     def _path(self, kind: str, digest: Digest) -> str:
         return os.path.join(self.root, kind, digest.algorithm, digest.hex)
@@ -46,9 +56,13 @@ class Distribution:
                 out.append((Digest.parse(e["Digest"]), str(e["SourceRepository"])))
         return out
 
-    def record(self, diff_id: Digest, blob: Digest, repository: str) -> None:
-        """Remember that `repository` (HOST/REPO) has the layer `diff_id` as `blob`. Call
-        under the store lock."""
+    def record(self, diff_id: Digest, blob: Digest, repository: str,
+               media_type: str | None = None) -> None:
+        """Remember that `repository` (HOST/REPO) has the layer `diff_id` as `blob` (of
+        `media_type`). Call under the store lock."""
+        if media_type:
+            os.makedirs(self.media_root, mode=0o700, exist_ok=True)
+            write_atomic(os.path.join(self.media_root, blob.hex), media_type.encode(), 0o644)
         for kind in ("diffid-by-digest", "v2metadata-by-diffid"):
             os.makedirs(os.path.join(self.root, kind, "sha256"), mode=0o700, exist_ok=True)
         write_atomic(self._path("diffid-by-digest", blob), str(diff_id).encode(), 0o644)
