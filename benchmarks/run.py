@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
 """ocilayers benchmark harness.
 
-    python benchmarks/run.py [--quick] [--only unpack|pack|tarsplit|commit|growth|memory]...
-                             [--runs N]
-                             [--cache DIR] [--no-docker] [--profile] [--json PATH] [--keep]
+    python benchmarks/run.py [--quick] [--runs N] [--cache DIR] [--no-docker] [--profile]
+                             [--json PATH] [--keep]
+                             [--only unpack|pack|tarsplit|commit|growth|registry|memory]...
 
 Builds (once, cached) a realistic 5-layer Debian image in gzip and zstd, an overlay upper dir
 made over it, and ~2 GiB layers, then times `ocilayers unpack` and `ocilayers pack` against
 umoci, tar with gzip/zstd and (when a daemon can start) docker load, and `ocilayers commit` of
 the upper dir against `docker commit` of a container holding it, `ocilayers history` from the
 store against history from the archive and `gzip -dc | tar -t`, and `ocilayers squash --all`
-against `ocilayers pack` of the flattened image, alternating the tools run by run, measures how
-much of an unpack goes to tar-split and `size`, and the peak RSS of every ocilayers process on
-big layers. Prints a table per group. See benchmarks/README.md.
+against `ocilayers pack` of the flattened image, `ocilayers unpack docker://` and `ocilayers
+push` against docker pull/push and skopeo (+ umoci) through a loopback docker-registry,
+alternating the tools run by run, measures how much of an unpack goes to tar-split and `size`,
+and the peak RSS of every ocilayers process on big layers. Prints a table per group. See
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ sys.path.insert(0, HERE)
 import dockerd  # noqa: E402
 import growth  # noqa: E402
 import memory  # noqa: E402
+import registry  # noqa: E402
 from inputs import (  # noqa: E402
     BenchImage,
     ensure_image,
@@ -57,7 +60,7 @@ from pack_inputs import (  # noqa: E402
     upper_stats,
 )
 
-GROUPS = ("unpack", "pack", "tarsplit", "commit", "growth", "memory")
+GROUPS = ("unpack", "pack", "tarsplit", "commit", "growth", "registry", "memory")
 # What --quick runs without --only: memory is for full runs only; commit's and growth's quick
 # variants run when asked (`--quick --only commit`), so that a plain --quick stays under a
 # minute.
@@ -1081,6 +1084,341 @@ def group_growth(ctx: Ctx) -> dict[str, Any]:
     return res
 
 
+# --- group: registry (pull from and push to a docker-registry on loopback) ---
+
+PULL_REF = "bench:1"  # the image in the source registry the pull rows read
+PUSH_REPO = "bench-push"  # the repository every push writes (in a fresh registry per run)
+REPULL_GOAL_S = 0.3  # `unpack docker://` of an image the store has: median wall below this
+
+
+@dataclass
+class RegistrySetup:
+    """What the registry group starts and records (set-up not timed)."""
+
+    base: str
+    source: registry.Registry | None = None  # the registry the pull rows read, up all group
+    registries: list[registry.Registry] = field(default_factory=list)  # all, stopped after
+    daemon: dockerd.Dockerd | None = None  # the docker push row's, with the image loaded
+    store: str = ""  # the push-from-store row's store (the image unpacked from the layout)
+    registry_cpu: dict[str, list[float]] = field(default_factory=dict)  # key -> per run
+    pushes: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # key -> rnd
+    docker: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def start_registry(self, base: str) -> registry.Registry:
+        reg = registry.start_registry(base)
+        self.registries.append(reg)
+        return reg
+
+    def stop_all(self) -> None:
+        for reg in self.registries:
+            reg.stop()
+        if self.daemon is not None:
+            self.daemon.stop()
+
+
+def with_registry(setup: RegistrySetup, key: str, reg: registry.Registry,
+                  timed: Callable[[], Sample]) -> Sample:
+    """Run `timed()`; the registry's CPU over it is recorded apart (the server both sides talk
+    to) and taken out of the run's other CPU."""
+    c0 = reg.cpu_seconds()
+    s = timed()
+    cpu = reg.cpu_seconds() - c0
+    setup.registry_cpu.setdefault(key, []).append(cpu)
+    return Sample(s.wall, s.cpu, s.rss_kib, s.ok, s.error, s.sys, max(0.0, s.other - cpu))
+
+
+def registry_cases(ctx: Ctx, setup: RegistrySetup) -> tuple[list[Case], list[str]]:
+    """The pull rows read `bench:1` from one registry (started here, the image pushed into it
+    from the gzip layout, not timed); every push run gets a registry of its own with empty
+    storage (started before and stopped after the timed push, not timed), so nothing is ever
+    there already and nothing can be mounted: every blob is uploaded."""
+    assert ctx.img is not None
+    img = ctx.img
+    base = setup.base
+    notes: list[str] = []
+    oci = ocilayers_argv()
+    t0 = time.monotonic()
+    why_docker = "--no-docker" if ctx.args.no_docker else dockerd.available()
+    skopeo, umoci = shutil.which("skopeo"), shutil.which("umoci")
+
+    log("registry: start the source registry and push the image into it (not timed)")
+    src = setup.source = setup.start_registry(os.path.join(base, "source-registry"))
+    pull_ref = f"{src.host}/{PULL_REF}"
+    subprocess.run([*oci, "-q", "push", img.gzip_dir, f"docker://{pull_ref}"], check=True,
+                   stdout=subprocess.DEVNULL)
+
+    # --- pulls ---
+    cold_roots: dict[int, str] = {}
+
+    def ocilayers_pull(rd: str, rnd: int) -> Sample:
+        os.makedirs(rd)
+        cold_roots[rnd] = os.path.join(rd, "store")
+        os.sync()
+        return with_registry(setup, "ocilayers-pull", src, lambda: run_measured(
+            [*oci, "-q", "--root", cold_roots[rnd], "unpack", f"docker://{pull_ref}"],
+            log_path=rd + ".log"))
+
+    def ocilayers_repull(rd: str, rnd: int) -> Sample:
+        os.makedirs(rd)
+        os.sync()
+        return with_registry(setup, "ocilayers-repull", src, lambda: run_measured(
+            [*oci, "-q", "--root", cold_roots[rnd], "unpack", f"docker://{pull_ref}"],
+            log_path=rd + ".log"))
+
+    def docker_pull(rd: str, _rnd: int) -> Sample:
+        """A fresh daemon per run (its own empty data root: no layer of the image there),
+        started before and stopped after the timed pull."""
+        os.makedirs(rd)
+        d = dockerd.Dockerd(os.path.join(rd, "data"))
+        exec_roots.append(str(d.base))
+        try:
+            d.start(rd + ".dockerd.log")
+            if layerdb_entries(str(d.data_root)):
+                raise RuntimeError("the fresh daemon's layerdb is not empty")
+            os.sync()
+            s = with_registry(setup, "docker-pull", src, lambda: daemon_measured(
+                d, [dockerd.DOCKER, "-H", d.host, "pull", "-q", pull_ref], rd + ".log"))
+            if s.ok:
+                got = d.docker("image", "inspect", "--format", "{{.Id}}", pull_ref)
+                want = img_id(img)
+                if got.stdout.strip() != want:
+                    raise RuntimeError(f"docker pulled image {got.stdout.strip()}, not {want}")
+            return s
+        finally:
+            d.stop()
+
+    def skopeo_umoci_pull(rd: str, _rnd: int) -> Sample:
+        os.makedirs(rd)
+        env = registry.skopeo_env(os.path.join(rd, "skopeo-home"))
+        layout, rootfs = os.path.join(rd, "layout"), os.path.join(rd, "rootfs")
+        script = (f"skopeo --insecure-policy copy -q --src-tls-verify=false "
+                  f"docker://{pull_ref} oci:{shlex.quote(layout)}:bench\n"
+                  f"umoci raw unpack --image {shlex.quote(layout)}:bench "
+                  f"{shlex.quote(rootfs)}")
+        os.sync()
+        return with_registry(setup, "skopeo-umoci-pull", src, lambda: run_measured(
+            shell(script), env=env, log_path=rd + ".log"))
+
+    cases = [
+        Case("ocilayers-pull", "ocilayers unpack docker://, empty store", "gzip", True,
+             ocilayers_pull, short="ocilayers unpack docker://"),
+        Case("ocilayers-repull", "ocilayers unpack docker://, image present (re-pull)", "gzip",
+             True, ocilayers_repull, short="ocilayers re-pull"),
+    ]
+    if why_docker:
+        notes.append(f"docker pull and docker push skipped: {why_docker}")
+    else:
+        cases.append(Case("docker-pull", "docker pull (fresh dockerd)", "gzip", False,
+                          docker_pull, short="docker pull"))
+    if skopeo and umoci:
+        cases.append(Case("skopeo-umoci-pull", "skopeo copy docker:// oci: + umoci raw unpack",
+                          "gzip", False, skopeo_umoci_pull,
+                          short="skopeo copy + umoci raw unpack"))
+    else:
+        notes.append("skopeo or umoci not found: the skopeo copy + umoci raw unpack row is "
+                     "skipped")
+
+    # --- pushes, each into a registry of its own ---
+    def push_run(key: str, rd: str, rnd: int,
+                 argv_for: Callable[[str], tuple[list[str], dict[str, str] | None]],
+                 daemon: dockerd.Dockerd | None = None,
+                 before: Callable[[registry.Registry], None] | None = None) -> Sample:
+        os.makedirs(rd)
+        reg = setup.start_registry(os.path.join(rd, "registry"))
+        try:
+            argv, env = argv_for(f"{reg.host}/{PUSH_REPO}:r{rnd}")
+            if before is not None:
+                before(reg)
+            os.sync()
+            if daemon is not None:
+                s = with_registry(setup, key, reg,
+                                  lambda: daemon_measured(daemon, argv, rd + ".log"))
+            else:
+                s = with_registry(setup, key, reg,
+                                  lambda: run_measured(argv, env=env, log_path=rd + ".log"))
+        finally:
+            reg.stop()
+        setup.pushes.setdefault(key, {})[rnd] = reg.upload_summary()
+        return s
+
+    def pushed_bytes(key: str) -> Callable[[str], int]:
+        def size(rd: str) -> int:
+            rnd = int(os.path.basename(rd)[1:])
+            return int(setup.pushes[key][rnd]["blob_bytes"])
+        return size
+
+    def ocilayers_push(key: str, source: list[str]) -> Callable[[str, int], Sample]:
+        return lambda rd, rnd: push_run(key, rd, rnd, lambda ref: (
+            [*oci, "-q", *source[:-1], "push", source[-1], f"docker://{ref}"], None))
+
+    def skopeo_push(rd: str, rnd: int) -> Sample:
+        return push_run("skopeo-push-layout", rd, rnd, lambda ref: (
+            ["skopeo", "--insecure-policy", "copy", "-q", "--dest-tls-verify=false",
+             f"oci:{img.gzip_dir}:{img.tag}", f"docker://{ref}"],
+            registry.skopeo_env(os.path.join(rd, "skopeo-home"))))
+
+    def docker_push(rd: str, rnd: int) -> Sample:
+        d = setup.daemon
+        assert d is not None
+
+        def tag(reg: registry.Registry) -> None:
+            d.docker("tag", BASE_TAG, f"{reg.host}/{PUSH_REPO}:r{rnd}")
+
+        return push_run("docker-push", rd, rnd, lambda ref: (
+            [dockerd.DOCKER, "-H", d.host, "push", "-q", ref], None), daemon=d, before=tag)
+
+    cases.append(Case("ocilayers-push-layout", "ocilayers push LAYOUT docker:// (gzip layout)",
+                      "gzip", True, ocilayers_push("ocilayers-push-layout", [img.gzip_dir]),
+                      short="ocilayers push LAYOUT",
+                      output=pushed_bytes("ocilayers-push-layout")))
+    if skopeo:
+        cases.append(Case("skopeo-push-layout", "skopeo copy oci:LAYOUT docker://", "gzip",
+                          False, skopeo_push, short="skopeo copy oci: docker://",
+                          output=pushed_bytes("skopeo-push-layout")))
+    else:
+        notes.append("skopeo not found: the skopeo copy oci: docker:// row is skipped")
+
+    log("registry: unpack the image from the gzip layout into a store (not timed)")
+    setup.store = os.path.join(base, "ocilayers-push-store", "store")
+    subprocess.run([*oci, "-q", "--root", setup.store, "unpack", img.gzip_dir, "--tag",
+                    BASE_TAG], check=True, stdout=subprocess.DEVNULL)
+    cases.append(Case("ocilayers-push-store", "ocilayers push IMAGE docker:// (store, gzip)",
+                      "gzip", True,
+                      ocilayers_push("ocilayers-push-store", ["--root", setup.store, BASE_TAG]),
+                      short="ocilayers push IMAGE (store)",
+                      output=pushed_bytes("ocilayers-push-store")))
+    if not why_docker:
+        d = dockerd.Dockerd(os.path.join(base, "docker-push", "data"))
+        exec_roots.append(str(d.base))
+        setup.daemon = d
+        try:
+            os.makedirs(os.path.join(base, "docker-push"), exist_ok=True)
+            log("registry: start a throwaway dockerd and `docker load` the image (not timed)")
+            d.start(os.path.join(base, "docker-push", "dockerd.log"))
+            d.docker("load", "-q", "-i", img.docker_archive, timeout=600)
+            setup.docker = {"version": d.version()}
+            cases.append(Case("docker-push", "docker push (docker load-ed image)", "gzip",
+                              False, docker_push, short="docker push",
+                              output=pushed_bytes("docker-push")))
+        except Exception as exc:  # a baseline that cannot run is skipped, not fatal
+            notes.append(f"docker push skipped: {type(exc).__name__}: {str(exc)[:300]}")
+    setup.seconds = round(time.monotonic() - t0, 1)
+    return cases, notes
+
+
+def img_id(img: BenchImage) -> str:
+    """The image ID (config digest) of the benchmark image."""
+    with open(os.path.join(img.gzip_dir, "index.json")) as f:
+        index = json.load(f)
+    algo, hexpart = index["manifests"][0]["digest"].split(":", 1)
+    with open(os.path.join(img.gzip_dir, "blobs", algo, hexpart)) as f:
+        return str(json.load(f)["config"]["digest"])
+
+
+REGISTRY_RATIOS: list[tuple[str, str, float | None]] = [
+    ("ocilayers-pull", "docker-pull", 0.5),
+    ("ocilayers-pull", "skopeo-umoci-pull", 0.5),
+    ("ocilayers-push-layout", "skopeo-push-layout", 1.0),
+    ("ocilayers-push-store", "docker-push", 1.0),
+]
+
+
+def push_checks(setup: RegistrySetup, nblobs: int) -> list[str]:
+    """What each push row did to its fresh registry, from the registry's access log and
+    storage: every blob must have been uploaded (none found there, none mounted)."""
+    lines = []
+    for key, per in setup.pushes.items():
+        runs = [per[r] for r in sorted(per)]
+        ups = sorted({x["uploads"] for x in runs})
+        mib = statistics.median(x["blob_bytes"] for x in runs) / MIB
+        line = (f"{key}: blob uploads per run {'/'.join(map(str, ups))} (image: {nblobs} "
+                f"blobs), cross-repo mounts {sum(x['mounts'] for x in runs)}, blobs found "
+                f"already there {sum(x['heads_present'] for x in runs)} (in all runs); "
+                f"registry storage after the push: {mib:.1f} MiB (median, manifest included)")
+        if any(x["uploads"] < nblobs or x["mounts"] or x["heads_present"] for x in runs):
+            line = "PROBLEM: not every blob was uploaded: " + line
+        lines.append(line)
+    return lines
+
+
+def group_registry(ctx: Ctx) -> dict[str, Any]:
+    assert ctx.img is not None
+    img = ctx.img
+    why = registry.available()
+    base = os.path.join(ctx.work, "registry")
+    os.makedirs(base)
+    setup = RegistrySetup(base)
+    if why:
+        print()
+        print(f"ocilayers benchmarks: registry   skipped: {why}")
+        return {"group": "registry", "kind": ctx.kind, "skipped": why, "results": [],
+                "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "ocilayers": {"git": git_describe(REPO)}}
+    try:
+        cases, notes = registry_cases(ctx, setup)
+        notes += [
+            "plain HTTP on 127.0.0.1 for every tool (dockerd treats loopback registries as "
+            "insecure; ocilayers uses HTTP for a loopback host that does not speak TLS; "
+            "skopeo --src/--dest-tls-verify=false); docker-registry (distribution 2.8), "
+            "filesystem storage on the same disk",
+            f"pulls read {PULL_REF} from one registry (the gzip layout pushed into it, not "
+            "timed); ocilayers unpacks into a new empty store per run, the re-pull runs the "
+            "same command again into the store that round's cold pull filled; docker pull "
+            "runs in a fresh dockerd per run (own empty data root, started before and stopped "
+            "after the timed pull: no layer of the image there, and nothing deleted between "
+            "runs, see the ext4 caveat); skopeo copy (to a new OCI layout) and umoci raw "
+            "unpack (merged rootfs) run one after the other in one timed bash",
+            "every push run gets a registry of its own with empty storage (started before, "
+            "stopped after, not timed): nothing can be found there or mounted, every blob is "
+            "uploaded (checked below from its access log and storage); the layout rows copy "
+            "the gzip blobs as they are; the store rows compress every layer (ocilayers: "
+            "ISA-L gzip; dockerd: Go's gzip) from an image that was unpacked from / loaded "
+            "as a file (no distribution records); skopeo runs with its own $HOME/XDG dirs and "
+            "_CONTAINERS_ROOTLESS_UID, so no root-wide blob-info cache",
+            "CPU: the client's (docker: + dockerd's CPU delta); the registry's own CPU is not "
+            "in it and not in other CPU (median per row below); MB/s = the image's "
+            "uncompressed layer bytes / median wall (a common scale); out MiB = the blobs "
+            "the registry stored (layers, config, manifest)",
+        ]
+        res = timed_group(ctx, "registry", cases, notes, int(img.meta["uncompressed_bytes"]),
+                          REGISTRY_RATIOS)
+    finally:
+        setup.stop_all()
+    by = {r["key"]: r for r in res["results"]}
+    for key, cpus in setup.registry_cpu.items():
+        if key in by and cpus:
+            by[key]["median_registry_cpu_s"] = round(statistics.median(cpus), 3)
+    goals = []
+    rep = by.get("ocilayers-repull", {})
+    if "median_wall_s" in rep:
+        goals.append({"key": "ocilayers-repull", "tool": rep["tool"],
+                      "median_wall_s": rep["median_wall_s"], "goal_below_s": REPULL_GOAL_S,
+                      "goal_met": rep["median_wall_s"] < REPULL_GOAL_S})
+    res["absolute_goals"] = goals
+    res["pushes"] = {k: [v[r] for r in sorted(v)] for k, v in setup.pushes.items()}
+    res["push_checks"] = push_checks(setup, len(img.blobs("gzip")) + 1)
+    res["setup_seconds"] = setup.seconds
+    res["docker"] = setup.docker
+    res["image"] = dict(img.meta)
+    res["header"].insert(3, describe_image(img))
+    print_group(res)
+    print()
+    for g in goals:
+        print(f"{g['tool']}: median {g['median_wall_s']:.2f} s   goal < {g['goal_below_s']} s: "
+              f"{'met' if g['goal_met'] else 'MISSED'}")
+    short = {c: x for c, x in ((r["key"], r["tool"].split(" (")[0].split(",")[0])
+                               for r in res["results"])}
+    cpus = [f"{short[r['key']]}{' (re-pull)' if r['key'] == 'ocilayers-repull' else ''} "
+            f"{r['median_registry_cpu_s']:.2f}" for r in res["results"]
+            if "median_registry_cpu_s" in r]
+    if cpus:
+        print("registry CPU s per run (median, not in the CPU column): " + ", ".join(cpus))
+    for line in res["push_checks"]:
+        print(line)
+    return res
+
+
 # --- group: memory ---
 
 def group_memory(ctx: Ctx) -> dict[str, Any]:
@@ -1326,7 +1664,8 @@ def merge_results(path: str, new: dict[str, Any], groups: dict[str, Any]) -> dic
 
 GROUP_RUNNERS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "unpack": group_unpack, "pack": group_pack, "tarsplit": group_tarsplit,
-    "commit": group_commit, "growth": group_growth, "memory": group_memory,
+    "commit": group_commit, "growth": group_growth, "registry": group_registry,
+    "memory": group_memory,
 }
 
 
@@ -1334,7 +1673,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true",
                    help="small busybox image, 2 runs, no settling pauses, no memory group, "
-                        "commit and growth groups only with --only (about a minute)")
+                        "commit, growth and registry groups only with --only (about a "
+                        "minute)")
     p.add_argument("--only", choices=GROUPS, action="append",
                    help="benchmark group(s) to run (default: all; with --quick unpack, pack "
                         "and tarsplit)")
@@ -1346,7 +1686,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "with --quick CACHE/results-quick.json); groups not run are "
                                   "kept from it")
     p.add_argument("--no-docker", action="store_true",
-                   help="skip the docker baselines (docker load, docker commit)")
+                   help="skip the docker baselines (docker load, commit, pull, push)")
     p.add_argument("--profile", action="store_true",
                    help="also print the top functions of the tarsplit group's cProfile of "
                         "`unpack --jobs 1`, and (pack group) cProfile one `pack` per "
@@ -1391,7 +1731,8 @@ def main(argv: list[str] | None = None) -> int:
     kind = "quick" if args.quick else "full"
     img = pin = mem = gin = None
     deleted = False
-    if any(g in groups for g in ("unpack", "pack", "tarsplit", "commit", "growth")):
+    if any(g in groups for g in ("unpack", "pack", "tarsplit", "commit", "growth",
+                                 "registry")):
         img, built = ensure_image(kind, cache, REPO, base=args.base)
         deleted |= built
     if "pack" in groups or "commit" in groups:

@@ -1,6 +1,6 @@
-"""benchmarks/run.py --quick: it runs end to end (unpack, pack, tarsplit, commit and growth
-groups), prints the tables and exits 0 (no timings are checked: speed belongs in the benchmark
-output, not in a test)."""
+"""benchmarks/run.py --quick: it runs end to end (unpack, pack, tarsplit, commit, growth and
+registry groups), prints the tables and exits 0 (no timings are checked: speed belongs in the
+benchmark output, not in a test)."""
 
 from __future__ import annotations
 
@@ -126,6 +126,70 @@ def test_quick_growth_group(tmp_path: object) -> None:
     # the same merged rootfs, gzip both: layer blobs of about the same size
     assert 0.8 < squash["output_bytes"] / pack["output_bytes"] < 1.25, (squash, pack)
     assert sorted(os.listdir(cache)) == [".lock", "growth-quick-v1", "quick-v1"]
+
+
+@pytest.mark.slow
+def test_quick_registry_group(tmp_path: object) -> None:
+    """`--quick --only registry --no-docker`: pull (cold, re-pull, skopeo + umoci) and push
+    (layout vs skopeo, store) through docker-registries on loopback that the harness starts and
+    stops; ~25 s with the quick image build."""
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry is not installed (Debian package docker-registry)")
+    missing = [t for t in ("umoci", "skopeo") if shutil.which(t) is None]
+    if missing or not os.access("/usr/bin/time", os.X_OK):
+        pytest.skip(f"missing tools: {', '.join(missing) or '/usr/bin/time'}")
+    if not _can_chown():
+        pytest.skip("the harness needs root (owners, umoci)")
+    cache = os.path.join(str(tmp_path), "cache")
+    out = os.path.join(str(tmp_path), "quick.json")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--quick", "--no-docker",
+         "--cache", cache, "--json", out, "--only", "registry"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("tool") and "wall s" in line for line in lines) == 1, proc.stdout
+    for row in ("ocilayers unpack docker://, empty store",
+                "ocilayers unpack docker://, image present (re-pull)",
+                "skopeo copy docker:// oci: + umoci raw unpack",
+                "ocilayers push LAYOUT docker:// (gzip layout)",
+                "skopeo copy oci:LAYOUT docker://",
+                "ocilayers push IMAGE docker:// (store, gzip)"):
+        assert any(line.startswith(row) for line in lines), row
+    for ratio in ("ocilayers unpack docker:// / skopeo copy + umoci raw unpack = ",
+                  "ocilayers push LAYOUT / skopeo copy oci: docker:// = "):
+        assert any(line.strip().startswith(ratio) and "goal <= " in line
+                   for line in lines), ratio
+    assert any(line.startswith("ocilayers unpack docker://, image present (re-pull): median ")
+               and "goal < 0.3 s: " in line for line in lines), proc.stdout
+    assert "PROBLEM" not in proc.stdout
+    with open(out) as f:
+        group = json.load(f)["groups"]["registry"]
+    assert group["runs_per_tool"] == 2
+    assert all(r.get("runs") == 2 for r in group["results"]), group["results"]
+    assert [x.get("goal_at_most") for x in group["ratios"]] == [0.5, 1.0]
+    assert "docker pull and docker push skipped: --no-docker" in group["notes"]
+    assert [g["key"] for g in group["absolute_goals"]] == ["ocilayers-repull"]
+    # every push went to an empty registry and uploaded every blob (quick image: 5 layers +
+    # config), none found there or mounted
+    assert sorted(group["pushes"]) == ["ocilayers-push-layout", "ocilayers-push-store",
+                                       "skopeo-push-layout"]
+    for key, runs in group["pushes"].items():
+        assert [(x["uploads"], x["mounts"], x["heads_present"]) for x in runs] \
+            == [(6, 0, 0)] * 2, (key, runs)
+    by = {r["key"]: r for r in group["results"]}
+    # the layout rows push the same blobs
+    assert by["ocilayers-push-layout"]["output_bytes"] == by["skopeo-push-layout"]["output_bytes"]
+    # every registry was stopped (by pid): no docker-registry serving the run's configs
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            assert os.fsencode(cache) not in cmdline, cmdline
+    assert sorted(os.listdir(cache)) == [".lock", "quick-v1"]
 
 
 @pytest.mark.slow
