@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from ocilayers import shapes
 from ocilayers.lookup import source_or_image
-from ocilayers.remote import RegistrySource
 from ocilayers.spec import Digest, Platform
 from ocilayers.store import Store, StoreImage
 from ocilayers.transports import open_source
@@ -82,6 +81,7 @@ def unpack(source: str, *, root: str | None = None, ref: str | None = None,
 
     Tags: `tags`, else the source's RepoTags / full-reference ref names (a bare-tag ref name,
     as skopeo writes, names no repository and gives no tag)."""
+    from ocilayers.remote import RegistrySource
     from ocilayers.unpack import unpack_image
 
     store = open_store(root, must_exist=False)

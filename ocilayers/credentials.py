@@ -10,7 +10,6 @@ import base64
 import binascii
 import json
 import os
-import subprocess
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +97,8 @@ def _from_auths(obj: dict[str, Any], host: str, path: str) -> Credentials | None
 
 
 def _helper(name: str, action: str, payload: str) -> str:
+    import subprocess
+
     prog = f"docker-credential-{name}"
     try:
         proc = subprocess.run([prog, action], input=payload.encode(), capture_output=True,

@@ -11,14 +11,16 @@ from __future__ import annotations
 import glob
 import ipaddress
 import os
-import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 from ocilayers.errors import OCILayersError
+
+if TYPE_CHECKING:
+    import ssl
 
 CERTS_D = "/etc/docker/certs.d"
 MAX_REDIRECTS = 10
@@ -55,6 +57,8 @@ def is_loopback(host: str) -> bool:
 def tls_context(host: str, opts: TLSOptions) -> ssl.SSLContext:
     """The system CAs plus the host's own CA files and client certificate, as dockerd reads
     `/etc/docker/certs.d/HOST/` (or `--cert-dir`)."""
+    import ssl
+
     ctx = ssl.create_default_context()
     if not opts.verify:
         ctx.check_hostname = False
@@ -147,8 +151,9 @@ class HttpClient:
         pool = self._pools.get(key)
         if pool is None:
             timeout = urllib3.Timeout(connect=min(self.timeout, 30.0), read=self.timeout)
+            # (blocksize: request bodies go out in 1 MiB writes, not urllib3's 16 KiB)
             kw: dict[str, Any] = {"timeout": timeout, "retries": False, "maxsize": 4,
-                                  "block": False}
+                                  "block": False, "blocksize": 1 << 20}
             if scheme == "https":
                 kw["ssl_context"] = tls_context(host, self.tls)
                 if not self.tls.verify:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 from ocilayers.errors import ImageNotFoundError, OCILayersError, StoreError
-from ocilayers.registry import TRANSPORT
 from ocilayers.sources import TRANSPORTS
+from ocilayers.spec import DOCKER_TRANSPORT
 from ocilayers.store import Store
 
 
@@ -24,7 +24,7 @@ def is_store_name(store: Store, name: str) -> bool:
 
 def source_or_image(store: Store, arg: str) -> str:
     """'source' or 'image'. A name that is both is an error asking which one."""
-    if arg == "-" or arg.startswith((*TRANSPORTS, TRANSPORT)):
+    if arg == "-" or arg.startswith((*TRANSPORTS, DOCKER_TRANSPORT)):
         return "source"
     exists = os.path.exists(arg)
     in_store = is_store_name(store, arg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ from ocilayers.store import Store
 from ocilayers.streams import COMPRESSIONS, sniff
 from ocilayers.transports import open_source
 from ocilayers.writer import RegistryDestination
+
+_UPLOADS = 2  # blobs uploaded at once by a push of a source
 
 
 @dataclass(frozen=True)
@@ -207,13 +210,21 @@ def _copy_image(src: ImageSource, image: Image, d: RegistryDestination) -> tuple
     """An image's blobs, then its manifest by digest; returns (manifest bytes, media type)."""
     if image.manifest_digest is None:
         raise ImageError(f"{src.name}: the image has no manifest to copy")
-    for desc in [image.manifest.config, *image.manifest.layers]:
+    todo = {desc.digest: desc for desc in [image.manifest.config, *image.manifest.layers]}
+
+    def one(desc: Descriptor) -> None:
         if not d.blobs.has_blob(desc.digest):
             f = src.blobs.open_blob(desc.digest)
             try:
                 d.blobs.upload(f, desc.digest, desc.size)
             finally:
                 f.close()
+
+    # Two at a time, biggest first: while the registry checks and stores one blob (its
+    # digest, a rename), the next one is already on its way.
+    with ThreadPoolExecutor(max_workers=_UPLOADS, thread_name_prefix="push") as pool:
+        for _ in pool.map(one, sorted(todo.values(), key=lambda x: -x.size)):
+            pass
     mdesc = Descriptor(image.manifest.media_type, image.manifest_digest, 0)
     raw = (src.read_blob(mdesc, "manifest") if isinstance(src, RegistrySource)
            else _read_all(src, image.manifest_digest))

@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import re
-import ssl
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +23,16 @@ from urllib.parse import urljoin
 from ocilayers.cas import BlobWriter
 from ocilayers.credentials import Credentials, lookup
 from ocilayers.errors import BlobNotFoundError, DigestMismatchError, ImageError, OCILayersError
-from ocilayers.httpclient import HttpClient, HTTPError, Response, TLSOptions, join_query
+from ocilayers.httpclient import (
+    HttpClient,
+    HTTPError,
+    Response,
+    TLSOptions,
+    is_loopback,
+    join_query,
+)
 from ocilayers.spec import (
+    DOCKER_TRANSPORT,
     MEDIA_TYPE_DOCKER_MANIFEST,
     MEDIA_TYPE_DOCKER_MANIFEST_LIST,
     MEDIA_TYPE_OCI_INDEX,
@@ -32,7 +40,7 @@ from ocilayers.spec import (
     Digest,
 )
 
-TRANSPORT = "docker://"
+TRANSPORT = DOCKER_TRANSPORT
 ACCEPT = ", ".join([MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_MANIFEST,
                     MEDIA_TYPE_DOCKER_MANIFEST_LIST])
 MAX_MANIFEST = 4 << 20  # distribution's own limit on a manifest PUT
@@ -171,23 +179,37 @@ class Registry:
         found with one `GET /v2/`, whose challenge says how to authenticate."""
         if self._base is not None:
             return self._base
-        try:
-            resp = self.http.request("GET", f"https://{self.host}/v2/", idempotent=False)
-            self._base = f"https://{self.host}"
-        except HTTPError as exc:
-            cause = str(exc)
-            if not self.http.may_be_plain(self.host) or _is_cert_error(cause):
-                raise RegistryError(f"registry {self.host}: {cause}") from None
+        resp: Response | None = None
+        base = f"https://{self.host}"
+        if is_loopback(self.host):
+            # Loopback may speak plain HTTP: asked first, it costs no TLS set-up (the CA
+            # bundle) when it does; a TLS server answers 400 or drops it, then TLS is used.
             try:
-                resp = self.http.request("GET", f"http://{self.host}/v2/")
-            except HTTPError as exc2:
-                raise RegistryError(f"registry {self.host}: {exc2}") from None
-            self._base = f"http://{self.host}"
+                probe = self.http.request("GET", f"http://{self.host}/v2/", idempotent=False)
+            except HTTPError:
+                probe = None
+            if probe is not None and probe.status in (200, 401):
+                resp, base = probe, f"http://{self.host}"
+            elif probe is not None:
+                probe.close()
+        if resp is None:
+            try:
+                resp = self.http.request("GET", f"https://{self.host}/v2/", idempotent=False)
+            except HTTPError as exc:
+                cause = str(exc)
+                if not self.http.may_be_plain(self.host) or _is_cert_error(cause):
+                    raise RegistryError(f"registry {self.host}: {cause}") from None
+                try:
+                    resp = self.http.request("GET", f"http://{self.host}/v2/")
+                except HTTPError as exc2:
+                    raise RegistryError(f"registry {self.host}: {exc2}") from None
+                base = f"http://{self.host}"
         self.requests += 1
         if resp.status == 401:
             self._scheme = _challenge(resp.header("WWW-Authenticate") or "")
         resp.read(1 << 20)
-        return self._base
+        self._base = base
+        return base
 
     def _authorize(self, scheme: str, params: dict[str, str], scopes: Sequence[str],
                    repo: str | None = None) -> str:
@@ -537,6 +559,8 @@ class RemoteBlob:
         self._resp = resp
 
     def read(self, n: int = -1, /) -> bytes:
+        import ssl
+
         import urllib3
 
         if n < 0:
@@ -679,18 +703,21 @@ class RepoWriter:
         self._mount_from = mount_from
         self.stats = stats or PushStats()
         self._have: set[Digest] = set()
+        self._lock = threading.Lock()  # (stats: blobs may go up from two threads)
 
     def has_blob(self, digest: Digest) -> bool:
         if digest in self._have:
             return True
         if self.reg.blob_size(self.repo, digest) is not None:
-            self._have.add(digest)
-            self.stats.present += 1
+            with self._lock:
+                self._have.add(digest)
+                self.stats.present += 1
             return True
         for other in (self._mount_from(digest) if self._mount_from else ()):
             if other != self.repo and self.reg.mount_blob(self.repo, digest, other):
-                self._have.add(digest)
-                self.stats.mounted += 1
+                with self._lock:
+                    self._have.add(digest)
+                    self.stats.mounted += 1
                 return True
         return False
 
@@ -704,9 +731,10 @@ class RepoWriter:
 
     def upload(self, data: Any, digest: Digest, size: int) -> None:
         self.reg.upload_blob(self.repo, data, digest, size)
-        self._have.add(digest)
-        self.stats.uploaded += 1
-        self.stats.uploaded_bytes += size
+        with self._lock:
+            self._have.add(digest)
+            self.stats.uploaded += 1
+            self.stats.uploaded_bytes += size
 
     @contextlib.contextmanager
     def blob_writer(self) -> Iterator[UploadWriter]:

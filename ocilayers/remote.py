@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 
 from ocilayers.errors import ImageError, RefError
 from ocilayers.registry import (
-    TRANSPORT,
     Registry,
     RegistryBlobs,
     RegistryOptions,
@@ -120,7 +119,3 @@ def open_registry(spec: str, opts: RegistryOptions | None = None
     src = RegistrySource(RemoteRef.parse(spec), opts)
     with src:
         yield src
-
-
-def is_remote(spec: str) -> bool:
-    return spec.startswith(TRANSPORT)

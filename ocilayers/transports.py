@@ -6,15 +6,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from ocilayers.remote import is_remote, open_registry
 from ocilayers.sources import ImageSource
 from ocilayers.sources import open_source as open_file_source
+from ocilayers.spec import DOCKER_TRANSPORT
 
 
 @contextlib.contextmanager
 def open_source(spec: str) -> Iterator[ImageSource]:
     """Open an image source: a registry for `docker://`, else a file source."""
-    if is_remote(spec):
+    if spec.startswith(DOCKER_TRANSPORT):
+        from ocilayers.remote import open_registry  # (urllib3 only when a registry is used)
+
         with open_registry(spec) as src:
             yield src
         return

@@ -10,22 +10,16 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from ocilayers.builder import WrittenImage
 from ocilayers.cas import LayoutWriter
 from ocilayers.errors import ImageError, OCILayersError
 from ocilayers.fsutil import atomic_output
-from ocilayers.registry import (
-    TRANSPORT,
-    PushStats,
-    Registry,
-    RegistryOptions,
-    RemoteRef,
-    RepoWriter,
-)
 from ocilayers.spec import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
+    DOCKER_TRANSPORT,
     IMAGE_FORMATS,
     MEDIA_TYPE_OCI_INDEX,
     Digest,
@@ -33,6 +27,9 @@ from ocilayers.spec import (
     normalize_reference,
     split_reference,
 )
+
+if TYPE_CHECKING:
+    from ocilayers.registry import PushStats, RegistryOptions, RemoteRef
 
 FORMATS = IMAGE_FORMATS
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
@@ -135,6 +132,7 @@ class RegistryDestination:
     def __init__(self, ref: RemoteRef, opts: RegistryOptions | None = None,
                  mount_from: Callable[[Digest], Sequence[str]] | None = None,
                  stats: PushStats | None = None) -> None:
+        from ocilayers.registry import Registry, RepoWriter
         from ocilayers.remote import current_options
 
         self.ref = ref
@@ -167,7 +165,9 @@ def open_destination(out: str, format: str) -> Iterator[LayoutDestination | Regi
     `oci` the target dir must not exist, or be an empty dir. The staging dir is removed when
     the block ends, whatever happens. Errors name `out`, never a temp file. `docker://...`:
     a registry repository (the format is then the manifests' family's business)."""
-    if out.startswith(TRANSPORT):
+    if out.startswith(DOCKER_TRANSPORT):
+        from ocilayers.registry import RemoteRef
+
         reg = RegistryDestination(RemoteRef.parse(out))
         yield reg
         reg.finish()
