@@ -32,6 +32,12 @@ def registry_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 @contextlib.contextmanager
 def registry_context(args: argparse.Namespace) -> Iterator[None]:
+    """The registry options given, for every docker:// the command opens (none given: the
+    defaults, and no registry module is imported by a command that uses none)."""
+    if not any(getattr(args, k, None) for k in ("tls_verify", "cert_dir", "insecure",
+                                               "creds")):
+        yield
+        return
     from ocilayers.httpclient import TLSOptions
     from ocilayers.registry import RegistryOptions
     from ocilayers.remote import use_options
