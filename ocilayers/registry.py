@@ -398,13 +398,9 @@ class Registry:
                              idempotent=True).close()
         return False
 
-    def upload_blob(self, repo: str, data: Any, digest: Digest | None = None,
-                    size: int | None = None) -> tuple[Digest, int]:
-        """Upload the bytes `data` (a readable) gives. With `digest` and `size` known and
-        `monolithic`: POST, then one PUT streaming the body. Else: PATCHes of at most
-        `chunk_size` bytes (Content-Range; the registry's `OCI-Chunk-Min-Length` honoured),
-        each followed to its new Location, then the PUT with the digest. Returns (digest,
-        size) of what was sent."""
+    def start_upload(self, repo: str) -> tuple[str, int]:
+        """POST an upload: (its Location, the chunk size to PATCH in: ours, or the
+        registry's `OCI-Chunk-Min-Length` when larger)."""
         resp = self.request("POST", repo, "blobs/uploads/", actions="pull,push", body=b"",
                             ok=(202,), idempotent=False)
         location = resp.header("Location")
@@ -413,8 +409,17 @@ class Registry:
         if not location:
             raise RegistryError(f"registry {self.host}: repository {repo}: upload started "
                                 "without a Location")
-        url = urljoin(self.base() + "/", location)
+        return (urljoin(self.base() + "/", location),
+                max(self.opts.chunk_size, int(min_chunk) if min_chunk and min_chunk.isdigit()
+                    else 0))
+
+    def upload_blob(self, repo: str, data: Any, digest: Digest | None = None,
+                    size: int | None = None) -> tuple[Digest, int]:
+        """Upload the bytes `data` (a readable) gives. With `digest` and `size` known and
+        `monolithic`: POST, then one PUT streaming the body. Else: through an UploadWriter
+        (PATCHes, then the PUT with the digest). Returns (digest, size) of what was sent."""
         if digest is not None and size is not None and self.opts.monolithic:
+            url, _chunk = self.start_upload(repo)
             hashed = _Hashing(data, size)
             put = self.request("PUT", repo, "", absolute=join_query(url, [("digest",
                                                                           str(digest))]),
@@ -424,25 +429,15 @@ class Registry:
             put.read(1 << 20)
             hashed.check(digest)
             return digest, size
-        chunk = max(self.opts.chunk_size, int(min_chunk) if min_chunk and
-                    min_chunk.isdigit() else 0)
-        h = hashlib.sha256()
-        offset = 0
-        while True:
-            part = _read_full(data, chunk)
-            if not part:
-                break
-            h.update(part)
-            url = self._patch(repo, url, part, offset)
-            offset += len(part)
-        got = Digest("sha256", h.hexdigest())
-        if digest is not None and got != digest:
-            raise DigestMismatchError(f"blob {digest}: the bytes sent hash to {got}")
-        put = self.request("PUT", repo, "", absolute=join_query(url, [("digest", str(got))]),
-                           actions="pull,push", headers={"Content-Length": "0"}, body=b"",
-                           ok=(201, 204), idempotent=False)
-        put.read(1 << 20)
-        return got, offset
+        w = UploadWriter(self, repo)
+        try:
+            while part := _read_full(data, w.chunk):
+                w.write(part)
+            w.digest = digest
+            return w.finish()
+        except BaseException:
+            w.cancel()
+            raise
 
     def _patch(self, repo: str, url: str, part: bytes, offset: int) -> str:
         """Send `part` (bytes `offset`...) of an upload; after a failure, ask the upload's
@@ -635,24 +630,14 @@ class UploadWriter(BlobWriter):
         self._h = hashlib.sha256()
         self._buf = bytearray()
         self._offset = 0
-        resp = reg.request("POST", repo, "blobs/uploads/", actions="pull,push", body=b"",
-                           ok=(202,), idempotent=False)
-        location = resp.header("Location")
-        min_chunk = resp.header("OCI-Chunk-Min-Length")
-        resp.read(1 << 20)
-        if not location:
-            raise RegistryError(f"registry {reg.host}: repository {repo}: upload started "
-                                "without a Location")
-        self._url = urljoin(reg.base() + "/", location)
-        self._chunk = max(reg.opts.chunk_size,
-                          int(min_chunk) if min_chunk and min_chunk.isdigit() else 0)
+        self._url, self.chunk = reg.start_upload(repo)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._h.update(data)
         self._buf += data
-        while len(self._buf) >= self._chunk:
-            part = bytes(self._buf[:self._chunk])
-            del self._buf[:self._chunk]
+        while len(self._buf) >= self.chunk:
+            part = bytes(self._buf[:self.chunk])
+            del self._buf[:self.chunk]
             self._url = self._reg._patch(self._repo, self._url, part, self._offset)
             self._offset += len(part)
         return len(data)
