@@ -94,9 +94,10 @@ def unpack(source: str, *, root: str | None = None, ref: str | None = None,
         result = unpack_image(store, src, image, tags=image.names if tags is None else tags,
                               jobs=jobs, progress=progress)
         if remote is not None:
-            from ocilayers.push import record_pull
+            from ocilayers.unpack import record_pull
 
-            record_pull(store, remote, image, result.image_id)
+            record_pull(store, image, f"{remote.ref.host}/{remote.ref.repo}",
+                        remote.manifest_digest)
         return result
 
 

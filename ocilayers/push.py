@@ -244,18 +244,3 @@ def _read_all(src: ImageSource, digest: Digest) -> bytes:
         return read_verified(f, digest, size, f"manifest {digest}")
     finally:
         f.close()
-
-
-def record_pull(store: Store, src: RegistrySource, image: Image, image_id: Digest) -> None:
-    """After `unpack docker://...`: each layer's blob digest and DiffID, the repository they
-    came from, and the manifest digest as a `repo@sha256:...` name (as dockerd's pull)."""
-    repo = f"{src.ref.host}/{src.ref.repo}"
-    with store.lock():
-        for layer in image.layers:
-            store.distribution.record(layer.diff_id, layer.descriptor.digest, repo,
-                                      layer.descriptor.media_type)
-        digest = src.manifest_digest
-        if digest is not None:
-            store.images.set_tag(f"{repo}@{digest}", image_id)
-
-

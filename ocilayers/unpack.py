@@ -348,3 +348,16 @@ def _build_in_pool(src: ImageSource, image: Image, todo: list[int],
         shared.close()
     register_ready()
     return built
+
+
+def record_pull(store: Store, image: Image, repository: str,
+                manifest_digest: Digest | None) -> None:
+    """After an unpack from a registry: each layer's blob digest, media type and DiffID,
+    the repository (HOST/REPO) they came from, and the manifest digest as a
+    `HOST/REPO@sha256:...` name, as dockerd's pull records them."""
+    with store.lock():
+        for layer in image.layers:
+            store.distribution.record(layer.diff_id, layer.descriptor.digest, repository,
+                                      layer.descriptor.media_type)
+        if manifest_digest is not None:
+            store.images.set_tag(f"{repository}@{manifest_digest}", image.image_id)
