@@ -221,6 +221,9 @@ class HttpClient:
             if not location:
                 raise HTTPError(f"{_shown(url)}: redirect without a Location")
             nxt = urljoin(url, location)
+            if urlsplit(nxt).scheme not in ("http", "https"):
+                raise HTTPError(f"{_shown(url)}: redirect to a {urlsplit(nxt).scheme or 'bare'} "
+                                "URL refused")
             if nxt in seen:
                 raise HTTPError(f"{_shown(url)}: redirect loop")
             seen.append(nxt)

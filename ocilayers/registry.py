@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 from ocilayers.cas import BlobWriter
 from ocilayers.credentials import Credentials, lookup
@@ -268,8 +268,18 @@ class Registry:
         scopes = [f"repository:{repo}:{actions}", *extra_scopes]
         key = " ".join(scopes)
         url = absolute or f"{base}/v2/{repo}/{path}"
+        # A Location (an upload's) on another host gets no credentials of this registry.
+        foreign = absolute is not None and urlsplit(absolute).netloc != self.host
         for attempt in range(2):
             hdrs = dict(headers or {})
+            if foreign:
+                resp = self.http.request(method, url, headers=hdrs, body=body,
+                                         idempotent=idempotent)
+                self.requests += 1
+                if resp.status in ok or resp.status in quiet:
+                    return resp
+                code, msg = _error_detail(resp)
+                return self._fail(method, repo, url, resp.status, code, msg, ok, quiet)
             if key not in self._auth and attempt == 0 and self._scheme is not None and (
                     self._scheme[0] == "bearer" or self.credentials() is not None):
                 # The /v2/ challenge says how: no need to be refused first.

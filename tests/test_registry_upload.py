@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from registry_servers import HostileRegistry, Mode, RegistryServer, unique_repo
 
+from ocilayers.errors import OCILayersError
 from ocilayers.registry import Registry, RegistryOptions
 from ocilayers.spec import Digest
 
@@ -96,3 +97,46 @@ def test_failed_patch_resumes_from_the_registrys_range(hostile_registry: Hostile
     assert len(h.requests_for(repo.name, method="GET", kind="upload")) == 1
     assert _patch_sizes(h, repo.name) == [100_000, 100_000, 50_000, 100_000]
     assert repo.blobs[str(DIGEST)] == DATA
+
+
+def test_upload_location_on_another_host_gets_no_credentials(
+        hostile_registry: HostileRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A registry may point an upload anywhere; its credentials stay with it.
+    h = hostile_registry
+    repo = h.serve("team/elsewhere", Mode.OK, auth="basic", username="u", password="p")
+    real = h._respond
+
+    def respond(hh: Any, rec: Any, status: int, body: bytes = b"",
+                headers: Any = None) -> None:
+        if rec.kind == "upload" and hh.command == "POST" and status == 202:
+            headers = {**(headers or {}), "Location": f"{h.other_url}/upload/1"}
+        real(hh, rec, status, body, headers)
+
+    monkeypatch.setattr(h, "_respond", respond)
+    reg = Registry(h.host, RegistryOptions(creds="u:p"))
+    with pytest.raises(OCILayersError):  # (the other host holds no upload: 404)
+        reg.upload_blob(repo.name, io.BytesIO(DATA), DIGEST, len(DATA))
+    there = h.requests_for(listener="other")
+    assert there, "the upload went to the Location"
+    assert all(r.authorization is None for r in there)
+    assert any(r.authorization for r in h.requests_for(repo.name, kind="upload"))  # (here: yes)
+
+
+def test_redirect_to_a_file_url_is_refused(hostile_registry: HostileRegistry,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    h = hostile_registry
+    repo = h.serve("team/file", Mode.OK)
+    real = h._respond
+
+    def respond(hh: Any, rec: Any, status: int, body: bytes = b"",
+                headers: Any = None) -> None:
+        if rec.kind == "blob" and hh.command == "GET":
+            real(hh, rec, 302, b"", {"Location": "file:///etc/passwd"})
+            return
+        real(hh, rec, status, body, headers)
+
+    monkeypatch.setattr(h, "_respond", respond)
+    reg = Registry(h.host)
+    digest = Digest.parse(next(iter(repo.blobs)))
+    with pytest.raises(OCILayersError, match="redirect to a file URL refused"):
+        reg.open_blob(repo.name, digest, len(repo.blobs[str(digest)])).read()
