@@ -12,7 +12,7 @@ import glob
 import ipaddress
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
@@ -137,7 +137,6 @@ class HttpClient:
         self.backoff = backoff
         self._pools: dict[tuple[str, str], Any] = {}
         self._pid = os.getpid()
-        self._plain: dict[str, bool] = {}  # host -> speaks plain HTTP (learnt on first try)
 
     # -- pools --
 
@@ -162,11 +161,6 @@ class HttpClient:
             pool = self._pools[key] = urllib3.PoolManager(**kw)
         return pool
 
-    def base_url(self, host: str) -> str:
-        """https://HOST, or http://HOST for a loopback or --insecure host that turned out
-        not to speak TLS."""
-        return f"{'http' if self._plain.get(host) else 'https'}://{host}"
-
     def may_be_plain(self, host: str) -> bool:
         return is_loopback(host) or host in self.tls.insecure
 
@@ -174,8 +168,7 @@ class HttpClient:
 
     def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
                 body: Any = None, idempotent: bool | None = None,
-                follow: bool = True, preload: bool = False,
-                on_retry: Callable[[], None] | None = None) -> Response:
+                follow: bool = True, preload: bool = False) -> Response:
         """One request, redirects followed (Authorization dropped on a change of host), an
         idempotent one retried on connection errors, timeouts and 5xx answers."""
         import urllib3
@@ -186,8 +179,6 @@ class HttpClient:
         for attempt in range(attempts):
             if attempt:
                 time.sleep(self.backoff * (2 ** (attempt - 1)))
-                if on_retry is not None:
-                    on_retry()
             try:
                 resp = self._follow(method, url, headers or {}, body, follow, preload)
             except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -234,9 +225,6 @@ class HttpClient:
                 method, body = "GET", None
             url = nxt
         raise HTTPError(f"{_shown(url)}: more than {MAX_REDIRECTS} redirects (a redirect loop)")
-
-    def learn_plain(self, host: str, plain: bool) -> None:
-        self._plain[host] = plain
 
     def close(self) -> None:
         for pool in self._pools.values():

@@ -141,7 +141,7 @@ def _known_blob(d: RegistryDestination, store: Store, diff_id: Digest,
             continue
         if not d.blobs.has_blob(digest):
             continue
-        size = d.registry.blob_size(target.repo, digest)
+        size = d.blobs.size_of(digest)
         if size is None or size < 0:
             continue
         media = store.distribution.media_type_of(digest)
@@ -225,22 +225,10 @@ def _copy_image(src: ImageSource, image: Image, d: RegistryDestination) -> tuple
     with ThreadPoolExecutor(max_workers=_UPLOADS, thread_name_prefix="push") as pool:
         for _ in pool.map(one, sorted(todo.values(), key=lambda x: -x.size)):
             pass
-    mdesc = Descriptor(image.manifest.media_type, image.manifest_digest, 0)
-    raw = (src.read_blob(mdesc, "manifest") if isinstance(src, RegistrySource)
-           else _read_all(src, image.manifest_digest))
+    # (a registry reads manifests by digest; a layout keeps them as blobs of their own size)
+    size = 0 if isinstance(src, RegistrySource) else src.blobs.blob_size(image.manifest_digest)
+    raw = src.read_blob(Descriptor(image.manifest.media_type, image.manifest_digest, size or 0),
+                        "manifest")
     d.registry.put_manifest(d.ref.repo, str(image.manifest_digest), raw,
                             image.manifest.media_type)
     return raw, image.manifest.media_type
-
-
-def _read_all(src: ImageSource, digest: Digest) -> bytes:
-    size = src.blobs.blob_size(digest)
-    if size is None:
-        raise ImageError(f"{src.name}: manifest {digest} is missing")
-    from ocilayers.streams import read_verified
-
-    f = src.blobs.open_blob(digest)
-    try:
-        return read_verified(f, digest, size, f"manifest {digest}")
-    finally:
-        f.close()

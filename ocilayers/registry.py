@@ -17,7 +17,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urljoin, urlsplit
 
 from ocilayers.cas import BlobWriter
@@ -279,7 +279,7 @@ class Registry:
                 if resp.status in ok or resp.status in quiet:
                     return resp
                 code, msg = _error_detail(resp)
-                return self._fail(method, repo, url, resp.status, code, msg, ok, quiet)
+                self._fail(method, repo, url, resp.status, code, msg)
             if key not in self._auth and attempt == 0 and self._scheme is not None and (
                     self._scheme[0] == "bearer" or self.credentials() is not None):
                 # The /v2/ challenge says how: no need to be refused first.
@@ -294,19 +294,19 @@ class Registry:
                 scheme, params = _challenge(resp.header("WWW-Authenticate") or "")
                 resp.read(1 << 20)
                 if params.get("error") == "insufficient_scope" and key in self._auth:
-                    return self._fail(method, repo, url, 401, "INSUFFICIENT_SCOPE",
-                                      "insufficient scope", ok, quiet)
+                    self._fail(method, repo, url, 401, "INSUFFICIENT_SCOPE",
+                               "insufficient scope")
                 self._auth[key] = self._authorize(scheme, params, scopes, repo)
                 continue
             if resp.status in ok or resp.status in quiet:
                 return resp
             code, msg = _error_detail(resp)
-            return self._fail(method, repo, url, resp.status, code, msg, ok, quiet)
+            self._fail(method, repo, url, resp.status, code, msg)
         raise RegistryError(f"registry {self.host}: repository {repo}: {method} {path}: "
                             "still unauthorized with new credentials", 401, "UNAUTHORIZED")
 
     def _fail(self, method: str, repo: str, url: str, status: int, code: str | None,
-              msg: str, ok: Sequence[int], quiet: Sequence[int]) -> Response:
+              msg: str) -> NoReturn:
         raise RegistryError(f"registry {self.host}: repository {repo}: {method} "
                             f"{url.split('?', 1)[0].split('/v2/', 1)[-1]}: HTTP {status}"
                             f"{' ' + code if code else ''}{': ' + msg if msg else ''}",
@@ -359,12 +359,6 @@ class Registry:
                              f"{reference} is not JSON") from None
         return data, str(media), digest
 
-    def has_manifest(self, repo: str, reference: str) -> bool:
-        resp = self.request("HEAD", repo, f"manifests/{reference}", headers={"Accept": ACCEPT},
-                            quiet=(404,))
-        resp.close()
-        return resp.status == 200
-
     def put_manifest(self, repo: str, reference: str, data: bytes, media_type: str) -> None:
         resp = self.request("PUT", repo, f"manifests/{reference}", actions="pull,push",
                             headers={"Content-Type": media_type}, body=data, ok=(200, 201, 202,
@@ -402,11 +396,14 @@ class Registry:
         if resp.status == 201:
             return True
         if location:  # a 202 opened an upload: cancel it
-            with contextlib.suppress(RegistryError):
-                self.request("DELETE", repo, "", absolute=urljoin(self.base() + "/", location),
-                             actions="pull,push", ok=(204,), quiet=(200, 202, 404, 405),
-                             idempotent=True).close()
+            self.cancel_upload(repo, urljoin(self.base() + "/", location))
         return False
+
+    def cancel_upload(self, repo: str, url: str) -> None:
+        """DELETE an upload that will not be finished (best effort: it expires anyway)."""
+        with contextlib.suppress(RegistryError, HTTPError):
+            self.request("DELETE", repo, "", absolute=url, actions="pull,push", ok=(204,),
+                         quiet=(200, 202, 404, 405), idempotent=True).close()
 
     def start_upload(self, repo: str) -> tuple[str, int]:
         """POST an upload: (its Location, the chunk size to PATCH in: ours, or the
@@ -622,13 +619,6 @@ class RegistryBlobs:
 
     def close(self) -> None:
         self.reg.http.close()
-
-
-def iter_chunks(blob: Any, n: int = 1 << 20) -> Iterator[bytes]:
-    while data := blob.read(n):
-        yield data
-
-
 class UploadWriter(BlobWriter):
     """A blob uploaded as it is written (the builder's BlobWriter for a registry): PATCHes of
     `chunk_size` bytes, then the PUT with the digest the writer sets at the end."""
@@ -671,10 +661,7 @@ class UploadWriter(BlobWriter):
         return got, self._offset
 
     def cancel(self) -> None:
-        with contextlib.suppress(RegistryError, HTTPError):
-            self._reg.request("DELETE", self._repo, "", absolute=self._url,
-                              actions="pull,push", ok=(204,), quiet=(200, 202, 404, 405),
-                              idempotent=True).close()
+        self._reg.cancel_upload(self._repo, self._url)
 
 
 @dataclass
@@ -698,14 +685,17 @@ class RepoWriter:
         self._mount_from = mount_from
         self.stats = stats or PushStats()
         self._have: set[Digest] = set()
+        self._sizes: dict[Digest, int] = {}  # what the HEADs said
         self._lock = threading.Lock()  # (stats: blobs may go up from two threads)
 
     def has_blob(self, digest: Digest) -> bool:
         if digest in self._have:
             return True
-        if self.reg.blob_size(self.repo, digest) is not None:
+        size = self.reg.blob_size(self.repo, digest)
+        if size is not None:
             with self._lock:
                 self._have.add(digest)
+                self._sizes[digest] = size
                 self.stats.present += 1
             return True
         for other in (self._mount_from(digest) if self._mount_from else ()):
@@ -715,6 +705,12 @@ class RepoWriter:
                     self.stats.mounted += 1
                 return True
         return False
+
+    def size_of(self, digest: Digest) -> int | None:
+        """The size of a blob the repository has (a HEAD only when none was made yet)."""
+        if digest in self._sizes:
+            return self._sizes[digest]
+        return self.reg.blob_size(self.repo, digest)
 
     def put_blob(self, data: bytes) -> Digest:
         import io
@@ -740,6 +736,7 @@ class RepoWriter:
         except BaseException:
             w.cancel()
             raise
-        self._have.add(digest)
-        self.stats.uploaded += 1
-        self.stats.uploaded_bytes += size
+        with self._lock:
+            self._have.add(digest)
+            self.stats.uploaded += 1
+            self.stats.uploaded_bytes += size
