@@ -253,8 +253,7 @@ def scan_tar_split(path: str, counts: ScanCounts | None = None, *,
     try:
         return _fast_tar_split(path, counts, keep_raw)
     except _Unusual:
-        entries = list(scan_records(open_records(path), keep_headers=keep_raw, counts=counts))
-        return entries
+        return list(scan_records(open_records(path), keep_headers=keep_raw, counts=counts))
 
 
 def _fast_tar_split(path: str, counts: ScanCounts | None, keep_raw: bool) -> list[Entry]:
@@ -333,18 +332,8 @@ def _fast_tar_split(path: str, counts: ScanCounts | None, keep_raw: bool) -> lis
 
 
 def _header_entry(hdr: bytes) -> tuple[Entry | None, int]:
-    """The entry of one entry's header bytes, and how many data bytes follow them."""
-    if len(hdr) == BLOCK:
-        typeflag = hdr[156:157]
-        raw_size = hdr[124:136]
-        if typeflag not in _EXTENSION_TYPES and raw_size[0] < 0x80:
-            name = hdr[0:100].split(b"\0", 1)[0]
-            if hdr[257:263] == b"ustar\0" and hdr[345] != 0:
-                name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
-            size = int(raw_size.strip(b" \0") or b"0", 8)
-            link = hdr[157:257].split(b"\0", 1)[0] if typeflag == LNK else b""
-            data = 0 if typeflag in _NO_DATA else size
-            return _entry(name, typeflag, size, link, None), data
+    """The entry of header bytes that are not one plain USTAR block (PAX or GNU extension
+    headers first), read with the tar reader, and how many data bytes follow them."""
     if hdr[156:157] == PAX_GLOBAL:
         raise _Unusual
     reader = TarReader(io.BytesIO(hdr))
