@@ -50,7 +50,7 @@ class Forked(Generic[T]):
             self.close()
         if not parts:
             raise RuntimeError("a forked worker died without a result")
-        ok, value = pickle.loads(b"".join(parts))
+        ok, value, _tb = pickle.loads(b"".join(parts))
         if not ok:
             raise value
         return value  # type: ignore[no-any-return]
@@ -74,29 +74,52 @@ class Forked(Generic[T]):
         self.close()
 
 
+def start_child(parent: int) -> None:
+    """First thing in a forked child: Ctrl-C is the parent's to handle, the child dies with
+    the parent (prctl PR_SET_PDEATHSIG), and a parent already gone ends it at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def pickled_error(exc: BaseException) -> bytes:
+    """(False, exc, traceback text), pickled; an error that does not survive pickling is
+    sent as an OCILayersError with its text and notes."""
+    import traceback
+
+    from ocilayers.errors import OCILayersError
+
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        payload = pickle.dumps((False, exc, tb), pickle.HIGHEST_PROTOCOL)
+        pickle.loads(payload)
+        return payload
+    except Exception:
+        plain = OCILayersError(f"{type(exc).__name__}: {exc}")
+        for note in getattr(exc, "__notes__", None) or []:
+            plain.add_note(str(note))
+        return pickle.dumps((False, plain, tb), pickle.HIGHEST_PROTOCOL)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _child(fn: Callable[[], object], wfd: int, parent: int) -> NoReturn:
     status = 1
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # die with the parent
-        if os.getppid() != parent:
-            os._exit(1)
+        start_child(parent)
         try:
-            payload = pickle.dumps((True, fn()), pickle.HIGHEST_PROTOCOL)
+            payload = pickle.dumps((True, fn(), ""), pickle.HIGHEST_PROTOCOL)
         except BaseException as exc:
-            try:
-                payload = pickle.dumps((False, exc), pickle.HIGHEST_PROTOCOL)
-                pickle.loads(payload)
-            except Exception:
-                from ocilayers.errors import OCILayersError
-
-                payload = pickle.dumps((False, OCILayersError(f"{type(exc).__name__}: {exc}")))
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(wfd, view):]
+            payload = pickled_error(exc)
+        write_all(wfd, payload)
         status = 0
     finally:
         os._exit(status)

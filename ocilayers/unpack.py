@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from ocilayers.errors import ImageError, OCILayersError, StoreError
+from ocilayers.forking import pickled_error, start_child, write_all
 from ocilayers.sources import Image, ImageSource, Layer
 from ocilayers.spec import Digest, normalize_reference
 from ocilayers.store import MAX_DEPTH, LayerRecord, Staging, Store
@@ -72,17 +73,9 @@ def _worker_main(src: ImageSource, layer: Layer, staging: Staging, counters: mem
     status = 1
     try:
         # The parent handles Ctrl-C and cleans up; the handler the child was born with may
-        # be the parent's "hold it" one (see _start_worker), so this comes first.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # Die with the parent: a killed unpack must leave no writer behind (prctl
-        # PR_SET_PDEATHSIG); a parent already gone before that is caught by the ppid check.
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:
-            os._exit(1)
+        # be the parent's "hold it" one (see _start_worker), so this comes first. A killed
+        # unpack must leave no writer behind: the child dies with its parent.
+        start_child(parent_pid)
         for fd in close_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -98,31 +91,11 @@ def _worker_main(src: ImageSource, layer: Layer, staging: Staging, counters: mem
             payload = pickle.dumps((True, build_layer(src, layer, staging, progress)),
                                    pickle.HIGHEST_PROTOCOL)
         except BaseException as exc:
-            payload = _pickled_error(exc)
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(wfd, view):]
+            payload = pickled_error(exc)
+        write_all(wfd, payload)
         status = 0
     finally:
         os._exit(status)
-
-
-def _pickled_error(exc: BaseException) -> bytes:
-    """(False, exc, traceback text), pickled; an error that does not survive pickling is
-    sent as an OCILayersError with its text and notes."""
-    import pickle
-    import traceback
-
-    tb = "".join(traceback.format_exception(exc))
-    try:
-        payload = pickle.dumps((False, exc, tb), pickle.HIGHEST_PROTOCOL)
-        pickle.loads(payload)
-        return payload
-    except Exception:
-        plain = OCILayersError(f"{type(exc).__name__}: {exc}")
-        for note in getattr(exc, "__notes__", None) or []:
-            plain.add_note(str(note))
-        return pickle.dumps((False, plain, tb), pickle.HIGHEST_PROTOCOL)
 
 
 @dataclass
