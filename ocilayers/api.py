@@ -8,6 +8,7 @@ in `ocilayers.shapes`."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -88,8 +89,9 @@ def unpack(source: str, *, root: str | None = None, ref: str | None = None,
     with open_source(source) as src:
         remote = src if isinstance(src, RegistrySource) else None
         if remote is not None and store.exists():  # a config the store has: no request
-            remote.config_cache = lambda d: (store.images.config_bytes(d)
-                                          if d in store.images.ids() else None)
+            remote.config_cache = lambda d: (
+                store.images.config_bytes(d)
+                if os.path.exists(store.layout.image_content(d)) else None)
         image = src.resolve(ref, platform)
         result = unpack_image(store, src, image, tags=image.names if tags is None else tags,
                               jobs=jobs, progress=progress)
