@@ -5,17 +5,14 @@ squash baseline). Rebuilt when the image it was made from is rebuilt."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
 import subprocess
-import tempfile
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from inputs import BenchImage, layer_blobs, log, ocilayers_argv, publish, remove_tree
+from inputs import BenchImage, ensure_derived, layer_blobs, log, ocilayers_argv
 from pack_inputs import upper_stats
 
 GROWTH_RECIPE = "v1"  # bump when what the input holds changes
@@ -39,38 +36,12 @@ class GrowthInput:
         return os.path.join(self.dir, "flat")
 
 
-def _image_key(img: BenchImage) -> str:
-    with open(os.path.join(img.gzip_dir, "index.json"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def ensure_growth_input(kind: str, cache: str, img: BenchImage) -> tuple[GrowthInput, bool]:
     """The cached growth input for image `img` (built first if missing or made from another
     build of the image). The flag says whether a build ran."""
-    final = os.path.join(cache, f"growth-{kind}-{GROWTH_RECIPE}")
-    meta_path = os.path.join(final, "meta.json")
-    key = _image_key(img)
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("image_index_sha256") == key:
-            return GrowthInput(final, meta, img), False
-        log(f"{final} was made from another build of the image: rebuilding it")
-    if os.path.exists(final):
-        remove_tree(final)
-    scratch = tempfile.mkdtemp(prefix=f".build-growth-{kind}-", dir=cache)
-    os.chmod(scratch, 0o755)
-    t0 = time.monotonic()
-    try:
-        meta = _build(kind, scratch, img)
-        meta["image_index_sha256"] = key
-        meta["build_seconds"] = round(time.monotonic() - t0, 1)
-        publish(scratch, meta, final)
-    except BaseException:
-        remove_tree(scratch)
-        raise
-    with open(meta_path) as f:
-        return GrowthInput(final, json.load(f), img), True
+    final, meta, built = ensure_derived(f"growth-{kind}-{GROWTH_RECIPE}", cache, img,
+                                        lambda scratch: _build(kind, scratch, img))
+    return GrowthInput(final, meta, img), built
 
 
 def _build(kind: str, scratch: str, img: BenchImage) -> dict[str, Any]:

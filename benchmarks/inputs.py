@@ -605,6 +605,41 @@ def publish(build_dir: str, meta: dict[str, Any], final: str) -> None:
     os.rename(build_dir, final)
 
 
+def ensure_derived(name: str, cache: str, img: BenchImage,
+                   build: Callable[[str], dict[str, Any]]) -> tuple[str, dict[str, Any], bool]:
+    """A cached input derived from the benchmark image `img`: `CACHE/NAME`, built by
+    `build(scratch_dir) -> meta` when missing or made from another build of the image
+    (told apart by the image's index.json), and published whole. Returns (dir, meta,
+    whether a build ran)."""
+    import hashlib
+
+    final = os.path.join(cache, name)
+    meta_path = os.path.join(final, "meta.json")
+    with open(os.path.join(img.gzip_dir, "index.json"), "rb") as f:
+        key = hashlib.sha256(f.read()).hexdigest()
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("image_index_sha256") == key:
+            return final, meta, False
+        log(f"{final} was made from another build of the image: rebuilding it")
+    if os.path.exists(final):
+        remove_tree(final)
+    scratch = tempfile.mkdtemp(prefix=f".build-{name}-", dir=cache)
+    os.chmod(scratch, 0o755)
+    t0 = time.monotonic()
+    try:
+        meta = build(scratch)
+        meta["image_index_sha256"] = key
+        meta["build_seconds"] = round(time.monotonic() - t0, 1)
+        publish(scratch, meta, final)
+    except BaseException:
+        remove_tree(scratch)
+        raise
+    with open(meta_path) as f:
+        return final, json.load(f), True
+
+
 def remove_tree(path: str) -> None:
     """rm -rf, but never through a mount point left inside (a bind of /dev, /proc...)."""
     if not os.path.lexists(path):

@@ -16,17 +16,14 @@ How it is made (the way `docker build` / `docker commit` make a layer):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
 import subprocess
-import tempfile
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from inputs import BenchImage, log, ocilayers_argv, overlay, publish, remove_tree, run
+from inputs import BenchImage, ensure_derived, log, ocilayers_argv, overlay, remove_tree, run
 
 PACK_RECIPE = "v1"  # bump when a change script changes
 
@@ -110,38 +107,12 @@ class PackInput:
                 for c in reversed(self.meta["lower_cache_ids"])]
 
 
-def _image_key(img: BenchImage) -> str:
-    with open(os.path.join(img.gzip_dir, "index.json"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def ensure_pack_input(kind: str, cache: str, img: BenchImage) -> tuple[PackInput, bool]:
     """The cached pack input for image `img` (built first if missing or made from another
     build of the image). The flag says whether a build ran."""
-    final = os.path.join(cache, f"pack-{kind}-{PACK_RECIPE}")
-    meta_path = os.path.join(final, "meta.json")
-    key = _image_key(img)
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("image_index_sha256") == key:
-            return PackInput(final, meta, img), False
-        log(f"{final} was made from another build of the image: rebuilding it")
-    if os.path.exists(final):
-        remove_tree(final)
-    scratch = tempfile.mkdtemp(prefix=f".build-pack-{kind}-", dir=cache)
-    os.chmod(scratch, 0o755)
-    t0 = time.monotonic()
-    try:
-        meta = _build(kind, scratch, img)
-        meta["image_index_sha256"] = key
-        meta["build_seconds"] = round(time.monotonic() - t0, 1)
-        publish(scratch, meta, final)
-    except BaseException:
-        remove_tree(scratch)
-        raise
-    with open(meta_path) as f:
-        return PackInput(final, json.load(f), img), True
+    final, meta, built = ensure_derived(f"pack-{kind}-{PACK_RECIPE}", cache, img,
+                                        lambda scratch: _build(kind, scratch, img))
+    return PackInput(final, meta, img), built
 
 
 def _build(kind: str, scratch: str, img: BenchImage) -> dict[str, Any]:
