@@ -13,18 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ocilayers.builder import (
-    BlobInput,
     ImageBuilder,
     LayerInput,
     ProgressFn,
     WrittenImage,
     check_family,
 )
-from ocilayers.cas import Blob
 from ocilayers.errors import OCILayersError, TarError
+from ocilayers.export import source_blobs
 from ocilayers.spec import (
     MANIFEST_FAMILIES,
-    Descriptor,
     HistoryEntry,
     Platform,
     created_time,
@@ -170,14 +168,8 @@ def append_image(source: str, out: str, opts: AppendOptions, *, ref: str | None 
         check_family(family, opts.compression if opts.layers else "gzip",
                      [layer.descriptor for layer in image.layers], "--manifest oci")
         builder = ImageBuilder.from_config(image.config.raw)
-        blob_path = getattr(src.blobs, "blob_path", None)
-        def blob(d: Descriptor) -> Callable[[], AbstractContextManager[Blob]]:
-            return lambda: contextlib.closing(src.blobs.open_blob(d.digest))
-
-        for base_layer in image.layers:
-            d = base_layer.descriptor
-            builder.keep_layer(BlobInput(d, base_layer.diff_id, blob(d),
-                                         blob_path(d.digest) if blob_path else None))
+        for kept in source_blobs(src, image):
+            builder.keep_layer(kept)
         for new in opts.layers:
             builder.add_layer(LayerInput(None, _layer_opener(new, opts)), HistoryEntry(
                 created=created, created_by=opts.created_by or new.created_by,

@@ -19,6 +19,7 @@ from ocilayers.builder import (
     WrittenImage,
     verified,
 )
+from ocilayers.cas import Blob
 from ocilayers.errors import ImageError, OCILayersError
 from ocilayers.sources import Image, ImageSource, Layer
 from ocilayers.spec import Descriptor, Digest, Platform, normalize_reference, split_reference
@@ -34,6 +35,19 @@ def source_layers(src: ImageSource, image: Image) -> list[LayerInput]:
         return lambda: verified(lambda: src.open_layer(layer, readahead=True))
 
     return [LayerInput(layer.diff_id, opener(layer)) for layer in image.layers]
+
+
+def source_blobs(src: ImageSource, image: Image) -> list[BlobInput]:
+    """The image's layer blobs as builder inputs copied as they are (same digest); where the
+    source keeps a blob as a whole file, its path, so a destination may link it."""
+    blob_path = getattr(src.blobs, "blob_path", None)
+
+    def opener(d: Descriptor) -> Callable[[], AbstractContextManager[Blob]]:
+        return lambda: contextlib.closing(src.blobs.open_blob(d.digest))
+
+    return [BlobInput(layer.descriptor, layer.diff_id, opener(layer.descriptor),
+                      blob_path(layer.descriptor.digest) if blob_path else None)
+            for layer in image.layers]
 
 
 def store_layers(store: Store, img: StoreImage) -> list[LayerInput]:

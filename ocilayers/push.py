@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ocilayers.builder import BlobInput, ImageBuilder, ProgressFn, check_family
 from ocilayers.cas import Blob
 from ocilayers.errors import ImageError, OCILayersError
-from ocilayers.export import source_layers, store_layers
+from ocilayers.export import source_blobs, source_layers, store_layers
 from ocilayers.lookup import source_or_image
 from ocilayers.registry import PushStats, RemoteRef
 from ocilayers.remote import RegistrySource
@@ -73,23 +73,15 @@ def push(arg: str, dest: str, *, root: str | None = None, ref: str | None = None
                      [layer.descriptor for layer in image.layers], "--format oci")
         stats = PushStats()
         builder = ImageBuilder.from_config(image.config.raw)
-        if compression is None:
-            for layer in image.layers:
-                builder.keep_layer(BlobInput(layer.descriptor, layer.diff_id,
-                                             _opener(src, layer.descriptor)))
-        else:
-            for rebuilt in source_layers(src, image):
-                builder.keep_layer(rebuilt)
+        for layer in (source_blobs(src, image) if compression is None
+                      else source_layers(src, image)):
+            builder.keep_layer(layer)
         d = RegistryDestination(target, stats=stats, mount_from=_same_registry(src, target))
         written = builder.write(d, compression=compression or "gzip", family=fam,
                                 progress=progress)
         d.finish()
         return PushResult(str(target), written.manifest.digest, written.config.digest, stats,
                           written.manifest.media_type)
-
-
-def _opener(src: ImageSource, desc: Descriptor) -> Callable[[], AbstractContextManager[Blob]]:
-    return lambda: contextlib.closing(src.blobs.open_blob(desc.digest))
 
 
 def _same_registry(src: ImageSource, target: RemoteRef

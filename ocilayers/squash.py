@@ -16,16 +16,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
-from ocilayers.builder import BlobInput, ImageBuilder, LayerInput, ProgressFn, WrittenImage
-from ocilayers.cas import Blob
+from ocilayers.builder import ImageBuilder, LayerInput, ProgressFn, WrittenImage
 from ocilayers.errors import ImageError, OCILayersError
-from ocilayers.export import store_layers
+from ocilayers.export import source_blobs, store_layers
 from ocilayers.growth import Merge
 from ocilayers.history import ScannedImage, merge_layers, scanned
 from ocilayers.layerscan import Entry, spool
 from ocilayers.lookup import source_or_image
 from ocilayers.spec import (
-    Descriptor,
     Digest,
     HistoryEntry,
     ImageConfig,
@@ -264,15 +262,8 @@ def _write_out(scan: ScannedImage, builder: ImageBuilder, keep: int, new: LayerI
         src, image = scan.source, scan.image
         assert src is not None and image is not None
         family = manifest_family(image.manifest.media_type)
-        blob_path = getattr(src.blobs, "blob_path", None)
-
-        def blob(d: Descriptor) -> Callable[[], AbstractContextManager[Blob]]:
-            return lambda: contextlib.closing(src.blobs.open_blob(d.digest))
-
-        for layer in image.layers[:keep]:
-            d = layer.descriptor
-            builder.keep_layer(BlobInput(d, layer.diff_id, blob(d),
-                                         blob_path(d.digest) if blob_path else None))
+        for kept in source_blobs(src, image)[:keep]:
+            builder.keep_layer(kept)
     builder.add_layer(new, merge)
     with open_destination(opts.out, opts.format) as dest:
         return builder.write(dest, compression=opts.compression, tags=opts.tags,
