@@ -48,6 +48,7 @@ def crc64(data: bytes | memoryview, crc: int = 0) -> int:
 # Go's encoding/json string escaping (as of the Go that builds Debian's dockerd and
 # tar-split): \" \\ \n \r \t; other control characters, <, >, & and U+2028/2029 as \u00XX.
 _GO_ESCAPE = re.compile('["\\\\\x00-\x1f<>&\u2028\u2029]')
+_PLAIN_NAME = re.compile(rb'[^"\\\x00-\x1f<>&\x7f-\xff]*')
 _GO_SHORT = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -97,6 +98,12 @@ class TarSplitWriter:
             self._write_batch()
 
     def _file_record(self, e: TarEntry) -> bytes:
+        if _PLAIN_NAME.fullmatch(e.name) is not None:  # ASCII, nothing to escape: as it is
+            if e.size > 0:
+                return b'{"type":1,"name":"%s","size":%d,"payload":"%s","position":%d}' % (
+                    e.name, e.size, b2a_base64(self._crc.to_bytes(8, "big"), newline=False),
+                    self._pos)
+            return b'{"type":1,"name":"%s","payload":null,"position":%d}' % (e.name, self._pos)
         try:
             name = e.name.decode("utf-8")
         except UnicodeDecodeError:
@@ -119,13 +126,24 @@ class TarSplitWriter:
         self._pending = 0
 
     def on_entry(self, entry: TarEntry) -> Callable[[bytes], None]:
-        self._flush()
+        e = self._entry
+        if e is not None and self._raw and self._pending < _BATCH:
+            # (what _flush does, for the usual case: one frame less per entry)
+            line = self._file_record(e)
+            seg = b'{"type":2,"payload":"%s","position":%d}' % (
+                b2a_base64(self._raw, newline=False), self._pos + 1)
+            self._lines += (line, seg)
+            self._pending += len(line) + len(seg)
+            self._pos += 2
+            self._raw.clear()
+        else:
+            self._flush()
         self._entry = entry
         self._crc = 0
         return self._data
 
     def _data(self, chunk: bytes) -> None:
-        self._crc = crc64(chunk, self._crc)
+        self._crc = _CRC.calc(chunk, self._crc)
 
     def end_of_archive(self) -> None:
         """The tar reader stopped: the last padding and the end blocks form one segment."""

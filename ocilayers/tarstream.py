@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from zlib import adler32
@@ -107,6 +108,11 @@ def parse_number(field_bytes: bytes, what: str = "number") -> int:
 # zero-padded octal ending in NUL (the checksum in NUL, space). Such a header takes the fast
 # path (int() on the digits, nothing to validate); anything else goes through parse_number.
 _CANONICAL_NUMBERS = re.compile(rb"(?:[0-7]{7}\0){3}(?:[0-7]{11}\0){2}[0-7]{6}\0 ")
+
+
+# A USTAR header's fields, in order (the last 12 bytes are padding).
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
+_FAST_TYPES = frozenset((REG, AREG, DIR, SYM, LNK))
 
 
 def _cstr(b: bytes) -> bytes:
@@ -213,11 +219,16 @@ class TarReader:
         self._left = 0
 
     def _finish_entry(self) -> None:
-        self.skip_data()
+        if self._left > 0:
+            self.skip_data()
         if self._pad:
+            got = self._read(self._pad)
+            if len(got) == self._pad:  # the usual case: the whole padding at once
+                self._raw(got)
+                self._pad = 0
+                return
             # The last entry's padding may be missing altogether (umoci 0.4.7 `insert` writes
             # such layers; dockerd and umoci read them): EOF here is a clean end.
-            got = b""
             while len(got) < self._pad:
                 more = self._read(self._pad - len(got))
                 if not more:
@@ -249,13 +260,47 @@ class TarReader:
             yield entry
 
     def _next_header(self) -> TarEntry | None:
+        block = self._read(BLOCK)
+        if len(block) == BLOCK and block[156:157] in _FAST_TYPES:
+            entry = self._fast_entry(block)
+            if entry is not None:
+                return entry
+        return self._slow_header(block)
+
+    def _fast_entry(self, block: bytes) -> TarEntry | None:
+        """The usual header, alone: a file, dir, symlink or hardlink in USTAR (or old GNU)
+        form with canonical octal numbers and no extension header before it. None for
+        anything else (then the general path decides, errors included)."""
+        if _CANONICAL_NUMBERS.match(block, 100) is None:
+            return None
+        if not _checksum_ok(block, int(block[148:154], 8)):
+            return None
+        (name, mode, uid, gid, size, mtime, _sum, typeflag, linkname, magic, _version,
+         uname, gname, _major, _minor, prefix) = _USTAR.unpack(block)
+        name = name.partition(b"\0")[0]
+        if magic == b"ustar\0" and prefix[0]:
+            name = prefix.partition(b"\0")[0] + b"/" + name
+        if not name:
+            return None
+        self._raw(block)
+        return TarEntry(name, typeflag, int(mode[:7], 8) & 0o7777, int(uid[:7], 8),
+                        int(gid[:7], 8), int(size[:11], 8), int(mtime[:11], 8) * 1_000_000_000,
+                        linkname.partition(b"\0")[0] if linkname[0] else b"", 0, 0,
+                        uname.partition(b"\0")[0].decode("utf-8", "replace") if uname[0] else "",
+                        gname.partition(b"\0")[0].decode("utf-8", "replace") if gname[0] else "",
+                        {}, {}, block)
+
+    def _slow_header(self, block: bytes) -> TarEntry | None:
         raw: list[bytes] = []
         pax: dict[bytes, bytes] = {}
         long_name: bytes | None = None
         long_link: bytes | None = None
         held = 0  # bytes of extension headers read for this entry
+        first = True
         while True:
-            block = self._read(BLOCK)
+            if not first:
+                block = self._read(BLOCK)
+            first = False
             if len(block) < BLOCK:
                 if not block:
                     if raw:
