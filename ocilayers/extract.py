@@ -25,14 +25,42 @@ from dataclasses import dataclass
 from typing import Any
 
 from ocilayers.errors import ImageError, UnsafeEntryError
+from ocilayers.filewriters import (
+    FILE_FLAGS,
+    HANDOFF_MAX,
+    FileWriters,
+    set_file_meta,
+    set_xattrs,
+    try_chown,
+    write_data,
+)
 from ocilayers.fsutil import DIR_FLAGS, remove_at
-from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, PAX_GLOBAL, SYM, TarEntry, TarReader
-from ocilayers.whiteout import TRUSTED, OverlayFormat, classify, escape_xattr, is_whiteout_stat
+from ocilayers.tarstream import (
+    AREG,
+    BLK,
+    CHR,
+    CONT,
+    DIR,
+    FIFO,
+    LNK,
+    PAX_GLOBAL,
+    REG,
+    SYM,
+    TarEntry,
+    TarReader,
+)
+from ocilayers.whiteout import (
+    TRUSTED,
+    WHITEOUT_PREFIX,
+    OverlayFormat,
+    classify,
+    is_whiteout_stat,
+)
 
 MODES = ("overlay", "delete")
 _FD_CACHE = 64  # dir fds kept open: a layer's dirs are mostly visited depth first
 _PATH_MAX = 4095  # Linux PATH_MAX (4096) less the NUL
-_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_TYPES = (REG, AREG, CONT)
 
 # on_entry(entry) may return a callable that then receives each chunk of the entry's data.
 DataSink = Callable[[bytes], None]
@@ -63,7 +91,8 @@ def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
                 fmt: OverlayFormat | None = None, on_entry: EntryHook | None = None,
                 on_raw: Callable[[bytes], None] | None = None,
                 lowers: Sequence[str | bytes] | None = None,
-                defer_root_opaque: bool = False) -> LayerStats:
+                defer_root_opaque: bool = False,
+                writers: FileWriters | None = None) -> LayerStats:
     """Apply the (decompressed) layer tar `stream` to `target_dir`, which must exist.
 
     `lowers` (top-most first) are the lower layers' diff dirs; overlay mode needs them only to
@@ -73,6 +102,9 @@ def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
     `fmt` (default `OverlayFormat.native()`) names the opaque xattr's namespace; with
     `fmt.rootless` (default: not euid 0) what an unprivileged user cannot make (device nodes,
     foreign owners, trusted.* xattrs) is skipped and counted in `skipped`.
+    `writers` (see filewriters.start) make new regular files in other processes while this one
+    reads on; used only in overlay mode on an empty `target_dir`, and closed here on success
+    (the caller aborts them on failure).
     Raises UnsafeEntryError for entries that would escape the target; OSErrors carry a note
     naming the entry. The caller owns the partial dir on failure. Reads the stream only up to
     the end-of-archive marker.
@@ -80,7 +112,7 @@ def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     applier = _Applier(target_dir, mode, fmt or OverlayFormat.native(), lowers,
-                       defer_root_opaque)
+                       defer_root_opaque, writers)
     try:
         reader = TarReader(stream, on_raw)
         for entry in reader:
@@ -97,6 +129,8 @@ def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
                 while data := reader.read_data():
                     sink(data)
         applier.finish()
+        if applier.writers is not None:
+            applier.stats.skipped += applier.writers.close()
         if applier.size_known:
             applier.stats.size = applier.size
     finally:
@@ -143,7 +177,8 @@ def _lstat(name: bytes, dir_fd: int) -> os.stat_result | None:
 
 class _Applier:
     def __init__(self, target: str | bytes, mode: str, fmt: OverlayFormat,
-                 lowers: Sequence[str | bytes] | None, defer_root_opaque: bool) -> None:
+                 lowers: Sequence[str | bytes] | None, defer_root_opaque: bool,
+                 writers: FileWriters | None = None) -> None:
         self.root_fd = os.open(target, DIR_FLAGS)
         self.max_path = _PATH_MAX - len(os.fsencode(os.path.abspath(target))) - 1
         self.mode = mode
@@ -181,6 +216,10 @@ class _Applier:
         # ours: counted already), nodes and whiteouts are 0; exact until something is removed.
         self.size = 0
         self.size_known = self.fresh
+        # New regular files go to the writers; only in a fresh diff dir, where the layer's own
+        # bookkeeping (created, whited) knows everything that is there.
+        self.writers = writers if mode == "overlay" and self.fresh else None
+        self._handoff_dir: bytes | None = None  # a parent known to hold no pending file
 
     def close(self) -> None:
         self._drop_cache()
@@ -295,10 +334,14 @@ class _Applier:
                 raise UnsafeEntryError(f"'{display}': the root entry must be a directory")
             self._meta_now(self.root_fd, entry, is_dir=True, path=b"")
             return
+        if not parts[-1].startswith(WHITEOUT_PREFIX):
+            self._entry(parts, entry, reader, sink, display)
+            return
         kind, target = classify(parts[-1], display)
         if kind == "meta":
             self.stats.skipped += 1
         elif kind == "opaque" or kind == "whiteout":
+            self._sync()
             if kind == "opaque":
                 self.stats.opaques += 1
             else:
@@ -306,6 +349,67 @@ class _Applier:
             self._marker(kind, parts[:-1], target, entry, display)
         else:
             self._entry(parts, entry, reader, sink, display)
+
+    def _sync(self) -> None:
+        """Wait for the writers: what comes next may see or touch a file handed to them."""
+        if self.writers is not None and self.writers.pending:
+            self.writers.sync()
+            self._handoff_dir = None
+
+    def _must_sync(self, path: bytes, entry: TarEntry) -> bool:
+        """Could making `entry` at `path` see or touch a handed-off file that is not written
+        yet? Only a new dir or symlink away from every pending path cannot."""
+        if entry.type not in (DIR, SYM) or path in self.whited:
+            return True
+        if path in self.created and not (entry.is_dir and path not in self.non_dirs):
+            return True  # a clash (only dir over dir merges without looking at files)
+        return self._pending_above(path)
+
+    def _pending_above(self, path: bytes) -> bool:
+        """Is `path`, or a dir it would be made in, a file still pending?"""
+        pending = self.writers.pending if self.writers is not None else ()
+        end = len(path)
+        while end > 0:
+            if path[:end] in pending:
+                return True
+            end = path.rfind(b"/", 0, end)
+        return False
+
+    def _handoff(self, parts: list[bytes], path: bytes, entry: TarEntry, reader: TarReader,
+                 sink: DataSink | None, display: str) -> bool:
+        """Hand a new small regular file to the writers; False when it must be made here."""
+        writers = self.writers
+        assert writers is not None
+        if (entry.type not in _FILE_TYPES or entry.size > HANDOFF_MAX or path in self.created
+                or path in self.whited):
+            return False
+        slash = path.rfind(b"/")
+        key = path[:slash] if slash >= 0 else b""
+        if key != self._handoff_dir:
+            # (files of one dir come one after the other: the checks below, once per dir)
+            if self._pending_above(key):
+                return False
+            self._mark_parents(parts)
+            self._dirfd(parts[:-1], display, create=True)
+            self._handoff_dir = key
+        if self.deferred_links:
+            self.deferred_links.pop(path, None)
+        self.non_dirs.add(path)
+        self.created.add(path)
+        data = reader.read_data(HANDOFF_MAX)
+        if reader.data_left:
+            chunks = [data]
+            while more := reader.read_data():
+                chunks.append(more)
+            data = b"".join(chunks)
+        if sink is not None and data:
+            sink(data)
+        n = len(data)
+        self.stats.bytes += n
+        self.size += n
+        writers.add(key, parts[-1], entry.mode, entry.uid, entry.gid, entry.mtime_ns,
+                    entry.xattrs or None, data, path)
+        return True
 
     def _marker(self, kind: str, parent: list[bytes], target: bytes, entry: TarEntry,
                 display: str) -> None:
@@ -361,8 +465,16 @@ class _Applier:
 
     def _entry(self, parts: list[bytes], entry: TarEntry, reader: TarReader,
                sink: DataSink | None, display: str) -> None:
-        self._mark_parents(parts)
         path = _join(parts)
+        if self.writers is not None and self.writers.pending:
+            if self._handoff(parts, path, entry, reader, sink, display):
+                return
+            if self._must_sync(path, entry):
+                self._sync()
+        elif self.writers is not None and self._handoff(parts, path, entry, reader, sink,
+                                                        display):
+            return
+        self._mark_parents(parts)
         base = parts[-1]
         self.deferred_links.pop(path, None)  # a later entry at the same path wins
         if entry.is_dir:
@@ -447,13 +559,10 @@ class _Applier:
 
     def _file(self, pfd: int, base: bytes, entry: TarEntry, reader: TarReader,
               sink: DataSink | None) -> None:
-        fd = os.open(base, _FILE_FLAGS, entry.mode & 0o777, dir_fd=pfd)
+        fd = os.open(base, FILE_FLAGS, entry.mode & 0o777, dir_fd=pfd)
         try:
             while data := reader.read_data():
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                write_data(fd, data)
                 if sink is not None:
                     sink(data)
                 self.stats.bytes += len(data)
@@ -465,44 +574,25 @@ class _Applier:
     # -- metadata --
 
     def _chown(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except OSError as exc:
-            # EPERM: not root; EINVAL: the id has no mapping in this user namespace.
-            if not self.rootless or exc.errno not in (errno.EPERM, errno.EINVAL):
-                raise
-            self.stats.skipped += 1
+        self.stats.skipped += try_chown(fn, self.rootless)
 
     def _xattrs(self, entry: TarEntry, setter: Callable[[str, bytes], None],
                 regular: bool) -> None:
-        for name, value in entry.xattrs.items():
-            # An image must never forge overlay metadata: escape it (see whiteout.escape_xattr).
-            name = escape_xattr(name)
-            try:
-                setter(name, value)
-            except OSError as exc:
-                if exc.errno in (errno.EPERM, errno.ENOTSUP) and (
-                    self.rootless or (not regular and name.startswith("user."))
-                ):
-                    self.stats.skipped += 1  # e.g. user.* is not allowed on symlinks
-                    continue
-                exc.add_note(f"set xattr {name}")
-                raise
+        self.stats.skipped += set_xattrs(entry.xattrs, setter, regular=regular,
+                                         rootless=self.rootless)
 
     def _meta_now(self, fd: int, entry: TarEntry, *, is_dir: bool, path: bytes | None) -> None:
         """Owner, mode, xattrs (and times, or defer them for dirs) through an open fd."""
-        chown = self._needs_chown(entry) or is_dir
-        if chown:
-            self._chown(lambda: os.fchown(fd, entry.uid, entry.gid))
+        if not is_dir:
+            self.stats.skipped += set_file_meta(
+                fd, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs,
+                chown=self._needs_chown(entry), umask=self.umask, rootless=self.rootless)
+            return
+        self._chown(lambda: os.fchown(fd, entry.uid, entry.gid))
         if entry.xattrs:
             self._xattrs(entry, lambda n, v: os.setxattr(fd, n, v), regular=True)
-        if is_dir:
-            assert path is not None
-            self.dir_meta[path] = entry  # mode and times after the children (rootless: 0555)
-        else:
-            if self._needs_chmod(entry, chown):
-                os.fchmod(fd, entry.mode)  # after chown, which clears setuid/setgid
-            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+        assert path is not None
+        self.dir_meta[path] = entry  # mode and times after the children (rootless: 0555)
 
     def _meta_at(self, pfd: int, base: bytes, entry: TarEntry, *, is_link: bool) -> None:
         """Owner, mode, xattrs and times of a symlink or node, never following a symlink."""
@@ -522,7 +612,8 @@ class _Applier:
 
     def _remove(self, pfd: int, base: bytes, st: os.stat_result, path: bytes) -> None:
         """Remove `base` (at `path`) from `pfd`; `pfd` itself stays valid."""
-        self.size_known = False  # a removed inode may live on through a hardlink
+        self.size_known = False
+        self._handoff_dir = None  # a removed inode may live on through a hardlink
         if stat.S_ISDIR(st.st_mode):
             prefix = path + b"/"
             for p in [p for p in self.dir_meta if p == path or p.startswith(prefix)]:
@@ -721,6 +812,7 @@ class _Applier:
                 self.stats.ignored_whiteouts += count
 
     def finish(self) -> None:
+        self._sync()  # hardlinks, markers and dir times look at every file
         for entry in self.deferred_links.values():
             parts = _split(entry.name, self.max_path)
             if not self._link(parts, entry, entry.display_name):

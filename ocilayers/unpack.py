@@ -39,13 +39,23 @@ class UnpackResult:
 
 def build_layer(src: ImageSource, layer: Layer, staging: Staging,
                 progress: Callable[[int], None] | None = None) -> Built:
-    """Decompress, verify and apply one layer into its staging dir, recording tar-split."""
-    with src.open_layer(layer, progress=progress, readahead=True) as reader:
-        try:
-            return fill_staging(staging, reader)
-        except (OSError, OCILayersError) as exc:
-            exc.add_note(f"unpack layer {layer.descriptor.digest.short}")
-            raise
+    """Decompress, verify and apply one layer into its staging dir, recording tar-split.
+    A big layer's small files are written by file writers on the other cores (forked before
+    the readahead thread starts)."""
+    from ocilayers import filewriters
+    from ocilayers.whiteout import OverlayFormat
+
+    fmt = OverlayFormat.native()
+    writers = filewriters.start(staging.diff, layer.descriptor.size, rootless=fmt.rootless)
+    try:
+        with src.open_layer(layer, progress=progress, readahead=True) as reader:
+            return fill_staging(staging, reader, fmt, writers=writers)
+    except (OSError, OCILayersError) as exc:
+        exc.add_note(f"unpack layer {layer.descriptor.digest.short}")
+        raise
+    finally:
+        if writers is not None:
+            writers.abort()
 
 
 # --- worker processes ---

@@ -30,6 +30,7 @@ import tarbuilder as tb
 
 from ocilayers.errors import ImageError, UnsafeEntryError
 from ocilayers.extract import LayerStats, apply_layer
+from ocilayers.filewriters import FileWriters
 from ocilayers.store import diff_size
 from ocilayers.tarstream import TarReader
 from ocilayers.whiteout import TRUSTED, OverlayFormat
@@ -114,9 +115,29 @@ def need_mode(caps: dict[str, str | None], mode: str, namespace: str = "trusted"
 
 # -- helpers --
 
+WRITERS = ["serial"]  # how `apply` writes new files; set per test by `file_writers`
+
+
+@pytest.fixture(autouse=True, params=["serial", "procs", "threads"])
+def file_writers(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every case again with new files handed to file writer processes, then threads
+    (filewriters.py): the result, and every refusal, must be the same."""
+    WRITERS[0] = request.param
+    yield request.param
+    WRITERS[0] = "serial"
+
+
 def apply(layer: list[tb.Member] | bytes, root: Path, **kw: Any) -> LayerStats:
     data = layer if isinstance(layer, bytes) else tb.build(layer)
-    stats = apply_layer(io.BytesIO(data), root, **kw)
+    writers = None
+    if WRITERS[0] != "serial" and kw.get("mode", "overlay") == "overlay":
+        fmt = kw.get("fmt") or OverlayFormat.native()
+        writers = FileWriters(root, 2, threads=WRITERS[0] == "threads", rootless=fmt.rootless)
+    try:
+        stats = apply_layer(io.BytesIO(data), root, writers=writers, **kw)
+    finally:
+        if writers is not None:
+            writers.abort()
     # Every case of every table checks the size counted while applying against a walk.
     if stats.size is not None:
         assert stats.size == diff_size(str(root)), "stats.size differs from the dir's size"

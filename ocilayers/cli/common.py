@@ -42,6 +42,15 @@ def _print_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
+def _tqdm() -> Any:
+    """tqdm without its monitor thread: a process with a second thread cannot fork the file
+    writers of an unpack (filewriters.start), and the bars here are updated often anyway."""
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0
+    return tqdm
+
+
 class Progress:
     """tqdm bars on a terminal, nothing in a pipe or with -q."""
 
@@ -54,7 +63,7 @@ class Progress:
         """A (layer index, bytes) callback; `totals` are the expected byte counts, if known."""
         if not self.enabled:
             return None
-        from tqdm import tqdm
+        tqdm = _tqdm()
 
         def cb(i: int, n: int) -> None:
             bar = self._bars.get(i)
@@ -147,7 +156,7 @@ class UnpackBars:
     def update(self, i: int, done: int, size: int) -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
+        tqdm = _tqdm()
 
         if i not in self._bars:
             self._bars[i] = tqdm(total=size, unit="B", unit_scale=True, desc=f"layer {i + 1}",

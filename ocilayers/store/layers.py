@@ -28,6 +28,7 @@ from ocilayers.streams import CHUNK, IterReader
 
 if TYPE_CHECKING:
     from ocilayers.extract import LayerStats
+    from ocilayers.filewriters import FileWriters
     from ocilayers.whiteout import OverlayFormat
 
 MAX_DEPTH = 125  # Docker's overlay2 maxDepth: lowers + init + rw layer stay within 128
@@ -116,7 +117,7 @@ class Built:
 
 
 def fill_staging(staging: Staging, stream: TarSource,
-                 fmt: OverlayFormat | None = None) -> Built:
+                 fmt: OverlayFormat | None = None, *, writers: FileWriters | None = None) -> Built:
     """Apply a layer tar into a staging dir in overlay mode, recording its tar-split records
     (every byte that is not file data, and a CRC-64 per file) as dockerd does."""
     from isal import igzip
@@ -128,7 +129,7 @@ def fill_staging(staging: Staging, stream: TarSource,
     ) as gz:
         ts = TarSplitWriter(gz)
         stats = apply_layer(stream, staging.diff, mode="overlay", fmt=fmt, on_entry=ts.on_entry,
-                            on_raw=ts.on_raw, defer_root_opaque=True)
+                            on_raw=ts.on_raw, defer_root_opaque=True, writers=writers)
         ts.end_of_archive()
         while chunk := stream.read(CHUNK):
             ts.trailing(chunk)
