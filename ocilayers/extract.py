@@ -327,8 +327,12 @@ class _Applier:
     # -- the loop body --
 
     def apply(self, entry: TarEntry, reader: TarReader, sink: DataSink | None) -> None:
-        display = entry.display_name
         parts = _split(entry.name, self.max_path)
+        if (self.writers is not None and parts and entry.type in _FILE_TYPES
+                and not parts[-1].startswith(WHITEOUT_PREFIX)
+                and self._handoff(parts, entry, reader, sink)):
+            return
+        display = entry.display_name
         if not parts:
             if not entry.is_dir:
                 raise UnsafeEntryError(f"'{display}': the root entry must be a directory")
@@ -375,13 +379,13 @@ class _Applier:
             end = path.rfind(b"/", 0, end)
         return False
 
-    def _handoff(self, parts: list[bytes], path: bytes, entry: TarEntry, reader: TarReader,
-                 sink: DataSink | None, display: str) -> bool:
+    def _handoff(self, parts: list[bytes], entry: TarEntry, reader: TarReader,
+                 sink: DataSink | None) -> bool:
         """Hand a new small regular file to the writers; False when it must be made here."""
         writers = self.writers
         assert writers is not None
-        if (entry.type not in _FILE_TYPES or entry.size > HANDOFF_MAX or path in self.created
-                or path in self.whited):
+        path = _join(parts)
+        if entry.size > HANDOFF_MAX or path in self.created or path in self.whited:
             return False
         slash = path.rfind(b"/")
         key = path[:slash] if slash >= 0 else b""
@@ -390,7 +394,7 @@ class _Applier:
             if self._pending_above(key):
                 return False
             self._mark_parents(parts)
-            self._dirfd(parts[:-1], display, create=True)
+            self._dirfd(parts[:-1], entry.display_name, create=True)
             self._handoff_dir = key
         if self.deferred_links:
             self.deferred_links.pop(path, None)
@@ -466,14 +470,8 @@ class _Applier:
     def _entry(self, parts: list[bytes], entry: TarEntry, reader: TarReader,
                sink: DataSink | None, display: str) -> None:
         path = _join(parts)
-        if self.writers is not None and self.writers.pending:
-            if self._handoff(parts, path, entry, reader, sink, display):
-                return
-            if self._must_sync(path, entry):
-                self._sync()
-        elif self.writers is not None and self._handoff(parts, path, entry, reader, sink,
-                                                        display):
-            return
+        if self.writers is not None and self.writers.pending and self._must_sync(path, entry):
+            self._sync()
         self._mark_parents(parts)
         base = parts[-1]
         self.deferred_links.pop(path, None)  # a later entry at the same path wins

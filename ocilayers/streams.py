@@ -286,6 +286,7 @@ class LayerReader(io.RawIOBase):
         # instead of a trip through the decompressor and both hashes each.
         self._buf = b""
         self._pos = 0
+        self._end = 0  # len(self._buf)
         self._ahead: _Readahead | None = None
         if readahead:
             self._ahead = _Readahead(self._read_all, progress,
@@ -306,9 +307,18 @@ class LayerReader(io.RawIOBase):
         return len(data)
 
     def read(self, size: int = -1) -> bytes:
+        if size is not None and size > 0:
+            pos = self._pos
+            end = pos + size
+            if end < self._end:  # the usual small read, inside the chunk at hand
+                self._pos = end
+                return self._buf[pos:end]
+        return self._read(size)
+
+    def _read(self, size: int) -> bytes:
         if size is None or size < 0:
             parts = [self._buf[self._pos:]]
-            self._buf, self._pos = b"", 0
+            self._buf, self._pos, self._end = b"", 0, 0
             while chunk := self._fill():
                 parts.append(chunk)
             return b"".join(parts)
@@ -316,8 +326,9 @@ class LayerReader(io.RawIOBase):
             if size >= CHUNK:
                 return self._fill(size)  # big reads go straight through
             self._buf, self._pos = self._fill(), 0
+            self._end = len(self._buf)
         start = self._pos
-        end = min(start + size, len(self._buf))
+        end = min(start + size, self._end)
         self._pos = end
         if start == 0 and end == len(self._buf):
             return self._buf
@@ -348,7 +359,7 @@ class LayerReader(io.RawIOBase):
         super().close()
 
     def finish(self) -> Digest:
-        self._buf, self._pos = b"", 0
+        self._buf, self._pos, self._end = b"", 0, 0
         try:
             if self._ahead is not None:
                 while self._ahead.next():  # the thread also drains the compressed stream

@@ -110,6 +110,10 @@ def parse_number(field_bytes: bytes, what: str = "number") -> int:
 _CANONICAL_NUMBERS = re.compile(rb"(?:[0-7]{7}\0){3}(?:[0-7]{11}\0){2}[0-7]{6}\0 ")
 
 
+def _ignore(_data: bytes) -> None:
+    pass
+
+
 # A USTAR header's fields, in order (the last 12 bytes are padding).
 _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
 _FAST_TYPES = frozenset((REG, AREG, DIR, SYM, LNK))
@@ -169,6 +173,8 @@ class TarReader:
     def __init__(self, stream: object, on_raw: Callable[[bytes], None] | None = None) -> None:
         self._read: Callable[[int], bytes] = stream.read  # type: ignore[attr-defined]
         self._on_raw = on_raw
+        # every byte that is not entry data goes here (bound once: no frame per call)
+        self._raw: Callable[[bytes], object] = on_raw if on_raw is not None else _ignore
         self._left = 0  # data bytes of the current entry not yet consumed
         self._pad = 0  # padding after them
         self._pad_after_global = 0
@@ -190,18 +196,16 @@ class TarReader:
             got += len(more)
         return b"".join(parts)
 
-    def _raw(self, data: bytes) -> None:
-        if self._on_raw is not None:
-            self._on_raw(data)
 
     def read_data(self, n: int = _CHUNK) -> bytes:
         """Up to `n` bytes of the current entry's data; b"" once it is all read."""
-        if self._left <= 0:
+        left = self._left
+        if left <= 0:
             return b""
-        data = self._read(min(n, self._left))
+        data = self._read(n if n < left else left)
         if not data:
             raise TarError("archive is truncated (entry data)")
-        self._left -= len(data)
+        self._left = left - len(data)
         return data
 
     def skip_data(self) -> None:
