@@ -38,7 +38,7 @@ from ocilayers.fsutil import DIR_FLAGS
 from ocilayers.whiteout import escape_xattr
 
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-HANDOFF_MAX = 256 << 10  # bigger files are written by the applier: they cost bytes, not entries
+HANDOFF_MAX = 64 << 10  # bigger files are written by the applier: they cost bytes, not entries
 _BATCH_ENTRIES = 256
 _BATCH_BYTES = 1 << 20
 _DIR_CACHE = 64
@@ -438,16 +438,19 @@ def _process_main(args: tuple[Any, ...], rfd: int, wfd: int, parent: int) -> NoR
         os._exit(status)
 
 
-def chosen(layer_size: int | None = None) -> tuple[str, int]:
+def chosen(layer_size: int | None = None, busy: int = 1) -> tuple[str, int]:
     """The kind of writers to use (`procs`, `threads` or `off`) and how many, from
-    `OCILAYERS_FILE_WRITERS` and the machine; `off` for a layer too small to gain."""
+    `OCILAYERS_FILE_WRITERS` and the machine; `off` for a layer too small to gain. `busy`
+    layer builds run at once, this one included: alone, a build gets a writer per core;
+    beside others, the cores they leave (on 2 cores: none; writers beside busy cores only
+    add copying)."""
     cores = os.cpu_count() or 1
     kind, _, count = os.environ.get(ENV, "procs").partition(":")
     if kind not in ("procs", "threads", "off"):
         raise OCILayersError(f"{ENV}={os.environ[ENV]!r}: expected procs[:N], threads[:N] "
                              "or off")
     try:
-        n = int(count) if count else cores
+        n = int(count) if count else (cores if busy <= 1 else cores - busy)
     except ValueError:
         raise OCILayersError(f"{ENV}: {count!r} is not a number") from None
     if kind == "off" or n < 1 or (not count and cores < 2):
@@ -460,11 +463,11 @@ def chosen(layer_size: int | None = None) -> tuple[str, int]:
 
 
 def start(target: str | bytes, layer_size: int | None = None, *,
-          rootless: bool = False) -> FileWriters | None:
+          rootless: bool = False, busy: int = 1) -> FileWriters | None:
     """File writers for a layer about to be applied into the fresh dir `target`, or None
     where they would not pay (one core, a small layer) or cannot run (a process with other
     threads cannot fork safely). Call it before starting any thread of your own."""
-    kind, n = chosen(layer_size)
+    kind, n = chosen(layer_size, busy)
     if kind == "off":
         return None
     return FileWriters(target, n, threads=kind == "threads", rootless=rootless)

@@ -38,15 +38,16 @@ class UnpackResult:
 
 
 def build_layer(src: ImageSource, layer: Layer, staging: Staging,
-                progress: Callable[[int], None] | None = None) -> Built:
+                progress: Callable[[int], None] | None = None, *, busy: int = 1) -> Built:
     """Decompress, verify and apply one layer into its staging dir, recording tar-split.
-    A big layer's small files are written by file writers on the other cores (forked before
-    the readahead thread starts)."""
+    A big layer's small files are written by file writers on the cores the other `busy - 1`
+    layer builds running now leave free (forked before the readahead thread starts)."""
     from ocilayers import filewriters
     from ocilayers.whiteout import OverlayFormat
 
     fmt = OverlayFormat.native()
-    writers = filewriters.start(staging.diff, layer.descriptor.size, rootless=fmt.rootless)
+    writers = filewriters.start(staging.diff, layer.descriptor.size, rootless=fmt.rootless,
+                                busy=busy)
     try:
         with src.open_layer(layer, progress=progress, readahead=True) as reader:
             return fill_staging(staging, reader, fmt, writers=writers)
@@ -77,7 +78,8 @@ class _RemoteTraceback(Exception):
 
 
 def _worker_main(src: ImageSource, layer: Layer, staging: Staging, counters: memoryview,
-                 index: int, parent_pid: int, wfd: int, close_fds: list[int]) -> NoReturn:
+                 index: int, parent_pid: int, wfd: int, close_fds: list[int],
+                 busy: int) -> NoReturn:
     """The forked child: build one layer, pickle (True, Built) or (False, error, traceback)
     into `wfd`, and leave with os._exit (never back into the parent's stack)."""
     status = 1
@@ -98,7 +100,8 @@ def _worker_main(src: ImageSource, layer: Layer, staging: Staging, counters: mem
             counters[index] += n
 
         try:
-            payload = pickle.dumps((True, build_layer(src, layer, staging, progress)),
+            payload = pickle.dumps((True, build_layer(src, layer, staging, progress,
+                                                      busy=busy)),
                                    pickle.HIGHEST_PROTOCOL)
         except BaseException as exc:
             payload = pickled_error(exc)
@@ -117,7 +120,7 @@ class _Worker:
 
 
 def _start_worker(src: ImageSource, image: Image, index: int, staging: Staging,
-                  counters: memoryview, running: dict[int, _Worker]) -> _Worker:
+                  counters: memoryview, running: dict[int, _Worker], busy: int) -> _Worker:
     """Fork the worker for layer `index` and add it to `running` (keyed by its pipe's read
     end). Ctrl-C is held meanwhile, so it cannot come between the fork and the bookkeeping
     the clean-up relies on."""
@@ -132,7 +135,7 @@ def _start_worker(src: ImageSource, image: Image, index: int, staging: Staging,
             raise
         if pid == 0:  # the child; _worker_main never returns
             _worker_main(src, image.layers[index], Staging(staging.path, staging.cache_id, -1),
-                         counters, index, parent_pid, wfd, [rfd, *running])
+                         counters, index, parent_pid, wfd, [rfd, *running], busy)
         os.close(wfd)
         worker = running[rfd] = _Worker(index, pid, rfd, bytearray())
     return worker
@@ -299,7 +302,10 @@ def _build_in_pool(src: ImageSource, image: Image, todo: list[int],
         while order or running:
             while order and len(running) < jobs:
                 i = order.pop()
-                worker = _start_worker(src, image, i, stagings[i], counters, running)
+                # (builds running from now on, this one included: its file writers get the
+                # cores the others leave)
+                busy = min(jobs, len(running) + 1 + len(order))
+                worker = _start_worker(src, image, i, stagings[i], counters, running, busy)
                 poller.register(worker.rfd, select.POLLIN)
             for fd, _events in poller.poll(100):
                 chunk = os.read(fd, 1 << 20)

@@ -225,12 +225,13 @@ def test_chosen(monkeypatch: pytest.MonkeyPatch, env: str, size: int | None,
 
 def test_chosen_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(filewriters.ENV, raising=False)
-    assert filewriters.chosen(filewriters.MIN_LAYER - 1) == ("off", 0)
-    kind, n = filewriters.chosen(filewriters.MIN_LAYER)
-    if (os.cpu_count() or 1) > 1:
-        assert (kind, n) == ("procs", os.cpu_count())
-    else:
-        assert kind == "off"
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert filewriters.chosen(filewriters.MIN_LAYER - 1) == ("off", 0)  # too small to gain
+    assert filewriters.chosen(filewriters.MIN_LAYER) == ("procs", 4)  # alone: every core
+    assert filewriters.chosen(filewriters.MIN_LAYER, busy=3) == ("procs", 1)  # what is left
+    assert filewriters.chosen(filewriters.MIN_LAYER, busy=4) == ("off", 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert filewriters.chosen(filewriters.MIN_LAYER) == ("off", 0)
 
 
 @pytest.mark.parametrize("bad", ["fast", "procs:x"])
