@@ -3,7 +3,8 @@
 
     python benchmarks/run.py [--quick] [--runs N] [--cache DIR] [--no-docker] [--profile]
                              [--json PATH] [--keep]
-                             [--only unpack|pack|tarsplit|commit|growth|registry|memory]...
+                             [--only unpack|pack|tarsplit|commit|growth|registry|smallfiles|
+                                     memory]...
 
 Builds (once, cached) a realistic 5-layer Debian image in gzip and zstd, an overlay upper dir
 made over it, and ~2 GiB layers, then times `ocilayers unpack` and `ocilayers pack` against
@@ -13,8 +14,9 @@ store against history from the archive and `gzip -dc | tar -t`, and `ocilayers s
 against `ocilayers pack` of the flattened image, `ocilayers unpack docker://` and `ocilayers
 push` against docker pull/push and skopeo (+ umoci) through a loopback docker-registry,
 alternating the tools run by run, measures how much of an unpack goes to tar-split and `size`,
-and the peak RSS of every ocilayers process on big layers. Prints a table per group. See
-benchmarks/README.md.
+times `ocilayers unpack` of one layer of 100,000 small files (file writer processes, threads,
+none) against gzip/zstd | tar and umoci, and the peak RSS of every ocilayers process on big
+layers. Prints a table per group. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import dockerd  # noqa: E402
 import growth  # noqa: E402
 import memory  # noqa: E402
 import registry  # noqa: E402
+import smallfiles  # noqa: E402
 from inputs import (  # noqa: E402
     BenchImage,
     ensure_image,
@@ -60,10 +63,10 @@ from pack_inputs import (  # noqa: E402
     upper_stats,
 )
 
-GROUPS = ("unpack", "pack", "tarsplit", "commit", "growth", "registry", "memory")
+GROUPS = ("unpack", "pack", "tarsplit", "commit", "growth", "registry", "smallfiles", "memory")
 # What --quick runs without --only: memory is for full runs only; commit's and growth's quick
 # variants run when asked (`--quick --only commit`), so that a plain --quick stays under a
-# minute.
+# minute. smallfiles has no quick variant: with --quick it runs its one input when named.
 QUICK_GROUPS = ("unpack", "pack", "tarsplit")
 DEFAULT_CACHE = "/var/tmp/ocilayers-bench"
 SETTLE_NOTE = ("ext4 here (no journal) creates files several times slower for ~60 s after "
@@ -103,6 +106,7 @@ class Ctx:
     pack_input: PackInput | None
     mem_input: memory.MemoryInputs | None
     growth_input: growth.GrowthInput | None = None
+    small_input: smallfiles.SmallFilesInput | None = None
 
 
 def log(msg: str) -> None:
@@ -122,16 +126,17 @@ def compile_ocilayers() -> str:
     return pkg
 
 
-def prepared(argv_for: Callable[[str], list[str]], mkdirs: Callable[[str], list[str]] | None = None
-             ) -> Callable[[str, int], Sample]:
-    """A measure function: make the run dir (and `mkdirs`), flush dirty pages, time argv."""
+def prepared(argv_for: Callable[[str], list[str]], mkdirs: Callable[[str], list[str]] | None = None,
+             env: dict[str, str] | None = None) -> Callable[[str, int], Sample]:
+    """A measure function: make the run dir (and `mkdirs`), flush dirty pages, time argv (in
+    `env`, else the harness's environment)."""
     def measure(run_dir: str, _round: int) -> Sample:
         os.makedirs(run_dir)
         for d in mkdirs(run_dir) if mkdirs else []:
             os.makedirs(d)
         argv = argv_for(run_dir)
         os.sync()  # the previous run's writeback must not land in this run's time
-        return run_measured(argv, log_path=run_dir + ".log")
+        return run_measured(argv, env=env, log_path=run_dir + ".log")
     return measure
 
 
@@ -1473,6 +1478,25 @@ def group_memory(ctx: Ctx) -> dict[str, Any]:
     return res
 
 
+# --- group: smallfiles (one layer of 100,000 small files; see smallfiles.py) ---
+
+def group_smallfiles(ctx: Ctx) -> dict[str, Any]:
+    assert ctx.small_input is not None
+    inp = ctx.small_input
+    rows, notes = smallfiles.rows(inp, tar_script)
+    cases = [Case(r.key, r.label, r.compression, r.ocilayers, prepared(r.argv, r.mkdirs, r.env),
+                  short=r.short) for r in rows]
+    res = timed_group(ctx, "smallfiles", cases, [*smallfiles.NOTES, *notes],
+                      int(inp.meta["tar_bytes"]), smallfiles.RATIOS)
+    res["input"] = dict(inp.meta)
+    res["per_row"] = smallfiles.per_row(res["results"], inp.files)
+    res["header"].insert(3, smallfiles.describe(inp))
+    print_group(res)
+    print()
+    print(res["per_row"]["text"])
+    return res
+
+
 # --- the timed loop and reporting ---
 
 def timed_group(ctx: Ctx, group: str, cases: list[Case], notes: list[str], data_bytes: int,
@@ -1665,7 +1689,7 @@ def merge_results(path: str, new: dict[str, Any], groups: dict[str, Any]) -> dic
 GROUP_RUNNERS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "unpack": group_unpack, "pack": group_pack, "tarsplit": group_tarsplit,
     "commit": group_commit, "growth": group_growth, "registry": group_registry,
-    "memory": group_memory,
+    "smallfiles": group_smallfiles, "memory": group_memory,
 }
 
 
@@ -1673,8 +1697,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true",
                    help="small busybox image, 2 runs, no settling pauses, no memory group, "
-                        "commit, growth and registry groups only with --only (about a "
-                        "minute)")
+                        "commit, growth, registry and smallfiles groups only with --only "
+                        "(about a minute)")
     p.add_argument("--only", choices=GROUPS, action="append",
                    help="benchmark group(s) to run (default: all; with --quick unpack, pack "
                         "and tarsplit)")
@@ -1729,7 +1753,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"otherwise make every start of an editable install compile them again"]
 
     kind = "quick" if args.quick else "full"
-    img = pin = mem = gin = None
+    img = pin = mem = gin = sfi = None
     deleted = False
     if any(g in groups for g in ("unpack", "pack", "tarsplit", "commit", "growth",
                                  "registry")):
@@ -1743,6 +1767,9 @@ def main(argv: list[str] | None = None) -> int:
         assert img is not None
         gin, built = growth.ensure_growth_input(kind, cache, img)
         deleted |= built
+    if "smallfiles" in groups:  # its own input only, not the benchmark image
+        sfi, built = smallfiles.ensure_input(cache)
+        deleted |= built  # the pause after an input build, as for the others
     if "memory" in groups:
         mem, _ = memory.ensure_memory_inputs(cache)
     work_root = os.path.join(cache, "runs")
@@ -1763,7 +1790,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"runs; the outputs are deleted after all groups ({SETTLE_NOTE})")
     work = os.path.join(work_root, datetime.datetime.now().strftime("%Y%m%dT%H%M%S"))
     os.makedirs(work)
-    ctx = Ctx(args, kind, runs, cache, work, img, pin, mem, gin)
+    ctx = Ctx(args, kind, runs, cache, work, img, pin, mem, gin, sfi)
 
     mach = machine_info(cache)
     print(f"ocilayers benchmarks ({kind}): {', '.join(groups)}")

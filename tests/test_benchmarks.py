@@ -1,20 +1,36 @@
 """benchmarks/run.py --quick: it runs end to end (unpack, pack, tarsplit, commit, growth and
 registry groups), prints the tables and exits 0 (no timings are checked: speed belongs in the
-benchmark output, not in a test)."""
+benchmark output, not in a test). And the smallfiles group's input builder, on a tiny size."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import importlib
+import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+from types import ModuleType
+from typing import Any
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(REPO, "benchmarks")
 NEEDS = ("umoci", "gzip", "zstd", "tar")
+
+
+def _benchmarks_module(name: str) -> ModuleType:
+    """A module of benchmarks/ (they import each other by their plain names)."""
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    return importlib.import_module(name)
 
 
 def _can_chown() -> bool:
@@ -201,3 +217,101 @@ def test_quick_refuses_memory_group(tmp_path: object) -> None:
         cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "full runs only" in proc.stderr
+
+
+def _tree(top: str) -> dict[str, str]:
+    """Every file under `top` (relative path -> sha256 of its bytes)."""
+    out = {}
+    for dirpath, _dirs, files in os.walk(top):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, top)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def test_smallfiles_input_tiny(tmp_path: Any) -> None:
+    """The smallfiles group's input builder on 3 dirs x 4 files (well under a second): built
+    twice, byte for byte the same; cached; two valid single-layer OCI layouts of one tar."""
+    if shutil.which("gzip") is None or shutil.which("zstd") is None:
+        pytest.skip("gzip and zstd (the command-line tools) are needed")
+    zstandard = pytest.importorskip("zstandard")
+    sf = _benchmarks_module("smallfiles")
+    a, built_a = sf.ensure_input(str(tmp_path / "a"), 3, 4)
+    b, built_b = sf.ensure_input(str(tmp_path / "b"), 3, 4)
+    again, built_again = sf.ensure_input(str(tmp_path / "a"), 3, 4)
+    assert (built_a, built_b, built_again) == (True, True, False)
+    assert again.dir == a.dir and again.meta == a.meta
+    # published whole, no scratch dir left; the plain tar is not kept
+    assert os.listdir(tmp_path / "a") == ["smallfiles-v1-3x4"]
+    assert sorted(os.listdir(a.dir)) == ["meta.json", "oci-gzip", "oci-zstd"]
+
+    def strip(meta: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in meta.items() if k != "build_seconds"}
+
+    assert strip(a.meta) == strip(b.meta)
+    # every file of both layouts, byte for byte (meta.json differs only in build_seconds)
+    assert {k: v for k, v in _tree(a.dir).items() if k != "meta.json"} \
+        == {k: v for k, v in _tree(b.dir).items() if k != "meta.json"}
+    m = a.meta
+    assert (m["files"], m["dirs"], m["entries"], m["file_bytes"]) == (12, 3, 16, 12 * 600)
+
+    def read_blob(layout: str, digest: str) -> bytes:
+        algo, hexpart = digest.split(":", 1)
+        with open(os.path.join(layout, "blobs", algo, hexpart), "rb") as f:
+            data = f.read()
+        assert hashlib.sha256(data).hexdigest() == hexpart
+        return data
+
+    tars = []
+    configs = []
+    for comp, media in (("gzip", "application/vnd.oci.image.layer.v1.tar+gzip"),
+                        ("zstd", "application/vnd.oci.image.layer.v1.tar+zstd")):
+        layout = a.layout(comp)
+        with open(os.path.join(layout, "oci-layout")) as f:
+            assert json.load(f) == {"imageLayoutVersion": "1.0.0"}
+        with open(os.path.join(layout, "index.json")) as f:
+            index = json.load(f)
+        assert len(index["manifests"]) == 1
+        desc = index["manifests"][0]
+        assert desc["annotations"] == {"org.opencontainers.image.ref.name": "latest"}
+        raw = read_blob(layout, desc["digest"])
+        assert len(raw) == desc["size"]
+        manifest = json.loads(raw)
+        assert manifest["mediaType"] == desc["mediaType"] \
+            == "application/vnd.oci.image.manifest.v1+json"
+        assert manifest["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
+        config = json.loads(read_blob(layout, manifest["config"]["digest"]))
+        configs.append(config)
+        assert (config["architecture"], config["os"]) == ("amd64", "linux")
+        [layer] = manifest["layers"]
+        assert layer["mediaType"] == media
+        blob = read_blob(layout, layer["digest"])
+        assert len(blob) == layer["size"] == m["blobs"][comp]["size"]
+        assert a.blob(comp).endswith(layer["digest"].split(":", 1)[1])
+        if comp == "gzip":
+            tars.append(gzip.decompress(blob))
+        else:
+            tars.append(zstandard.ZstdDecompressor().decompressobj().decompress(blob))
+        assert config["rootfs"] == {"type": "layers", "diff_ids": [
+            "sha256:" + hashlib.sha256(tars[-1]).hexdigest()]}
+    assert tars[0] == tars[1] and configs[0] == configs[1]
+    tar = tars[0]
+    assert len(tar) == m["tar_bytes"] and "sha256:" + hashlib.sha256(tar).hexdigest() \
+        == m["diff_id"]
+    assert len(tar) % 512 == 0 and tar.endswith(b"\0" * 1024)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        members = tf.getmembers()
+        names = [x.name for x in members]
+        want = ["pkg"]
+        for d in range(3):
+            want += [f"pkg/d{d:04d}"] + [f"pkg/d{d:04d}/f{i:03d}.js" for i in range(4)]
+        assert names == want
+        rng = random.Random(1)
+        for x in members:
+            assert (x.mtime, x.uid, x.gid, x.uname, x.gname) == (1700000000, 0, 0, "", "")
+            assert x.mode == (0o755 if x.isdir() else 0o644)
+            if x.isfile():
+                data = tf.extractfile(x)
+                assert data is not None
+                assert data.read() == rng.randbytes(300).hex().encode()
