@@ -42,6 +42,7 @@ HANDOFF_MAX = 64 << 10  # bigger files are written by the applier: they cost byt
 _BATCH_ENTRIES = 256
 _BATCH_BYTES = 1 << 20
 _DIR_CACHE = 64
+_MAX_PENDING = 1 << 16
 _FRAME = struct.Struct("<cI")
 _BATCH, _SYNC, _END = b"B", b"S", b"E"
 ENV = "OCILAYERS_FILE_WRITERS"
@@ -272,6 +273,8 @@ class FileWriters:
         self._bytes += len(data)
         if len(self._batch) >= _BATCH_ENTRIES or self._bytes >= _BATCH_BYTES:
             self._send()
+            if len(self.pending) >= _MAX_PENDING:
+                self.sync()  # (the set of paths in flight stays bounded)
 
     def _send(self) -> None:
         batch, self._batch, self._bytes = self._batch, [], 0

@@ -197,10 +197,11 @@ def _patch_build(monkeypatch: pytest.MonkeyPatch, fail: Any) -> str:
     assert len(src.diff_ids) >= 3
     target = src.diff_ids[1]
 
-    def build_layer(source: Any, layer: Any, staging: Any, progress: Any = None) -> Any:
+    def build_layer(source: Any, layer: Any, staging: Any, progress: Any = None,
+                    **kw: Any) -> Any:
         if os.getpid() != parent and str(layer.diff_id) == target:
             fail()
-        return real(source, layer, staging, progress)
+        return real(source, layer, staging, progress, **kw)
 
     monkeypatch.setattr(unpack_mod, "build_layer", build_layer)
     return target
