@@ -226,11 +226,6 @@ class FileWriters:
                 os.close(fd)
             raise
         if pid == 0:
-            # Keep only its two pipe ends: no lock, no other writer's pipe, nothing of the
-            # applier's stays open for as long as this process lives.
-            os.closerange(3, min(to_r, from_w))
-            os.closerange(min(to_r, from_w) + 1, max(to_r, from_w))
-            os.closerange(max(to_r, from_w) + 1, _max_fd())
             _process_main(self._args, to_r, from_w, parent)
         os.close(to_r)
         os.close(from_w)
@@ -415,6 +410,12 @@ def _process_main(args: tuple[Any, ...], rfd: int, wfd: int, parent: int) -> NoR
     status = 1
     try:
         start_child(parent)
+        # Keep only its two pipe ends: no lock, no other writer's pipe, nothing of the
+        # applier's stays open for as long as this process lives.
+        low, high = sorted((rfd, wfd))
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, _max_fd())
         import gc
 
         gc.disable()  # the loop makes no cycles
