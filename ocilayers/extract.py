@@ -123,7 +123,9 @@ def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
             try:
                 applier.apply(entry, reader, sink)
             except OSError as exc:
-                exc.add_note(f"apply entry '{entry.display_name}'")
+                if not any(n.startswith("apply entry ") for n in getattr(exc, "__notes__", ())):
+                    # (a file writer's error, raised here at a sync, names its own entry)
+                    exc.add_note(f"apply entry '{entry.display_name}'")
                 raise
             if sink is not None:  # data the entry kind ignores (a whiteout's) is still tar bytes
                 while data := reader.read_data():

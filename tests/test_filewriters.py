@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tarbuilder as tb
@@ -248,3 +249,22 @@ def test_tarfile_sanity_of_the_mixed_layer() -> None:
     assert names.count("twice") == 2 and "early/link" in names
     assert names.index("early/link") < names.index("late/target")
 
+
+def test_a_writer_error_met_at_a_later_entry_names_only_its_own(tmp_path: Path) -> None:
+    """The applier meets a writer's error at a sync while on a later entry (here a
+    whiteout): the message names the file that failed, not the entry at hand."""
+    target = tmp_path / "t"
+    target.mkdir()
+    layer = tb.build([tb.file("d/taken", b"new"), tb.whiteout("d/other")])
+
+    def on_entry(entry: Any) -> None:
+        if entry.name == b"d/.wh.other":  # "d/taken" is handed off, not written yet
+            (target / "d" / "taken").write_bytes(b"")  # behind the writer's back: EEXIST
+
+    w = FileWriters(target, 1)
+    try:
+        with pytest.raises(FileExistsError) as info:
+            apply_layer(io.BytesIO(layer), target, writers=w, on_entry=on_entry)
+    finally:
+        w.abort()
+    assert info.value.__notes__ == ["apply entry 'd/taken'"]
