@@ -32,8 +32,8 @@ from ocilayers.filewriters import (
     set_file_meta,
     set_xattrs,
     try_chown,
-    write_data,
 )
+from ocilayers.forking import write_all
 from ocilayers.fsutil import DIR_FLAGS, remove_at
 from ocilayers.tarstream import (
     AREG,
@@ -562,7 +562,7 @@ class _Applier:
         fd = os.open(base, FILE_FLAGS, entry.mode & 0o777, dir_fd=pfd)
         try:
             while data := reader.read_data():
-                write_data(fd, data)
+                write_all(fd, data)
                 if sink is not None:
                     sink(data)
                 self.stats.bytes += len(data)

@@ -103,12 +103,6 @@ def set_file_meta(fd: int, mode: int, uid: int, gid: int, mtime_ns: int,
     return skipped
 
 
-def write_data(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 # -- the writing side --
 
 class _Writer:
@@ -160,7 +154,7 @@ class _Writer:
                     if data:
                         n = os.write(fd, data)
                         if n < len(data):
-                            write_data(fd, memoryview(data)[n:])
+                            write_all(fd, memoryview(data)[n:])
                     if xattrs or (uid, gid) != ids or mode != (mode & 0o777 & ~umask):
                         self.skipped += set_file_meta(fd, mode, uid, gid, mtime_ns, xattrs,
                                                       chown=(uid, gid) != ids, umask=umask,

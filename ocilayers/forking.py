@@ -105,7 +105,7 @@ def pickled_error(exc: BaseException) -> bytes:
         return pickle.dumps((False, plain, tb), pickle.HIGHEST_PROTOCOL)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
