@@ -623,21 +623,30 @@ def ensure_derived(name: str, cache: str, img: BenchImage,
         if meta.get("image_index_sha256") == key:
             return final, meta, False
         log(f"{final} was made from another build of the image: rebuilding it")
-    if os.path.exists(final):
+    meta = build_published(cache, final, name, lambda d: {**build(d), "image_index_sha256": key})
+    return final, meta, True
+
+
+def build_published(cache: str, final: str, name: str,
+                    build: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """Build a cached input: `build(scratch) -> meta` in a scratch dir in `cache`, then
+    `publish` it as `final` with its build time in the meta (whatever an interrupted build left
+    at `final` is removed first; the scratch dir is removed on failure). Returns the meta as
+    written."""
+    if os.path.exists(final):  # an interrupted build: no meta.json was written
         remove_tree(final)
     scratch = tempfile.mkdtemp(prefix=f".build-{name}-", dir=cache)
     os.chmod(scratch, 0o755)
     t0 = time.monotonic()
     try:
         meta = build(scratch)
-        meta["image_index_sha256"] = key
         meta["build_seconds"] = round(time.monotonic() - t0, 1)
         publish(scratch, meta, final)
     except BaseException:
         remove_tree(scratch)
         raise
-    with open(meta_path) as f:
-        return final, json.load(f), True
+    with open(os.path.join(final, "meta.json")) as f:
+        return dict(json.load(f))
 
 
 def remove_tree(path: str) -> None:

@@ -22,13 +22,11 @@ import random
 import subprocess
 import sys
 import tarfile
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from inputs import log, publish, remove_tree
+from inputs import build_published, log, remove_tree
 from measure import run_measured
 
 MEM_RECIPE = "v1"
@@ -183,12 +181,8 @@ def ensure_memory_inputs(cache: str) -> tuple[MemoryInputs, bool]:
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             return MemoryInputs(final, json.load(f)), False
-    if os.path.exists(final):
-        remove_tree(final)
-    scratch = tempfile.mkdtemp(prefix=".build-memory-", dir=cache)
-    os.chmod(scratch, 0o755)
-    t0 = time.monotonic()
-    try:
+
+    def build(scratch: str) -> dict[str, Any]:
         blobs = []
         for seed, kind in enumerate(KINDS, start=1):
             log(f"memory input: a ~2 GiB layer of {kind} data, streamed into gzip -6 "
@@ -200,13 +194,10 @@ def ensure_memory_inputs(cache: str) -> tuple[MemoryInputs, bool]:
         for b in blobs:
             os.unlink(b["path"])  # the layouts hold hardlinks
             b["path"] = os.path.basename(b["path"])
-        meta = {"recipe": MEM_RECIPE, "layers": blobs, "big_file_bytes": BIG_FILE,
-                "small_files": SMALL_FILES, "build_seconds": round(time.monotonic() - t0, 1)}
-        publish(scratch, meta, final)
-    except BaseException:
-        remove_tree(scratch)
-        raise
-    return MemoryInputs(final, meta), True
+        return {"recipe": MEM_RECIPE, "layers": blobs, "big_file_bytes": BIG_FILE,
+                "small_files": SMALL_FILES}
+
+    return MemoryInputs(final, build_published(cache, final, "memory", build)), True
 
 
 def run_memory(inp: MemoryInputs, work: str,

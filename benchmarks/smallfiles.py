@@ -25,13 +25,12 @@ import random
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from inputs import log, ocilayers_argv, publish, remove_tree
+from inputs import build_published, log, ocilayers_argv
 
 SMALL_RECIPE = "v1"  # bump when what the input holds changes (the cache dir name carries it)
 DIRS = 1000
@@ -87,20 +86,9 @@ def ensure_input(cache: str, dirs: int = DIRS, files_per_dir: int = FILES_PER_DI
         with open(meta_path) as f:
             return SmallFilesInput(final, json.load(f)), False
     os.makedirs(cache, exist_ok=True)
-    if os.path.exists(final):  # an interrupted build: no meta.json was written
-        remove_tree(final)
-    scratch = tempfile.mkdtemp(prefix=".build-smallfiles-", dir=cache)
-    os.chmod(scratch, 0o755)
-    t0 = time.monotonic()
-    try:
-        meta = build(scratch, dirs, files_per_dir)
-        meta["build_seconds"] = round(time.monotonic() - t0, 1)
-        publish(scratch, meta, final)
-    except BaseException:
-        remove_tree(scratch)
-        raise
-    with open(meta_path) as f:
-        return SmallFilesInput(final, json.load(f)), True
+    meta = build_published(cache, final, "smallfiles",
+                           lambda scratch: build(scratch, dirs, files_per_dir))
+    return SmallFilesInput(final, meta), True
 
 
 def build(out: str, dirs: int = DIRS, files_per_dir: int = FILES_PER_DIR) -> dict[str, Any]:
