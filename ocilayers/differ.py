@@ -15,6 +15,14 @@ from typing import Any
 
 from ocilayers.errors import UnsupportedUpperError, UpperDirError
 from ocilayers.fsutil import DIR_FLAGS
+from ocilayers.overrides import (
+    CAPABILITY,
+    OVERRIDE_XATTR,
+    SideRecord,
+    cap_to_v2,
+    record_name,
+    restore,
+)
 from ocilayers.tarstream import (
     BLK,
     BLOCK,
@@ -42,6 +50,8 @@ OPAQUE_POLICIES = ("docker", "lower")
 _CHUNK = 1 << 20
 # Never content: host labels and NFS ACLs (they describe the host, not the image).
 _DROPPED_XATTRS = frozenset({"security.selinux", "system.nfs4_acl"})
+# `docker commit` keeps only the capability (and its rootless records, read back as it).
+_DOCKER_KEPT = frozenset({CAPABILITY, OVERRIDE_XATTR, record_name(CAPABILITY)})
 _TYPE_BITS = {stat.S_IFDIR: (DIR, 0o040000), stat.S_IFLNK: (SYM, 0o120000),
               stat.S_IFCHR: (CHR, 0o020000), stat.S_IFBLK: (BLK, 0o060000),
               stat.S_IFIFO: (FIFO, 0o010000), stat.S_IFREG: (REG, 0o100000)}
@@ -159,7 +169,8 @@ class _Lowers:
 class _Writer:
     def __init__(self, out: Any, xattrs: str, opaque: str, lowers: _Lowers | None,
                  source_date_epoch: int | None, warn: Callable[[str], None] | None,
-                 ns: str = "trusted") -> None:
+                 ns: str = "trusted", records: bool = False,
+                 side: SideRecord | None = None) -> None:
         self.out = out
         self.ns = ns
         self.xattr_policy = xattrs
@@ -171,6 +182,9 @@ class _Writer:
         self.links: dict[tuple[int, int], bytes] = {}  # inode -> first name (files)
         self.whiteout_links: dict[tuple[int, int], bytes] = {}  # inode -> first on-disk path
         self.docker = xattrs == "docker"
+        # A rootless store's records (overrides): read back into what the image had.
+        self.records = records
+        self.side = side
 
     # -- headers --
 
@@ -188,7 +202,7 @@ class _Writer:
         out: dict[str, bytes] = {}
         for name in sorted(names):
             if self.docker:
-                if name != "security.capability":
+                if name not in _DOCKER_KEPT:
                     continue
                 content = name
             else:
@@ -248,6 +262,12 @@ class _Writer:
                      mtime_ns=self._mtime_ns(st), xattrs=self._xattrs(path))
         if fmt in (stat.S_IFCHR, stat.S_IFBLK):  # kept on a link to a device too, as moby does
             e.devmajor, e.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        if self.records:
+            if restore(e, self.side):  # a rootless store's stand-in for a device node
+                fmt = stat.S_IFCHR if e.type == CHR else stat.S_IFBLK
+                bits = _TYPE_BITS[fmt][1]
+        elif CAPABILITY in e.xattrs:
+            e.xattrs[CAPABILITY] = cap_to_v2(e.xattrs[CAPABILITY])
         if fmt != stat.S_IFDIR and st.st_nlink > 1:
             # Any non-dir can be hardlinked (files, fifos, devices, symlinks): the first name
             # in walk order is the entry, later names are type-1 links to it, as moby writes.
@@ -336,7 +356,7 @@ def write_layer(upper: str | bytes, out: Any, *, lowers: Sequence[str | bytes] |
                 xattrs: str = "all", opaque: str | None = None,
                 source_date_epoch: int | None = None,
                 warn: Callable[[str], None] | None = None,
-                fmt: OverlayFormat = TRUSTED) -> PackStats:
+                fmt: OverlayFormat = TRUSTED, side: SideRecord | None = None) -> PackStats:
     """Write the overlay upper dir `upper` to `out` (anything with `write`) as a layer tar.
 
     - char 0/0 whiteouts become `.wh.NAME` (never hardlinks, though the kernel links them);
@@ -349,6 +369,9 @@ def write_layer(upper: str | bytes, out: Any, *, lowers: Sequence[str | bytes] |
       written right; without them it is refused, never written wrong;
     - `fmt` is the mount's overlay format: TRUSTED (a default mount) or USERXATTR (mounted
       with `-o userxattr`, rootless). Only its `<namespace>.overlay.*` is overlay metadata.
+      A rootless dir (`fmt.rootless`, or the `user` namespace) has its records read back:
+      owners, modes, devices and xattrs it could not hold (overrides.restore; `side` is the
+      layer's side record). A v3 `security.capability` always leaves as v2.
     """
     if xattrs not in XATTR_POLICIES:
         raise ValueError(f"xattrs must be one of {XATTR_POLICIES}")
@@ -358,7 +381,8 @@ def write_layer(upper: str | bytes, out: Any, *, lowers: Sequence[str | bytes] |
     if opaque == "lower" and not lowers:
         raise ValueError("opaque='lower' needs lowers")
     low = _Lowers(lowers, fmt.xattr_namespace) if lowers else None
-    w = _Writer(out, xattrs, opaque, low, source_date_epoch, warn, fmt.xattr_namespace)
+    w = _Writer(out, xattrs, opaque, low, source_date_epoch, warn, fmt.xattr_namespace,
+                records=fmt.rootless or fmt.xattr_namespace == "user", side=side)
     root = os.fsencode(upper)
     if not os.path.isdir(root):
         raise UpperDirError(f"{os.fsdecode(root)}: not a directory")

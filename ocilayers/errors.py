@@ -77,3 +77,7 @@ class MountError(OCILayersError):
 
 class RunError(OCILayersError):
     """A step cannot be run as asked: no command, an unknown user, no runtime, not root."""
+
+
+class RootlessError(OCILayersError):
+    """Rootless mode cannot work here: a missing tool, ID range or kernel feature."""

@@ -21,7 +21,7 @@ import os
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ocilayers.errors import ImageError, UnsafeEntryError
@@ -30,11 +30,13 @@ from ocilayers.filewriters import (
     HANDOFF_MAX,
     FileWriters,
     set_file_meta,
+    set_override,
     set_xattrs,
     try_chown,
 )
 from ocilayers.forking import write_all
 from ocilayers.fsutil import DIR_FLAGS, remove_at
+from ocilayers.overrides import OVERRIDE_XATTR, Override, SideRecord
 from ocilayers.tarstream import (
     AREG,
     BLK,
@@ -85,6 +87,8 @@ class LayerStats:
     # None when it cannot be known that way: the dir was not empty, or the layer removed
     # something it had made (then walk the dir: store.diff_size).
     size: int | None = None
+    # Rootless: what symlinks and fifos could not carry as user.* xattrs (overrides).
+    side: SideRecord = field(default_factory=SideRecord)
 
 
 def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
@@ -515,7 +519,7 @@ class _Applier:
         elif entry.type == SYM:
             os.symlink(entry.linkname, base, dir_fd=pfd)
             self.size += len(entry.linkname)  # a symlink's st_size: its target's length
-            self._meta_at(pfd, base, entry, is_link=True)
+            self._meta_at(pfd, base, entry, is_link=True, path=path)
         else:
             if self.mode == "overlay" and entry.type == CHR and not (entry.devmajor
                                                                      or entry.devminor):
@@ -534,10 +538,19 @@ class _Applier:
             except PermissionError:
                 if not self.rootless or entry.type == FIFO:
                     raise
-                self.stats.skipped += 1
-                self.created.discard(path)
+                self._placeholder(pfd, base, entry)
                 return
-            self._meta_at(pfd, base, entry, is_link=False)
+            self._meta_at(pfd, base, entry, is_link=False, path=path)
+
+    def _placeholder(self, pfd: int, base: bytes, entry: TarEntry) -> None:
+        """Rootless: a device node as an empty regular file recording what it is."""
+        fd = os.open(base, FILE_FLAGS, entry.mode & 0o777, dir_fd=pfd)
+        try:
+            set_file_meta(fd, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs,
+                          chown=self._needs_chown(entry), umask=self.umask, rootless=True,
+                          kind=Override.of(entry))
+        finally:
+            os.close(fd)
 
     def _dir_entry(self, pfd: int, base: bytes, path: bytes, entry: TarEntry) -> None:
         fd = os.open(base, DIR_FLAGS, dir_fd=pfd)
@@ -573,13 +586,12 @@ class _Applier:
 
     # -- metadata --
 
-    def _chown(self, fn: Callable[[], None]) -> None:
-        self.stats.skipped += try_chown(fn, self.rootless)
-
     def _xattrs(self, entry: TarEntry, setter: Callable[[str, bytes], None],
-                regular: bool) -> None:
-        self.stats.skipped += set_xattrs(entry.xattrs, setter, regular=regular,
-                                         rootless=self.rootless)
+                regular: bool, path: bytes) -> None:
+        side = self.stats.side
+        self.stats.skipped += set_xattrs(
+            entry.xattrs, setter, regular=regular, rootless=self.rootless,
+            unsettable=lambda n, v: side.set_xattr(path, n, v))
 
     def _meta_now(self, fd: int, entry: TarEntry, *, is_dir: bool, path: bytes | None) -> None:
         """Owner, mode, xattrs (and times, or defer them for dirs) through an open fd."""
@@ -588,22 +600,25 @@ class _Applier:
                 fd, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs,
                 chown=self._needs_chown(entry), umask=self.umask, rootless=self.rootless)
             return
-        self._chown(lambda: os.fchown(fd, entry.uid, entry.gid))
-        if entry.xattrs:
-            self._xattrs(entry, lambda n, v: os.setxattr(fd, n, v), regular=True)
         assert path is not None
+        if try_chown(lambda: os.fchown(fd, entry.uid, entry.gid), self.rootless):
+            set_override(fd, Override(entry.uid, entry.gid, entry.mode, "dir"))
+        if entry.xattrs:
+            self._xattrs(entry, lambda n, v: os.setxattr(fd, n, v), regular=True, path=path)
         self.dir_meta[path] = entry  # mode and times after the children (rootless: 0555)
 
-    def _meta_at(self, pfd: int, base: bytes, entry: TarEntry, *, is_link: bool) -> None:
-        """Owner, mode, xattrs and times of a symlink or node, never following a symlink."""
+    def _meta_at(self, pfd: int, base: bytes, entry: TarEntry, *, is_link: bool,
+                 path: bytes) -> None:
+        """Owner, mode, xattrs and times of a symlink or node, never following a symlink.
+        Rootless, what it cannot carry goes to the layer's side record."""
         chown = self._needs_chown(entry)
-        if chown:
-            self._chown(lambda: os.chown(base, entry.uid, entry.gid, dir_fd=pfd,
-                                         follow_symlinks=False))
+        if chown and try_chown(lambda: os.chown(base, entry.uid, entry.gid, dir_fd=pfd,
+                                                follow_symlinks=False), self.rootless):
+            self.stats.side.set_stat(path, Override.of(entry))
         if entry.xattrs:
             proc = f"/proc/self/fd/{pfd}/".encode() + base
             self._xattrs(entry, lambda n, v: os.setxattr(proc, n, v, follow_symlinks=False),
-                         regular=False)
+                         regular=False, path=path)
         if not is_link and self._needs_chmod(entry, chown):
             os.chmod(base, entry.mode, dir_fd=pfd)  # a node we just made: cannot be redirected
         os.utime(base, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=pfd, follow_symlinks=False)
@@ -614,6 +629,8 @@ class _Applier:
         """Remove `base` (at `path`) from `pfd`; `pfd` itself stays valid."""
         self.size_known = False
         self._handoff_dir = None  # a removed inode may live on through a hardlink
+        if self.stats.side:
+            self.stats.side.drop(path)
         if stat.S_ISDIR(st.st_mode):
             prefix = path + b"/"
             for p in [p for p in self.dir_meta if p == path or p.startswith(prefix)]:
@@ -687,8 +704,8 @@ class _Applier:
             if existing is not None:
                 self._remove(pfd, target, existing, path)
             os.mknod(target, stat.S_IFCHR, os.makedev(0, 0), dir_fd=pfd)
-            self._chown(lambda: os.chown(target, entry.uid, entry.gid, dir_fd=pfd,
-                                         follow_symlinks=False))
+            try_chown(lambda: os.chown(target, entry.uid, entry.gid, dir_fd=pfd,
+                                       follow_symlinks=False), self.rootless)
             self.whiteout_devs.setdefault(_join(parent), set()).add(target)
             return
         try:
@@ -838,6 +855,13 @@ class _Applier:
             os.fchmod(fd, entry.mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         self._drop_cache()
+        if self.rootless and self.mode == "overlay" and self.fresh:
+            # fuse-overlayfs honours a layer's records only where its root dir has one too.
+            try:
+                os.getxattr(self.root_fd, OVERRIDE_XATTR)
+            except OSError:
+                st = os.fstat(self.root_fd)
+                set_override(self.root_fd, Override(0, 0, st.st_mode & 0o7777, "dir"))
 
 
 def expand_root_opaque(diff: int | str | bytes, lowers: Sequence[str | bytes],

@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 from ocilayers.errors import OCILayersError
 from ocilayers.forking import can_fork, pickled_error, start_child, write_all
 from ocilayers.fsutil import DIR_FLAGS
+from ocilayers.overrides import OVERRIDE_XATTR, Override, is_reserved, record_name
 from ocilayers.whiteout import escape_xattr
 
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -55,7 +56,8 @@ Job = tuple[bytes, bytes, int, int, int, int, "dict[str, bytes] | None", bytes]
 # -- metadata of a new regular file, shared with the applier --
 
 def try_chown(fn: Callable[[], None], rootless: bool) -> int:
-    """Run a chown; in rootless mode an owner the user cannot give is skipped (returns 1)."""
+    """Run a chown; in rootless mode an owner the user cannot give is not given (returns 1:
+    the caller records it)."""
     try:
         fn()
     except OSError as exc:
@@ -66,41 +68,74 @@ def try_chown(fn: Callable[[], None], rootless: bool) -> int:
     return 0
 
 
+Unsettable = Callable[[str, bytes], None]
+
+
 def set_xattrs(xattrs: dict[str, bytes], setter: Callable[[str, bytes], None], *,
-               regular: bool, rootless: bool) -> int:
-    """Set an entry's xattrs (overlay ones escaped); returns how many were skipped."""
+               regular: bool, rootless: bool, unsettable: Unsettable | None = None) -> int:
+    """Set an entry's xattrs (overlay ones escaped); returns how many were skipped.
+
+    Rootless, an xattr that cannot be set (trusted.*, or any on a symlink or fifo) is recorded
+    (overrides): as a `user.ocilayers.xattr.*` xattr where the entry can carry one
+    (`regular`: files and dirs), else through `unsettable` (the layer's side record)."""
     skipped = 0
-    for name, value in xattrs.items():
+    for original, value in xattrs.items():
         # An image must never forge overlay metadata: escape it (see whiteout.escape_xattr).
-        name = escape_xattr(name)
+        name = escape_xattr(original)
+        if rootless and is_reserved(original):
+            name = record_name(original)  # never to be taken for one of our records
         try:
             setter(name, value)
         except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.ENOTSUP) and (
-                rootless or (not regular and name.startswith("user."))
-            ):
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+                exc.add_note(f"set xattr {name}")
+                raise
+            if rootless and regular:
+                try:
+                    setter(record_name(original), value)
+                except OSError as exc2:
+                    exc2.add_note(f"record xattr {original} as {record_name(original)} (a "
+                                  "rootless store needs user.* xattrs on its file system)")
+                    raise
+            elif rootless and unsettable is not None:
+                unsettable(original, value)
+            elif rootless or (not regular and name.startswith("user.")):
                 skipped += 1  # e.g. user.* is not allowed on symlinks
-                continue
-            exc.add_note(f"set xattr {name}")
-            raise
+            else:
+                exc.add_note(f"set xattr {name}")
+                raise
     return skipped
 
 
 def set_file_meta(fd: int, mode: int, uid: int, gid: int, mtime_ns: int,
                   xattrs: dict[str, bytes] | None, *, chown: bool, umask: int,
-                  rootless: bool) -> int:
+                  rootless: bool, kind: Override | None = None) -> int:
     """Owner, xattrs, mode and times of a regular file just made with `mode & 0o777` (less
-    the umask); returns how many settings a rootless run skipped."""
+    the umask); returns how many settings a rootless run skipped. Rootless, an owner that
+    cannot be given is recorded in `user.containers.override_stat`, as is `kind` (the device
+    a placeholder file stands for) always."""
     skipped = 0
-    if chown:
-        skipped += try_chown(lambda: os.fchown(fd, uid, gid), rootless)
+    record = kind
+    if chown and try_chown(lambda: os.fchown(fd, uid, gid), rootless):
+        record = record or Override(uid, gid, mode, "file")
     if xattrs:
         skipped += set_xattrs(xattrs, lambda n, v: os.setxattr(fd, n, v), regular=True,
                               rootless=rootless)
+    if record is not None:
+        set_override(fd, record)
     if chown or mode != (mode & 0o777 & ~umask):
         os.fchmod(fd, mode)  # after chown, which clears setuid/setgid
     os.utime(fd, ns=(mtime_ns, mtime_ns))
     return skipped
+
+
+def set_override(fd: int, record: Override) -> None:
+    try:
+        os.setxattr(fd, OVERRIDE_XATTR, record.encode())
+    except OSError as exc:
+        exc.add_note(f"record the owner in {OVERRIDE_XATTR} (a rootless store needs user.* "
+                     "xattrs on its file system)")
+        raise
 
 
 # -- the writing side --

@@ -45,7 +45,7 @@ def build_layer(src: ImageSource, layer: Layer, staging: Staging,
     from ocilayers import filewriters
     from ocilayers.whiteout import OverlayFormat
 
-    fmt = OverlayFormat.native()
+    fmt = staging.fmt or OverlayFormat.native()
     writers = filewriters.start(staging.diff, layer.descriptor.size, rootless=fmt.rootless,
                                 busy=busy)
     try:
@@ -134,7 +134,8 @@ def _start_worker(src: ImageSource, image: Image, index: int, staging: Staging,
             os.close(wfd)
             raise
         if pid == 0:  # the child; _worker_main never returns
-            _worker_main(src, image.layers[index], Staging(staging.path, staging.cache_id, -1),
+            _worker_main(src, image.layers[index], Staging(staging.path, staging.cache_id, -1,
+                                                            staging.fmt),
                          counters, index, parent_pid, wfd, [rfd, *running], busy)
         os.close(wfd)
         worker = running[rfd] = _Worker(index, pid, rfd, bytearray())

@@ -36,12 +36,23 @@ class OverlayFormat:
 
     @classmethod
     def native(cls, xattr_namespace: str = "trusted") -> OverlayFormat:
-        """The default for this process: rootless unless euid 0."""
-        return cls(xattr_namespace, os.geteuid() != 0)
+        """The default for this process: rootless unless euid 0 of the initial user namespace
+        (root of any other cannot make devices or trusted.* xattrs either)."""
+        return cls(xattr_namespace, os.geteuid() != 0 or in_user_namespace())
 
     @property
     def opaque_xattr(self) -> str:
         return opaque_xattr(self.xattr_namespace)
+
+
+def in_user_namespace() -> bool:
+    """Is this process in a user namespace other than the initial one (whose uid_map maps
+    every ID to itself)?"""
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as f:
+            return f.read().split() != ["0", "0", "4294967295"]
+    except FileNotFoundError:  # no /proc: assume the initial namespace
+        return False
 
 
 TRUSTED = OverlayFormat("trusted")

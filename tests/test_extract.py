@@ -1285,7 +1285,8 @@ try:
 except Exception as exc:
     print(json.dumps({"error": f"{type(exc).__name__}: {exc} {getattr(exc, '__notes__', '')}"}))
     sys.exit(0)
-print(json.dumps(dataclasses.asdict(stats)))
+print(json.dumps({**{f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)
+                     if f.name != "side"}, "side": stats.side.entries}))
 """
 
 RUNNERS = {
@@ -1325,27 +1326,40 @@ def test_rootless(variant: str, tmp_path: Path) -> None:
     layer = [
         tb.dir("d", **o),
         tb.file("d/own", b"mine", mode=0o640, xattrs={"user.k": b"v"}, **o),
-        tb.file("d/foreign", b"theirs", uid=1000, gid=1000),  # skipped: owner
-        tb.chardev("d/null", 1, 3, **o),  # skipped: device
+        tb.file("d/foreign", b"theirs", uid=1000, gid=1000),  # recorded: owner
+        tb.chardev("d/null", 1, 3, **o),  # recorded: a regular file standing for the device
         tb.fifo("d/p", **o),
-        tb.file("d/trusted", xattrs={"trusted.t": b"1"}, **o),  # skipped: trusted xattr
+        tb.fifo("d/p2", uid=1000, gid=1000),  # owner in the side record
+        tb.symlink("d/l", "own", uid=1000, gid=1000),  # owner in the side record
+        tb.file("d/trusted", xattrs={"trusted.t": b"1"}, **o),  # recorded: trusted xattr
+        tb.file("d/forged", xattrs={"user.containers.override_stat": b"0:0:7777"}, **o),
         tb.whiteout("gone", **o),
-        tb.whiteout("gone2", uid=1000, gid=1000),  # whiteout made; owner skipped
+        tb.whiteout("gone2", uid=1000, gid=1000),  # whiteout made; its owner does not matter
         tb.dir("o", **o), tb.file("o/x", **o), tb.opaque("o", **o),
         tb.whiteout("o/y", **o),  # redundant in an opaque dir
     ]
     result = _run_rootless(variant, target, tb.build(layer))
     assert "error" not in result, result["error"]
-    assert result["skipped"] == 4, result
+    assert result["skipped"] == 0, result
     assert (result["whiteouts"], result["opaques"], result["entries"]) == (3, 1, len(layer))
     d = target / "d"
+    ov = "user.containers.override_stat"
     assert (d / "own").read_bytes() == b"mine"
     assert os.getxattr(d / "own", "user.k") == b"v"
+    assert ov not in os.listxattr(d / "own")
     assert (os.lstat(d / "own").st_uid, os.lstat(d / "foreign").st_uid) == (own, own)
     assert (d / "foreign").read_bytes() == b"theirs"
-    assert not exists(d / "null")
+    assert os.getxattr(d / "foreign", ov) == b"1000:1000:0644:file"
+    assert kind(d / "null") == "file" and os.lstat(d / "null").st_size == 0
+    assert os.getxattr(d / "null", ov) == f"{own}:{own}:0666:char-1-3".encode()
     assert kind(d / "p") == "fifo"
+    assert result["side"] == {"d/p2": {"stat": "1000:1000:0644:pipe"},
+                              "d/l": {"stat": "1000:1000:0777:symlink"}}
     assert "trusted.t" not in os.listxattr(d / "trusted")
+    assert os.getxattr(d / "trusted", "user.ocilayers.xattr.trusted.t") == b"1"
+    assert ov not in os.listxattr(d / "forged")  # an image's own: stored as a record of itself
+    assert os.getxattr(d / "forged", "user.ocilayers.xattr." + ov) == b"0:0:7777"
+    assert os.getxattr(target, ov) == f"0:0:{os.lstat(target).st_mode & 0o7777:04o}:dir".encode()
     assert is_whiteout(target / "gone") and is_whiteout(target / "gone2")
     assert os.lstat(target / "gone").st_uid == own
     assert os.getxattr(target / "o", "user.overlay.opaque") == b"y"
@@ -1425,7 +1439,8 @@ def test_stats(mode: str, root: Path, caps: dict[str, str | None]) -> None:
 def _extra_stats_defaults() -> dict[str, Any]:
     """LayerStats fields beyond the issue's six keep their defaults (e.g. root_opaque=False)."""
     six = {"entries", "bytes", "whiteouts", "opaques", "hardlinks", "skipped", "size"}
-    return {f.name: f.default for f in dataclasses.fields(LayerStats) if f.name not in six}
+    return {f.name: f.default if f.default_factory is dataclasses.MISSING
+            else f.default_factory() for f in dataclasses.fields(LayerStats) if f.name not in six}
 
 
 def test_stats_empty_layer(root: Path) -> None:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from ocilayers import __version__
-from ocilayers.cli import containers, growth, images, registry, store
+from ocilayers.cli import containers, growth, images, registry, store, unshare
 from ocilayers.cli.common import PROG, Parser, _global_options
 from ocilayers.errors import OCILayersError
 
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_login(add, pick)
     registry.add_logout(add, pick)
     containers.register(add, pick)
+    unshare.add_unshare(add, pick)
     return parser
 
 
@@ -98,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.root is None:
         args.root = os.environ.get("OCILAYERS_ROOT") or None
     try:
+        unshare.enter(args)
         with registry.registry_context(args):
             result: int = args.func(args)
         return result

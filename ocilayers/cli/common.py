@@ -30,6 +30,10 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--root", metavar="DIR", default=d,
                         help="store root (default: $OCILAYERS_ROOT, /var/lib/ocilayers as "
                              "root, else the XDG data dir)")
+    parser.add_argument("--rootless", action="store_true",
+                        default=argparse.SUPPRESS if suppress else False,
+                        help="rootless mode (the default for a user other than root): a store "
+                             "that records what an unprivileged user cannot make")
     parser.add_argument("--debug", action="store_true",
                         default=argparse.SUPPRESS if suppress else False,
                         help="show tracebacks")

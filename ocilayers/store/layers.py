@@ -89,6 +89,7 @@ class Staging:
     path: str
     cache_id: str
     fd: int
+    fmt: OverlayFormat | None = None  # the store's (None: this process's default)
 
     @property
     def diff(self) -> str:
@@ -128,13 +129,15 @@ def fill_staging(staging: Staging, stream: TarSource,
         filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=1  # type: ignore[no-untyped-call]
     ) as gz:
         ts = TarSplitWriter(gz)
-        stats = apply_layer(stream, staging.diff, mode="overlay", fmt=fmt, on_entry=ts.on_entry,
+        stats = apply_layer(stream, staging.diff, mode="overlay", fmt=fmt or staging.fmt,
+                            on_entry=ts.on_entry,
                             on_raw=ts.on_raw, defer_root_opaque=True, writers=writers)
         ts.end_of_archive()
         while chunk := stream.read(CHUNK):
             ts.trailing(chunk)
         diff_id = stream.finish()
         ts.close()
+    stats.side.save(staging.path)  # rootless: records for what cannot carry a user.* xattr
     # The size counted while applying; a walk of the dir only when that count is not exact.
     size = stats.size if stats.size is not None else diff_size(staging.diff)
     return Built(diff_id, size, stats)
@@ -195,7 +198,7 @@ class LayerStore:
         os.rename(birth, path)  # the lock is on the inode: it moves with the dir
         os.mkdir(os.path.join(path, "diff"), 0o755)
         os.chmod(os.path.join(path, "diff"), 0o755)
-        return Staging(path, cache_id, fd)
+        return Staging(path, cache_id, fd, self.layout.overlay_format())
 
     def discard(self, staging: Staging) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -386,7 +389,7 @@ class LayerStore:
 
         if built.stats.root_opaque and parent is not None:
             lowers = [self.diff_dir(r) for r in reversed(self.chain(parent))]
-            expand_root_opaque(staging.diff, lowers)
+            expand_root_opaque(staging.diff, lowers, staging.fmt or self.layout.overlay_format())
         return self.register(staging, built.diff_id, parent, built.size)
 
     def ingest(self, stream: TarSource, parent: Digest | None, *,

@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 from collections.abc import Iterator
+from typing import Any
 
-from ocilayers.errors import StoreError
+from ocilayers import userns
+from ocilayers.errors import RootlessError, StoreError
+from ocilayers.fsutil import write_atomic
 from ocilayers.spec import Digest
+from ocilayers.whiteout import OverlayFormat
 
 LOCK_NAME = "ocilayers.lock"
+# A rootless store's record (docs/store-format.md): its overlay xattr namespace ("user": the
+# diff dirs hold user.overlay.* markers, for `-o userxattr` mounts) and the ID mapping its
+# owners were made under.
+ROOTLESS_RECORD = "rootless.json"
 
 
 def default_root() -> str:
@@ -20,7 +29,7 @@ def default_root() -> str:
     env = os.environ.get("OCILAYERS_ROOT")
     if env:
         return env
-    if os.geteuid() == 0:
+    if not userns.is_rootless():
         return "/var/lib/ocilayers"
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
                                                            "share")
@@ -76,6 +85,7 @@ class StoreLayout:
         self.mounts = os.path.join(self.layerdb, "mounts")
         self.imagedb = os.path.join(self.image_root, "imagedb")
         self.repositories_path = os.path.join(self.image_root, "repositories.json")
+        self._fmt: OverlayFormat | None = None
 
     # -- paths --
 
@@ -115,6 +125,53 @@ class StoreLayout:
             except FileExistsError:
                 if not os.path.isdir(path):
                     raise StoreError(f"{path}: exists and is not a directory") from None
+
+        self._record_rootless()
+
+    # -- rootless --
+
+    def rootless_record(self) -> dict[str, Any] | None:
+        """The store's rootless record, or None for a rootful store."""
+        path = os.path.join(self.root, ROOTLESS_RECORD)
+        try:
+            doc = json.loads(read_text(path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise StoreError(f"{path}: corrupt (not JSON)") from None
+        if not isinstance(doc, dict) or doc.get("xattr_namespace") != "user":
+            raise StoreError(f"{path}: not a rootless store record")
+        return doc
+
+    def overlay_format(self) -> OverlayFormat:
+        """How this store's diff dirs hold overlay metadata: a rootless store's in `user.*`
+        (recording what it cannot make), a rootful one's in `trusted.*`."""
+        if self._fmt is None:
+            rootless = self.rootless_record() is not None
+            self._fmt = (OverlayFormat("user", rootless=True) if rootless
+                         else OverlayFormat("trusted", rootless=userns.is_rootless()))
+        return self._fmt
+
+    def _record_rootless(self) -> None:
+        """In rootless mode, a store gets its record when it is made (and an older rootless
+        store when it is next written); the record's ID mapping must match this process's."""
+        if not userns.rootless_mode():
+            return
+        here = userns.record_of_process()
+        doc = self.rootless_record()
+        if doc is None:
+            if not self._is_empty():
+                raise RootlessError(f"{self.root}: a store made by root (overlay metadata in "
+                                    "trusted.* xattrs) cannot be written rootless: use another "
+                                    "--root")
+            write_atomic(os.path.join(self.root, ROOTLESS_RECORD),
+                         json.dumps(here, indent=2).encode() + b"\n", 0o644)
+            self._fmt = None
+            return
+        userns.check_record(doc, here, self.root)
+
+    def _is_empty(self) -> bool:
+        return not any(n != "l" for n in os.listdir(self.overlay))
 
     def _check_parents(self) -> None:
         """A root below something that is not a dir gets a message that says so (mkdir
