@@ -169,12 +169,13 @@ def flatten(arg: str, dest: str, *, root: str | None = None, ref: str | None = N
     return flatten_image(arg, dest, root=root, ref=ref, platform=platform)
 
 
-def mount(store: Store, name: str, target: str) -> str:
+def mount(store: Store, name: str, target: str, *, fuse: bool = False) -> str:
     """A read-only merged view of an image (overlay of its lower chain; bind for one layer),
-    recorded in the store; returns the target path."""
+    recorded in the store; returns the target path. `fuse`: with fuse-overlayfs (rootless:
+    it shows the owners the store recorded)."""
     from ocilayers.view import mount_image
 
-    return mount_image(store, name, target)
+    return mount_image(store, name, target, fuse=fuse)
 
 
 def umount(store: Store, target: str) -> None:

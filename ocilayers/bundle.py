@@ -189,3 +189,38 @@ def runtime_spec(image_config: dict[str, Any], container_id: str, rootfs: str,
     return {"ociVersion": "1.0.2", "process": process,
             "root": {"path": rootfs, "readonly": False},
             "hostname": container_id[:12], "mounts": mounts, "linux": linux}
+
+
+def rootless_spec(spec: dict[str, Any], uid_map: Sequence[tuple[int, int, int]],
+                  gid_map: Sequence[tuple[int, int, int]], *,
+                  network_namespace: bool = False) -> dict[str, Any]:
+    """`spec` for a rootless runtime, as umoci's `--rootless` changes it: a user namespace
+    mapping the IDs the caller has (`(container id, host id, count)`, host ids as the caller's
+    namespace sees them); no network namespace unless asked; /sys bind-mounted read-only (no
+    sysfs of its own without a network namespace); no `uid=`/`gid=` mount options (those ids
+    may be unmapped); no resource limits (no cgroup is ours to write)."""
+    out = dict(spec)
+    linux = dict(out.get("linux") or {})
+    namespaces = [n for n in linux.get("namespaces", []) if n.get("type") not in
+                  ("user", "network", "cgroup")]
+    namespaces.append({"type": "user"})
+    if network_namespace:
+        namespaces.append({"type": "network"})
+    linux["namespaces"] = namespaces
+    linux["uidMappings"] = [{"containerID": c, "hostID": h, "size": n} for c, h, n in uid_map]
+    linux["gidMappings"] = [{"containerID": c, "hostID": h, "size": n} for c, h, n in gid_map]
+    linux.pop("resources", None)
+    linux.pop("cgroupsPath", None)
+    out["linux"] = linux
+    mounts = []
+    for m in out.get("mounts", []):
+        m = dict(m)
+        if m.get("destination") == "/sys" and not network_namespace:
+            m = {"destination": "/sys", "type": "none", "source": "/sys",
+                 "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
+        opts = [o for o in m.get("options", []) if not o.startswith(("uid=", "gid="))]
+        if "options" in m:
+            m["options"] = opts
+        mounts.append(m)
+    out["mounts"] = mounts
+    return out

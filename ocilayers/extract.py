@@ -36,7 +36,7 @@ from ocilayers.filewriters import (
 )
 from ocilayers.forking import write_all
 from ocilayers.fsutil import DIR_FLAGS, remove_at
-from ocilayers.overrides import OVERRIDE_XATTR, Override, SideRecord
+from ocilayers.overrides import Override, SideRecord, complete_layer
 from ocilayers.tarstream import (
     AREG,
     BLK,
@@ -856,12 +856,7 @@ class _Applier:
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         self._drop_cache()
         if self.rootless and self.mode == "overlay" and self.fresh:
-            # fuse-overlayfs honours a layer's records only where its root dir has one too.
-            try:
-                os.getxattr(self.root_fd, OVERRIDE_XATTR)
-            except OSError:
-                st = os.fstat(self.root_fd)
-                set_override(self.root_fd, Override(0, 0, st.st_mode & 0o7777, "dir"))
+            complete_layer(self.root_fd)  # as fuse-overlayfs needs a layer's records
 
 
 def expand_root_opaque(diff: int | str | bytes, lowers: Sequence[str | bytes],

@@ -57,7 +57,8 @@ def _live_mounts(store: Store, c: Container) -> list[MountRecord]:
     return [r for r in store.mounts.live() if r.container_id == c.id]
 
 
-def mount_container(store: Store, c: Container, target: str | None = None) -> str:
+def mount_container(store: Store, c: Container, target: str | None = None, *,
+                    fuse: bool = False) -> str:
     """Mount the container read-write (lowers: its init layer and the image's chain; upper:
     its rw `diff/`); returns the path. A mounted container is not mounted again: the same
     path comes back and its users are counted."""
@@ -83,10 +84,12 @@ def mount_container(store: Store, c: Container, target: str | None = None) -> st
             rec = store.mounts.add(path, "container", chains, image_id=c.image_id,
                                    container_id=c.id)
             try:
+                rootless = store.layout.overlay_format().xattr_namespace == "user"
                 mount_overlay(OverlayMount(
                     store.layout.overlay, tuple(store.layers.lowers_of(c.init_id)),
-                    upper=store.containers.diff_dir(c), work=store.containers.work_dir(c)),
-                    path)
+                    upper=store.containers.diff_dir(c), work=store.containers.work_dir(c),
+                    userxattr=rootless), path,
+                    fuse=True if fuse else (None if rootless else False))
             except BaseException:
                 store.mounts.remove(rec)
                 raise

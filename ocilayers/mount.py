@@ -8,7 +8,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import stat
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -149,14 +151,34 @@ def _check_dirs(m: OverlayMount) -> None:
             raise MountError(f"{what} dir {path} is missing")
 
 
-def mount_overlay(m: OverlayMount, target: str) -> None:
+def mount_overlay(m: OverlayMount, target: str, *, fuse: bool | None = False) -> None:
     """Mount `m` on `target`. As dockerd does, when the option string with absolute lowers
     would not fit in a page (the kernel's limit for mount data), mount from inside `base`
-    with the short relative names (in a child process: the cwd is per process)."""
-    if m.upper is None and len(m.lowers) == 1:
+    with the short relative names (in a child process: the cwd is per process).
+
+    `fuse=True` mounts with fuse-overlayfs instead of the kernel (it shows the owners a
+    rootless store recorded); `fuse=None` tries the kernel first and fuse-overlayfs where
+    the kernel refuses (rootless, on a kernel without `userxattr` overlays)."""
+    if m.upper is None and len(m.lowers) == 1 and not fuse:
         raise ValueError("overlayfs needs two lowers for a read-only mount; bind-mount one")
     path = check_target(target)
     _check_dirs(m)
+    if fuse:
+        mount_fuse_overlay(m, path)
+        return
+    try:
+        _kernel_overlay(m, path, target)
+    except MountError as exc:
+        if fuse is None and shutil.which("fuse-overlayfs"):
+            try:
+                mount_fuse_overlay(m, path)
+            except MountError as fexc:
+                raise MountError(f"{exc}; fuse-overlayfs failed too: {fexc}") from None
+            return
+        raise
+
+
+def _kernel_overlay(m: OverlayMount, path: str, target: str) -> None:
     what = f"mount overlay on {target}"
     opts = m.options(relative=False)
     if len(opts) < os.sysconf("SC_PAGE_SIZE") - 1:
@@ -164,6 +186,27 @@ def mount_overlay(m: OverlayMount, target: str) -> None:
         return
     _in_child(m.base, lambda: _sys_mount("overlay", path, "overlay", m.flags,
                                          m.options(relative=True), what), what)
+
+
+def mount_fuse_overlay(m: OverlayMount, path: str) -> None:
+    """Mount `m` on `path` with fuse-overlayfs (containers/fuse-overlayfs): lowers resolved to
+    absolute paths, `squash_to_root` never, its own process serving the mount until unmount."""
+    tool = shutil.which("fuse-overlayfs")
+    if tool is None:
+        raise MountError("fuse-overlayfs is not installed (Debian: apt-get install "
+                         "fuse-overlayfs)")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise MountError("cannot open /dev/fuse (it must be mode 0666 for rootless FUSE "
+                         "mounts, as on a normal Debian system: chmod 0666 /dev/fuse)")
+    lowers = [os.path.realpath(os.path.join(m.base, x)) for x in m.lowers]
+    opts = ["lowerdir=" + ":".join(lowers)]
+    if m.upper is not None:
+        opts += [f"upperdir={m.upper}", f"workdir={m.work}"]
+    res = subprocess.run([tool, "-o", ",".join(opts), path], stdin=subprocess.DEVNULL,
+                         capture_output=True, timeout=60)
+    if res.returncode != 0:
+        lines = res.stderr.decode(errors="replace").strip().splitlines()
+        raise MountError(f"fuse-overlayfs on {path}: {lines[-1] if lines else 'failed'}")
 
 
 def _in_child(cwd: str, call: Callable[[], None], what: str) -> None:

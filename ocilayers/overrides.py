@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ OVERRIDE_XATTR = "user.containers.override_stat"
 RECORD_PREFIX = "user.ocilayers.xattr."
 SIDE_RECORD = "override_stat.json"
 CAPABILITY = "security.capability"
+_S_ISDIR, _S_ISREG = stat.S_ISDIR, stat.S_ISREG
 
 _KINDS = {REG: "file", DIR: "dir", SYM: "symlink", FIFO: "pipe"}
 _DEVICE_KINDS = {CHR: "char", BLK: "block"}
@@ -209,3 +211,50 @@ def restore(entry: TarEntry, side: SideRecord | None = None) -> bool:
         entry.devmajor, entry.devminor, entry.size = ov.major, ov.minor, 0
         return True
     return False
+
+
+def complete_layer(root_fd: int) -> bool:
+    """Give every file and dir of a diff dir a record once any has one, and its root dir one:
+    fuse-overlayfs reads records only in a layer whose root has one, and then fails (ENODATA)
+    on a file or dir without. A layer without records stays without. Returns whether it has
+    records."""
+    base = f"/proc/self/fd/{root_fd}".encode()
+    lacking: list[tuple[bytes, os.stat_result]] = []
+    has = False
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(base + rel) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                if not (_S_ISDIR(st.st_mode) or _S_ISREG(st.st_mode)):
+                    continue
+                path = rel + b"/" + e.name
+                if _S_ISDIR(st.st_mode):
+                    stack.append(path)
+                if _has_record(base + path):
+                    has = True
+                else:
+                    lacking.append((path, st))
+    if not has:
+        return False
+    for path, st in lacking:
+        kind = "dir" if _S_ISDIR(st.st_mode) else "file"
+        os.setxattr(base + path, OVERRIDE_XATTR,
+                    Override(st.st_uid, st.st_gid, st.st_mode & 0o7777, kind).encode(),
+                    follow_symlinks=False)
+    if not _has_record(root_fd):
+        st = os.fstat(root_fd)
+        os.setxattr(root_fd, OVERRIDE_XATTR, Override(0, 0, st.st_mode & 0o7777, "dir").encode())
+    return True
+
+
+def _has_record(path: int | bytes) -> bool:
+    try:
+        if isinstance(path, int):
+            os.getxattr(path, OVERRIDE_XATTR)
+        else:
+            os.getxattr(path, OVERRIDE_XATTR, follow_symlinks=False)
+    except OSError:
+        return False
+    return True

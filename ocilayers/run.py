@@ -13,12 +13,14 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import replace
 
-from ocilayers.bundle import RunOptions, runtime_spec
+from ocilayers.bundle import RunOptions, rootless_spec, runtime_spec
 from ocilayers.errors import RunError
 from ocilayers.fsutil import rmtree, write_atomic
 from ocilayers.lifecycle import mount_container, umount_container
 from ocilayers.store import Store
 from ocilayers.store.containers import Container, RunHold
+from ocilayers.userns import read_map
+from ocilayers.whiteout import in_user_namespace
 
 GRACE_SECONDS = 10  # docker stop's default before SIGKILL
 
@@ -65,10 +67,18 @@ def write_bundle(store: Store, c: Container, bundle: str, rootfs: str,
     config = json.loads(store.containers.base_config(c))
     opts = replace(opts, etc_files={**etc_files(store, c, opts.network), **opts.etc_files})
     spec = runtime_spec(config, c.id, rootfs, opts)
+    if store.layout.overlay_format().rootless and (os.geteuid() != 0 or in_user_namespace()):
+        spec = rootless_spec(spec, *_own_ids(), network_namespace=opts.network == "none")
     os.makedirs(bundle, exist_ok=True)
     write_atomic(os.path.join(bundle, "config.json"),
                  json.dumps(spec, indent=2).encode(), 0o600)
     return spec
+
+
+def _own_ids() -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """The IDs this user namespace has, each mapped to itself in the step's namespace."""
+    return ([(m.inside, m.inside, m.count) for m in read_map("uid")],
+            [(m.inside, m.inside, m.count) for m in read_map("gid")])
 
 
 def find_init() -> str:
@@ -85,7 +95,8 @@ def run_step(store: Store, c: Container, opts: RunOptions, *, runtime: str | Non
              init: bool = False) -> int:
     """Run one step in the container; returns its exit code (128+N when killed by signal N)."""
     if os.geteuid() != 0:
-        raise RunError("run needs root for now: rootless runs come with the rootless work")
+        raise RunError("a rootless run needs the user namespace the CLI makes (run it with "
+                       "`ocilayers run`, or call userns.enter first)")
     runtime_path = find_runtime(runtime)
     if init:
         opts = replace(opts, init=find_init())

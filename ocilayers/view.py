@@ -18,8 +18,10 @@ from ocilayers.mount import (
 from ocilayers.store import Store
 
 
-def mount_image(store: Store, name: str, target: str) -> str:
-    """Mount a read-only merged view of an image on `target`; returns the target's path."""
+def mount_image(store: Store, name: str, target: str, *, fuse: bool = False) -> str:
+    """Mount a read-only merged view of an image on `target`; returns the target's path.
+    A rootless store's view is a `userxattr` overlay (fuse-overlayfs where the kernel refuses
+    one, or with `fuse`)."""
     with store.lock():
         img = store.find_image(name)
         top = img.top
@@ -29,11 +31,13 @@ def mount_image(store: Store, name: str, target: str) -> str:
         rec = store.mounts.add(path, "image", [str(r.chain_id) for r in img.layers],
                                image_id=str(img.image_id))
         try:
-            if len(img.layers) == 1:
+            rootless = store.layout.overlay_format().xattr_namespace == "user"
+            if len(img.layers) == 1 and not fuse:
                 bind_readonly(store.layers.diff_dir(top), path)
             else:
-                mount_overlay(OverlayMount(store.layout.overlay,
-                                           tuple(store.layers.lowers_of(top.cache_id))), path)
+                lowers = tuple(store.layers.lowers_of(top.cache_id))
+                mount_overlay(OverlayMount(store.layout.overlay, lowers, userxattr=rootless),
+                              path, fuse=True if fuse else (None if rootless else False))
         except BaseException:
             store.mounts.remove(rec)
             raise

@@ -9,6 +9,7 @@ import sys
 from ocilayers import api
 from ocilayers.cli.common import AddFn, PickFn, _existing_store, _print_json, _store
 from ocilayers.errors import OCILayersError
+from ocilayers.store import Store
 
 
 def add_images(add: AddFn, pick: PickFn) -> None:
@@ -99,23 +100,77 @@ def add_mount(add: AddFn, pick: PickFn) -> None:
     p = add("mount", "mount a read-only merged view of an image, or a container read-write")
     p.add_argument("name", metavar="IMAGE|CONTAINER")
     p.add_argument("target", metavar="TARGET", nargs="?",
-                   help="where to mount (needed for an image; default for a container: "
-                        "overlay2/<mount-id>/merged)")
+                   help="where to mount (needed for an image without --run; default for a "
+                        "container: overlay2/<mount-id>/merged)")
+    p.add_argument("--fuse", action="store_true",
+                   help="mount with fuse-overlayfs (rootless: shows the owners the store "
+                        "recorded); default: the kernel's overlayfs")
+    p.add_argument("--run", nargs=argparse.REMAINDER, metavar="CMD",
+                   help="run CMD with the mount (its path in $OCILAYERS_MOUNT), then unmount "
+                        "it; rootless, CMD runs in the user namespace that holds the mount")
     p.set_defaults(func=cmd_mount)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from ocilayers import lifecycle
+    from ocilayers.cli import unshare
 
     store = _existing_store(args)
+    if args.run is not None:
+        return _mount_run(args, store)
+    if unshare.entered():
+        raise OCILayersError(
+            "rootless, a mount lives in the user namespace ocilayers made for this command and "
+            "would be gone when it exits: use `mount ... --run CMD`, or mount inside "
+            "`ocilayers unshare`")
     if lifecycle.resolve_name(store, args.name) == "container":
         c = lifecycle.find_container(store, args.name)
-        print(lifecycle.mount_container(store, c, args.target))
+        print(lifecycle.mount_container(store, c, args.target, fuse=args.fuse))
         return 0
     if args.target is None:
         raise OCILayersError("mount IMAGE needs a TARGET dir (a container has a default)")
-    api.mount(store, args.name, args.target)
+    api.mount(store, args.name, args.target, fuse=args.fuse)
     return 0
+
+
+def _mount_run(args: argparse.Namespace, store: Store) -> int:
+    """`mount ... --run CMD`: mount, run CMD with $OCILAYERS_MOUNT, unmount."""
+    import subprocess
+    import tempfile
+
+    from ocilayers import lifecycle
+
+    if not args.run:
+        raise OCILayersError("--run needs a command")
+    made = None
+    container = lifecycle.resolve_name(store, args.name) == "container"
+    if container:
+        c = lifecycle.find_container(store, args.name)
+        path = lifecycle.mount_container(store, c, args.target, fuse=args.fuse)
+    else:
+        target = args.target
+        if target is None:
+            made = target = tempfile.mkdtemp(prefix="ocilayers-mount-",
+                                             dir=os.environ.get("XDG_RUNTIME_DIR") or None)
+        try:
+            path = api.mount(store, args.name, target, fuse=args.fuse)
+        except BaseException:
+            if made:
+                os.rmdir(made)
+            raise
+    try:
+        env = {**os.environ, "OCILAYERS_MOUNT": path}
+        try:
+            return subprocess.run(args.run, env=env).returncode
+        except FileNotFoundError:
+            raise OCILayersError(f"{args.run[0]}: command not found") from None
+    finally:
+        if container:
+            lifecycle.umount_container(store, c, held_by_us=True)
+        else:
+            api.umount(store, path)
+            if made:
+                os.rmdir(made)
 
 
 def add_umount(add: AddFn, pick: PickFn) -> None:

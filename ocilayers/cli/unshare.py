@@ -14,6 +14,12 @@ from ocilayers.errors import RootlessError
 
 # Commands that never touch the store or a mount: no namespace needed.
 OUTSIDE = frozenset({"inspect", "login", "logout"})
+_entered: list[bool] = []
+
+
+def entered() -> bool:
+    """Did this process make its user namespace (so its mounts end with it)?"""
+    return bool(_entered)
 
 
 def enter(args: argparse.Namespace) -> None:
@@ -25,6 +31,7 @@ def enter(args: argparse.Namespace) -> None:
     if os.geteuid() == 0 or args.command in OUTSIDE:
         return  # root, or already root of a user namespace (a child of `unshare`)
     userns.enter(userns.plan())
+    _entered.append(True)
     os.environ["OCILAYERS_ROOTLESS"] = "1"
 
 
