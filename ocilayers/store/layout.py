@@ -4,6 +4,7 @@ small file primitives every room of the store shares."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -160,6 +161,7 @@ class StoreLayout:
         here = userns.record_of_process()
         doc = self.rootless_record()
         if doc is None:
+            _check_user_xattrs(self.root)
             if not self._is_empty():
                 raise RootlessError(f"{self.root}: a store made by root (overlay metadata in "
                                     "trusted.* xattrs) cannot be written rootless: use another "
@@ -209,6 +211,19 @@ class StoreLayout:
             yield
         finally:
             os.close(fd)
+
+
+def _check_user_xattrs(root: str) -> None:
+    """A rootless store keeps overlay markers and records in user.* xattrs."""
+    try:
+        os.setxattr(root, "user.ocilayers.probe", b"1")
+        os.removexattr(root, "user.ocilayers.probe")
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+            raise
+        raise RootlessError(f"{root}: its file system has no user.* xattrs, which a rootless "
+                            "store needs (tmpfs has them only from Linux 6.6): put the store on "
+                            "ext4, xfs or btrfs (--root)") from None
 
 
 @contextlib.contextmanager
