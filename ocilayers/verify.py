@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
+from ocilayers.overrides import OVERRIDE_XATTR, RECORD_PREFIX, Override, SideRecord, record_name
 from ocilayers.streams import Readable
 from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, PAX_GLOBAL, SYM, TarReader
 from ocilayers.whiteout import classify, escape_xattr, is_whiteout_stat
@@ -48,8 +49,12 @@ def _below_non_dir(parent: list[bytes], non_dirs: set[bytes]) -> bool:
     return False
 
 
-def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
+def compare_tree(stream: Readable, diff_dir: str, *, records: bool = False,
+                 side: SideRecord | None = None) -> list[str]:
     """Differences between the layer tar `stream` and the overlay-mode diff dir it made.
+
+    `records`: a rootless store's diff dir, whose records (overrides; `side` is the layer's
+    side record) stand for the owners, modes, devices and xattrs it could not hold.
 
     Content is checked elsewhere (tar-split CRCs); this covers what tar-split cannot see:
     types, modes, owners, mtimes, link targets, device numbers, xattrs, whiteouts, opaques.
@@ -121,32 +126,46 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
             links[b"/".join(parts)] = b"/".join(tparts)
             continue
         want = _TYPES.get(entry.type, stat.S_IFREG)
-        if stat.S_IFMT(st.st_mode) != want:
+        fmt, mode, uid, gid, rdev = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
+                                     st.st_uid, st.st_gid, st.st_rdev)
+        key = b"/".join(parts)
+        recorded: dict[str, bytes] = {}
+        if records:
+            ov, recorded = _records(path, st, side, key)
+            if ov is not None:
+                mode, uid, gid = ov.mode, ov.uid, ov.gid
+                if ov.kind in ("char", "block") and fmt == stat.S_IFREG:
+                    fmt = stat.S_IFCHR if ov.kind == "char" else stat.S_IFBLK
+                    rdev = os.makedev(ov.major, ov.minor)
+        if fmt != want:
             if not (is_whiteout_stat(st) and entry.is_dir):
                 bad(f"'{shown}': type changed")
             continue
-        if stat.S_IMODE(st.st_mode) != entry.mode and want != stat.S_IFLNK:
-            bad(f"'{shown}': mode {oct(stat.S_IMODE(st.st_mode))}, tar says {oct(entry.mode)}")
-        if (st.st_uid, st.st_gid) != (entry.uid, entry.gid):
-            bad(f"'{shown}': owner {st.st_uid}:{st.st_gid}, tar says {entry.uid}:{entry.gid}")
+        if mode != entry.mode and want != stat.S_IFLNK:
+            bad(f"'{shown}': mode {oct(mode)}, tar says {oct(entry.mode)}")
+        if (uid, gid) != (entry.uid, entry.gid):
+            bad(f"'{shown}': owner {uid}:{gid}, tar says {entry.uid}:{entry.gid}")
         if st.st_mtime_ns != entry.mtime_ns:
             bad(f"'{shown}': mtime changed")
         if want == stat.S_IFLNK and os.readlink(path) != entry.linkname:
             bad(f"'{shown}': symlink target changed")
-        if want in (stat.S_IFCHR, stat.S_IFBLK) and st.st_rdev != os.makedev(
+        if want in (stat.S_IFCHR, stat.S_IFBLK) and rdev != os.makedev(
             entry.devmajor, entry.devminor
         ):
             bad(f"'{shown}': device number changed")
         if want == stat.S_IFREG and st.st_size != entry.size:
             bad(f"'{shown}': size {st.st_size}, tar says {entry.size}")
-        expected_xattrs[b"/".join(parts)] = {escape_xattr(n) for n in entry.xattrs}
+        expected_xattrs[key] = {escape_xattr(n) for n in entry.xattrs}
+        if records:
+            expected_xattrs[key] |= {OVERRIDE_XATTR, *(record_name(n) for n in entry.xattrs)}
         if entry.is_dir and "system.posix_acl_default" in entry.xattrs:
-            acl_dirs.add(b"/".join(parts))
+            acl_dirs.add(key)
         for name, value in entry.xattrs.items():
+            have: bytes | None
             try:
                 have = os.getxattr(path, escape_xattr(name), follow_symlinks=False)
             except OSError:
-                have = None
+                have = recorded.get(name)
             if have != value:
                 bad(f"'{shown}': xattr {name} changed")
     for kind, parts, target, shown in markers:
@@ -188,6 +207,29 @@ def compare_tree(stream: Readable, diff_dir: str) -> list[str]:
         bad(f"'{rel.decode('utf-8', 'backslashreplace')}': not in the layer (added since "
             "unpack)")
     return problems
+
+
+def _records(path: bytes, st: os.stat_result, side: SideRecord | None,
+             key: bytes) -> tuple[Override | None, dict[str, bytes]]:
+    """A rootless entry's override and recorded xattrs (by their own names)."""
+    ov = None
+    recorded: dict[str, bytes] = {}
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            names = []
+        for n in names:
+            if n == OVERRIDE_XATTR:
+                ov = Override.decode(os.getxattr(path, n, follow_symlinks=False),
+                                     key.decode("utf-8", "backslashreplace"))
+            elif n.startswith(RECORD_PREFIX):
+                recorded[n[len(RECORD_PREFIX):]] = os.getxattr(path, n, follow_symlinks=False)
+    if side:
+        side_ov, side_x = side.lookup(key)
+        ov = ov or side_ov
+        recorded.update(side_x)
+    return ov, recorded
 
 
 def _extra_xattrs(path: bytes, expected: set[str], may_be_opaque: bool) -> list[str]:

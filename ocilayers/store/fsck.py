@@ -111,11 +111,15 @@ def verify(store: Store, name: str | None = None) -> list[str]:
 
 def verify_layer(store: Store, rec: LayerRecord) -> list[str]:
     """One layer: the rebuilt tar's entries against the diff dir, its DiffID, its size."""
+    from ocilayers.overrides import SideRecord
     from ocilayers.verify import compare_tree
 
     diff = store.layers.diff_dir(rec)
     hasher = HashingReader(store.layers.open_tar(rec))
-    problems = [f"layer {rec.chain_id.short}: {p}" for p in compare_tree(hasher, diff)]
+    records = store.layout.overlay_format().xattr_namespace == "user"
+    side = SideRecord.load(os.path.dirname(diff)) if records else None
+    problems = [f"layer {rec.chain_id.short}: {p}"
+                for p in compare_tree(hasher, diff, records=records, side=side)]
     hasher.drain()
     if hasher.hash.hexdigest() != rec.diff_id.hex:
         problems.append(f"layer {rec.chain_id.short}: rebuilt tar has DiffID "
