@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ocilayers.builder import ImageBuilder
@@ -145,6 +145,9 @@ def commit_container(store: Store, c: Container, opts: CommitOptions) -> CommitR
     the image it was made from (its config as it was then)."""
     store.containers.check_idle(c, "commit")
     chain = store.layers.chain(Digest.parse(c.parent))
+    fmt = store.layout.overlay_format()
+    if fmt.xattr_namespace == "user":  # a rootless store: user.overlay.* markers, records
+        opts = replace(opts, fmt=fmt)
     return commit_upper(store, store.containers.diff_dir(c), store.containers.base_config(c),
                         Digest.parse(c.image_id), chain, opts, default_created_by(c))
 
