@@ -183,11 +183,17 @@ class SideRecord:
         return cls(doc["entries"])
 
 
-def restore(entry: TarEntry, side: SideRecord | None = None) -> bool:
-    """Give `entry` (made from a file on disk, xattrs as read) back what was recorded: owner,
-    mode and type from the override (the xattr, else the side record), recorded xattrs under
-    their own names, a v2 capability. Returns True when a recorded device replaced a regular
-    file (the entry then has no data)."""
+def restore(entry: TarEntry, side: SideRecord | None = None,
+            made_by: tuple[int, int] | None = None) -> bool:
+    """Give `entry` (made from a file on disk, xattrs as read) back what was recorded: owner
+    and type from the override (the xattr, else the side record), recorded xattrs under their
+    own names, a v2 capability. The mode is the disk's (records are made with the recorded
+    mode, so a difference is a later chmod); the owner is the disk's where it is not
+    `made_by` (default: this process's euid and egid, the ids records are made beside).
+    Returns True when a recorded device replaced a regular file (the entry then has no
+    data)."""
+    if made_by is None:
+        made_by = (os.geteuid(), os.getegid())
     ov = None
     if entry.xattrs:
         raw = entry.xattrs.pop(OVERRIDE_XATTR, None)
@@ -205,7 +211,13 @@ def restore(entry: TarEntry, side: SideRecord | None = None) -> bool:
         entry.xattrs = dict(sorted(entry.xattrs.items()))
     if ov is None:
         return False
-    entry.uid, entry.gid, entry.mode = ov.uid, ov.gid, ov.mode
+    # A record is made beside a file owned by whoever made it (this user: root of its
+    # namespace) with the recorded mode. What differs from that on disk now was changed
+    # after, by a build step (the kernel copies the record up with the file): the disk wins.
+    # (So a step's chmod reaches a commit. A chown to the maker's own ids cannot be told from
+    # no chown: the record wins, as the image had it.)
+    if (entry.uid, entry.gid) == made_by:
+        entry.uid, entry.gid = ov.uid, ov.gid
     if ov.kind in ("char", "block") and entry.type == REG:
         entry.type = _TYPES[ov.kind]
         entry.devmajor, entry.devminor, entry.size = ov.major, ov.minor, 0
