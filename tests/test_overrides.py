@@ -188,3 +188,15 @@ def test_rootless_spec_follows_umoci(tmp_path: Path) -> None:
 def test_block_device_placeholder_restores(tmp_path: Path) -> None:
     e = TarEntry(name=b"dev/sda", type=REG, xattrs={OVERRIDE_XATTR: b"0:6:0660:block-8-0"})
     assert restore(e) and (e.type, e.devmajor, e.devminor, e.gid) == (BLK, 8, 0, 6)
+
+
+def test_unshare_errors_say_what_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    msg = str(userns._unshare_error(errno.ENOSPC))
+    assert "cannot make a user namespace" in msg and "max_user_namespaces" in msg
+    einval = str(userns._unshare_error(errno.EINVAL))
+    assert einval == "cannot make a user namespace: Invalid argument"
+    monkeypatch.setattr(userns.shutil, "which", lambda _name: None)
+    with pytest.raises(RootlessError, match="apt-get install uidmap"):
+        userns._map_tools(userns.Plan("subid", (), ()))

@@ -16,7 +16,7 @@ from ocilayers import userns
 from ocilayers.errors import RootlessError, StoreError
 from ocilayers.fsutil import write_atomic
 from ocilayers.spec import Digest
-from ocilayers.whiteout import OverlayFormat
+from ocilayers.whiteout import OverlayFormat, in_user_namespace
 
 LOCK_NAME = "ocilayers.lock"
 # A rootless store's record (docs/store-format.md): its overlay xattr namespace ("user": the
@@ -200,6 +200,10 @@ class StoreLayout:
         if not self.exists():
             raise StoreError(f"{self.root}: no store here (run `ocilayers unpack` first, or "
                              "pass --root)")
+        if in_user_namespace():  # reading too: under another mapping owners would lie
+            doc = self.rootless_record()
+            if doc is not None:
+                userns.check_record(doc, userns.record_of_process(), self.root)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
