@@ -30,6 +30,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+PR_SET_DUMPABLE = 4
 SUBUID = "/etc/subuid"
 SUBGID = "/etc/subgid"
 
@@ -180,6 +181,10 @@ def enter(p: Plan) -> None:
     if threading.active_count() > 1:
         raise RootlessError("a process with threads cannot enter a user namespace")
     tools = _map_tools(p) if p.kind == "subid" else None
+    # A process that became this user by setuid() from root is not dumpable: its /proc/self
+    # files stay root's, and it could not write its own maps.
+    _libc().prctl(ctypes.c_int(PR_SET_DUMPABLE), ctypes.c_ulong(1), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0), ctypes.c_ulong(0))
     parent = os.getpid()
     r, w = os.pipe()
     er, ew = os.pipe()

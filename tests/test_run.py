@@ -598,9 +598,10 @@ def _as_nobody(argv: Sequence[str]) -> tuple[int, str]:
     return os.waitstatus_to_exitcode(status), out.decode()
 
 
-def test_run_without_root_fails_with_one_line(base: Path) -> None:
-    # nobody's own store: made as root, then given to uid 65534, in a dir nobody can reach
-    # (pytest's tmp dirs are 0700 root)
+def test_run_as_a_user_on_a_store_root_made_fails_with_one_line(base: Path) -> None:
+    # a store made as root, then given to uid 65534, in a dir nobody can reach (pytest's tmp
+    # dirs are 0700 root): its overlay metadata is in trusted.* xattrs, which a rootless run
+    # can neither read nor write (rootless runs themselves: test_rootless.py)
     scratch = Path(tempfile.mkdtemp(prefix="ocl-nobody-", dir="/tmp"))
     try:
         scratch.chmod(0o755)
@@ -611,7 +612,7 @@ def test_run_without_root_fails_with_one_line(base: Path) -> None:
             for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
                 os.chown(name, 65534, 65534, follow_symlinks=False)
         code, out = _as_nobody(["--root", str(r), "run", c, "--", "true"])
-        assert_one_line_error(code, out, "rootless")
+        assert_one_line_error(code, out, "made by root", "cannot be used rootless")
         assert runc_state(r).exists() is False
     finally:
         unmount_all(scratch)

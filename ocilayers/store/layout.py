@@ -16,7 +16,7 @@ from ocilayers import userns
 from ocilayers.errors import RootlessError, StoreError
 from ocilayers.fsutil import write_atomic
 from ocilayers.spec import Digest
-from ocilayers.whiteout import OverlayFormat, in_user_namespace
+from ocilayers.whiteout import OverlayFormat
 
 LOCK_NAME = "ocilayers.lock"
 # A rootless store's record (docs/store-format.md): its overlay xattr namespace ("user": the
@@ -200,10 +200,13 @@ class StoreLayout:
         if not self.exists():
             raise StoreError(f"{self.root}: no store here (run `ocilayers unpack` first, or "
                              "pass --root)")
-        if in_user_namespace():  # reading too: under another mapping owners would lie
+        if userns.rootless_mode():  # reading too: under another mapping owners would lie
             doc = self.rootless_record()
-            if doc is not None:
-                userns.check_record(doc, userns.record_of_process(), self.root)
+            if doc is None:
+                raise RootlessError(f"{self.root}: a store made by root (overlay metadata in "
+                                    "trusted.* xattrs) cannot be used rootless: use it as "
+                                    "root, or another --root")
+            userns.check_record(doc, userns.record_of_process(), self.root)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
