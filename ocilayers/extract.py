@@ -137,6 +137,9 @@ def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
         applier.finish()
         if applier.writers is not None:
             applier.stats.skipped += applier.writers.close()
+            applier.recorded = applier.recorded or applier.writers.recorded
+        if applier.recorded and applier.mode == "overlay" and applier.fresh:
+            complete_layer(applier.root_fd)  # as fuse-overlayfs needs a layer's records
         if applier.size_known:
             applier.stats.size = applier.size
     finally:
@@ -226,6 +229,7 @@ class _Applier:
         # bookkeeping (created, whited) knows everything that is there.
         self.writers = writers if mode == "overlay" and self.fresh else None
         self._handoff_dir: bytes | None = None  # a parent known to hold no pending file
+        self.recorded = False  # rootless: some owner went into user.containers.override_stat
 
     def close(self) -> None:
         self._drop_cache()
@@ -549,6 +553,7 @@ class _Applier:
             set_file_meta(fd, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs,
                           chown=self._needs_chown(entry), umask=self.umask, rootless=True,
                           kind=Override.of(entry))
+            self.recorded = True
         finally:
             os.close(fd)
 
@@ -596,13 +601,16 @@ class _Applier:
     def _meta_now(self, fd: int, entry: TarEntry, *, is_dir: bool, path: bytes | None) -> None:
         """Owner, mode, xattrs (and times, or defer them for dirs) through an open fd."""
         if not is_dir:
-            self.stats.skipped += set_file_meta(
+            skipped, recorded = set_file_meta(
                 fd, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs,
                 chown=self._needs_chown(entry), umask=self.umask, rootless=self.rootless)
+            self.stats.skipped += skipped
+            self.recorded = self.recorded or recorded
             return
         assert path is not None
         if try_chown(lambda: os.fchown(fd, entry.uid, entry.gid), self.rootless):
             set_override(fd, Override(entry.uid, entry.gid, entry.mode, "dir"))
+            self.recorded = True
         if entry.xattrs:
             self._xattrs(entry, lambda n, v: os.setxattr(fd, n, v), regular=True, path=path)
         self.dir_meta[path] = entry  # mode and times after the children (rootless: 0555)
@@ -855,8 +863,6 @@ class _Applier:
             os.fchmod(fd, entry.mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         self._drop_cache()
-        if self.rootless and self.mode == "overlay" and self.fresh:
-            complete_layer(self.root_fd)  # as fuse-overlayfs needs a layer's records
 
 
 def expand_root_opaque(diff: int | str | bytes, lowers: Sequence[str | bytes],

@@ -109,11 +109,12 @@ def set_xattrs(xattrs: dict[str, bytes], setter: Callable[[str, bytes], None], *
 
 def set_file_meta(fd: int, mode: int, uid: int, gid: int, mtime_ns: int,
                   xattrs: dict[str, bytes] | None, *, chown: bool, umask: int,
-                  rootless: bool, kind: Override | None = None) -> int:
+                  rootless: bool, kind: Override | None = None) -> tuple[int, bool]:
     """Owner, xattrs, mode and times of a regular file just made with `mode & 0o777` (less
-    the umask); returns how many settings a rootless run skipped. Rootless, an owner that
-    cannot be given is recorded in `user.containers.override_stat`, as is `kind` (the device
-    a placeholder file stands for) always."""
+    the umask); returns how many settings a rootless run skipped, and whether it recorded an
+    owner. Rootless, an owner that cannot be given is recorded in
+    `user.containers.override_stat`, as is `kind` (the device a placeholder file stands for)
+    always."""
     skipped = 0
     record = kind
     if chown and try_chown(lambda: os.fchown(fd, uid, gid), rootless):
@@ -126,7 +127,7 @@ def set_file_meta(fd: int, mode: int, uid: int, gid: int, mtime_ns: int,
     if chown or mode != (mode & 0o777 & ~umask):
         os.fchmod(fd, mode)  # after chown, which clears setuid/setgid
     os.utime(fd, ns=(mtime_ns, mtime_ns))
-    return skipped
+    return skipped, record is not None
 
 
 def set_override(fd: int, record: Override) -> None:
@@ -150,6 +151,7 @@ class _Writer:
         self.umask = umask
         self.rootless = rootless
         self.skipped = 0
+        self.recorded = False  # made a user.containers.override_stat record
         self._fds: dict[bytes, int] = {}
 
     def close(self) -> None:
@@ -191,9 +193,11 @@ class _Writer:
                         if n < len(data):
                             write_all(fd, memoryview(data)[n:])
                     if xattrs or (uid, gid) != ids or mode != (mode & 0o777 & ~umask):
-                        self.skipped += set_file_meta(fd, mode, uid, gid, mtime_ns, xattrs,
-                                                      chown=(uid, gid) != ids, umask=umask,
-                                                      rootless=rootless)
+                        skipped, recorded = set_file_meta(
+                            fd, mode, uid, gid, mtime_ns, xattrs, chown=(uid, gid) != ids,
+                            umask=umask, rootless=rootless)
+                        self.skipped += skipped
+                        self.recorded = self.recorded or recorded
                     else:
                         os.utime(fd, ns=(mtime_ns, mtime_ns))
                 finally:
@@ -218,6 +222,7 @@ class FileWriters:
         self.count = count
         self.pending: set[bytes] = set()  # paths handed off since the last sync
         self.skipped = 0
+        self.recorded = False  # (after close) a writer recorded an owner (rootless)
         self._batch: list[Job] = []
         self._bytes = 0
         self._next = 0
@@ -351,6 +356,7 @@ class FileWriters:
                 t.join()
             for w in self._writers:
                 self.skipped += w.skipped
+                self.recorded = self.recorded or w.recorded
                 w.close()
             self._check_threads()
             return self.skipped
@@ -358,7 +364,9 @@ class FileWriters:
             self._tell(i, _END)
         try:
             for i in range(self.count):
-                self.skipped += self._reply(i)
+                skipped, recorded = self._reply(i)
+                self.skipped += skipped
+                self.recorded = self.recorded or recorded
         finally:
             self.abort()
         return self.skipped
@@ -399,8 +407,9 @@ class FileWriters:
         if self._errors:
             raise self._errors[0]
 
-    def _reply(self, i: int) -> int:
-        """Read writer `i`'s answer: its count of skipped settings, or its error raised."""
+    def _reply(self, i: int) -> tuple[int, bool]:
+        """Read writer `i`'s answer: its count of skipped settings and whether it recorded an
+        owner (at the end; (0, False) at a sync), or its error raised."""
         rfd = self._procs[i][2]
         head = _read_exact(rfd, _FRAME.size)
         if len(head) < _FRAME.size:
@@ -409,7 +418,7 @@ class FileWriters:
         ok, value, _tb = pickle.loads(_read_exact(rfd, n))
         if not ok:
             raise value
-        return int(value or 0)
+        return value or (0, False)
 
 
 def _max_fd() -> int:
@@ -464,7 +473,8 @@ def _process_main(args: tuple[Any, ...], rfd: int, wfd: int, parent: int) -> NoR
             elif kind == _SYNC:
                 _answer(wfd, ok)
             else:
-                _answer(wfd, pickle.dumps((True, writer.skipped, ""), pickle.HIGHEST_PROTOCOL))
+                _answer(wfd, pickle.dumps((True, (writer.skipped, writer.recorded), ""),
+                                          pickle.HIGHEST_PROTOCOL))
                 break
         status = 0
     finally:
