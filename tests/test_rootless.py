@@ -842,3 +842,25 @@ def test_unshare(unpriv: Unpriv) -> None:
     assert [[int(x) for x in m] for m in maps] == want
     p = u.ocilayers(["unshare", "sh", "-c", "exit 7"])
     assert p.returncode == 7, p.stderr
+
+
+def test_root_with_rootless_flag(rootless_image: Path, tmp_path: Path) -> None:
+    """`--rootless` as root: a rootless store (user.* overlay markers; root can make every
+    owner, so nothing needs a record), which verifies, and which a later command without the
+    flag still reads in its recorded format (a userxattr mount)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    store = tmp_path / "store"
+    root_ocilayers("--rootless", "--root", store, "-q", "unpack", rootless_image)
+    assert json.loads((store / "rootless.json").read_text()) == {
+        "xattr_namespace": "user", "ids": "root"}
+    diffs = list((store / "overlay2").glob("*/diff"))
+    assert diffs and not any(n.startswith("trusted.overlay.") for d in diffs
+                             for p in [d, *d.rglob("*")] if not p.is_symlink()
+                             for n in os.listxattr(p))
+    assert any("user.overlay.opaque" in os.listxattr(p) for d in diffs for p in d.rglob("*")
+               if p.is_dir() and not p.is_symlink())
+    assert root_ocilayers("--rootless", "--root", store, "verify").strip() == "ok"
+    out = root_ocilayers("--root", store, "mount", "rootless-test:latest", "--run", "sh", "-c",
+                         'stat -c %u:%g:%a "$OCILAYERS_MOUNT/opt/far/outside"')
+    assert out.strip() == "100000:100000:640"
