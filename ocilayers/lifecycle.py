@@ -7,9 +7,9 @@ import contextlib
 import os
 from collections.abc import Sequence
 
-from ocilayers.errors import MountError, OCILayersError, StoreError
+from ocilayers.errors import ImageError, MountError, OCILayersError, StoreError
 from ocilayers.mount import OverlayMount, check_target, mount_namespace, mount_overlay, unmount
-from ocilayers.spec import Digest
+from ocilayers.spec import Digest, normalize_reference
 from ocilayers.store import Store
 from ocilayers.store.containers import Container
 from ocilayers.store.mounts import MountRecord
@@ -146,17 +146,34 @@ def remove_container(store: Store, c: Container, *, force: bool = False) -> None
 
 def resolve_name(store: Store, name: str) -> str:
     """'container' or 'image' for an argument of `mount`/`umount`; a name that is both is an
-    error asking which one."""
+    error asking which one. A container's own name (or full ID) wins over an image picked
+    only by an ID prefix, as docker resolves names before prefixes: a container named `c2`
+    is not ambiguous because some image ID starts with c2."""
     from ocilayers.lookup import is_store_name
 
-    is_container = store.exists() and store.containers.find(name) is not None
+    c = store.containers.find(name) if store.exists() else None
+    is_container = c is not None
     is_image = is_store_name(store, name)
+    if c is not None and is_image and name in (c.name, c.id) and not _image_by_name(store,
+                                                                                      name):
+        return "container"
     if is_container and is_image:
         raise OCILayersError(f"{name!r} names both a container and an image; use the "
                              "container's ID or the image's ID")
     if is_container:
         return "container"
     return "image"
+
+
+def _image_by_name(store: Store, name: str) -> bool:
+    """Does `name` pick an image by its tag or full ID, not by a prefix of its ID?"""
+    hexpart = name.removeprefix("sha256:")
+    if len(hexpart) == 64:
+        return True
+    try:
+        return normalize_reference(name) in store.images.tags()
+    except ImageError:
+        return False
 
 
 def list_containers(store: Store) -> list[tuple[Container, list[MountRecord]]]:

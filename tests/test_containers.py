@@ -60,7 +60,7 @@ from test_store import (
     verify_ok,
 )
 
-from ocilayers import api, lifecycle
+from ocilayers import api, errors, lifecycle
 
 Capsys = pytest.CaptureFixture[str]
 
@@ -1331,3 +1331,20 @@ def test_commit_is_never_undone_by_a_concurrent_prune(tmp_path: Path, capsys: Ca
     assert len(pruned) == 1
     assert result["chain_id"] in read_layers(root), pruned
     verify_ok(capsys, root)
+
+
+def test_a_container_name_beats_an_image_id_prefix(tmp_path: Path, capsys: Capsys) -> None:
+    """A container named like the start of an image ID (`c2`) is that container for mount and
+    umount, as docker resolves names before ID prefixes; a tag of the same name is still
+    ambiguous, and so is a prefix of both IDs."""
+    base = base_store(tmp_path, capsys)
+    prefix = base.image_id.removeprefix("sha256:")[:2]
+    store = api.open_store(str(base.root))
+    cid = create(capsys, base.root, "img:1", "--name", prefix)
+    assert lifecycle.resolve_name(store, prefix) == "container"
+    assert lifecycle.resolve_name(store, "img:1") == "image"
+    ok(capsys, base.root, "tag", "img:1", "both")
+    create(capsys, base.root, "img:1", "--name", "both")
+    with pytest.raises(errors.OCILayersError, match="names both a container and an image"):
+        lifecycle.resolve_name(store, "both")
+    assert lifecycle.resolve_name(store, cid) == "container"
