@@ -56,11 +56,6 @@ class Plan:
     uid_map: tuple[IdMap, ...]
     gid_map: tuple[IdMap, ...]
 
-    def as_json(self) -> dict[str, object]:
-        return {"ids": self.kind,
-                "uid_map": [[m.inside, m.outside, m.count] for m in self.uid_map],
-                "gid_map": [[m.inside, m.outside, m.count] for m in self.gid_map]}
-
 
 def read_map(which: str = "uid", pid: str = "self") -> tuple[IdMap, ...]:
     """The ID map of the user namespace `pid` is in."""
@@ -70,8 +65,6 @@ def read_map(which: str = "uid", pid: str = "self") -> tuple[IdMap, ...]:
             a, b, c = (int(x) for x in line.split())
             out.append(IdMap(a, b, c))
     return tuple(out)
-
-
 
 
 def is_rootless() -> bool:
@@ -85,11 +78,6 @@ def current_kind() -> str | None:
     if not in_user_namespace():
         return None
     return "single" if sum(m.count for m in read_map()) == 1 else "subid"
-
-
-def id_mapped(ident: int, which: str = "uid") -> bool:
-    """Does this process's namespace map `ident` (so chown to it can work)?"""
-    return any(m.inside <= ident < m.inside + m.count for m in read_map(which))
 
 
 def subordinate(path: str, user: str | None, uid: int) -> IdMap | None:

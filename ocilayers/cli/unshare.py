@@ -12,8 +12,9 @@ from ocilayers import userns
 from ocilayers.cli.common import AddFn, PickFn
 from ocilayers.errors import RootlessError
 
-# Commands that never touch the store or a mount: no namespace needed.
-OUTSIDE = frozenset({"inspect", "login", "logout"})
+# Commands that never touch the store or a mount: no namespace needed. (`inspect` may read
+# a store image, whose owners only the namespace shows right.)
+OUTSIDE = frozenset({"login", "logout"})
 _entered: list[bool] = []
 
 
