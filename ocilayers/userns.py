@@ -14,17 +14,19 @@ Inside, euid is 0 but the process is still rootless (`is_rootless`): no device n
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import pwd
-import shutil
-import subprocess
-import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ocilayers.errors import RootlessError
 from ocilayers.whiteout import in_user_namespace
+
+if TYPE_CHECKING:
+    import ctypes
+
+# ctypes, pwd, shutil, subprocess and threading are imported where they are used: every
+# command imports this module (through the store), few enter a namespace.
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -104,6 +106,8 @@ def subordinate(path: str, user: str | None, uid: int) -> IdMap | None:
 def plan(*, force: str | None = None) -> Plan:
     """The plan for this user: "subid" when it has both ranges, else "single". `force` (or
     $OCILAYERS_USERNS) picks one; asking for "subid" without ranges is an error."""
+    import pwd
+
     force = force or os.environ.get("OCILAYERS_USERNS") or None
     if force not in (None, "subid", "single"):
         raise RootlessError(f"OCILAYERS_USERNS={force!r}: use subid or single")
@@ -131,6 +135,8 @@ def plan(*, force: str | None = None) -> Plan:
 
 
 def _libc() -> ctypes.CDLL:
+    import ctypes
+
     return ctypes.CDLL(None, use_errno=True)
 
 
@@ -155,6 +161,8 @@ def _write(path: str, text: str) -> None:
 
 
 def _map_tools(p: Plan) -> tuple[str, str]:
+    import shutil
+
     tools = shutil.which("newuidmap"), shutil.which("newgidmap")
     if tools[0] is None or tools[1] is None:
         raise RootlessError("newuidmap/newgidmap are missing, needed to map the subordinate "
@@ -166,6 +174,10 @@ def _map_tools(p: Plan) -> tuple[str, str]:
 def enter(p: Plan) -> None:
     """Move this (single-threaded) process into a new user + mount namespace mapped as `p`,
     with private mount propagation. Afterwards the process is root of the namespace."""
+    import ctypes
+    import subprocess
+    import threading
+
     if threading.active_count() > 1:
         raise RootlessError("a process with threads cannot enter a user namespace")
     tools = _map_tools(p) if p.kind == "subid" else None

@@ -197,6 +197,6 @@ def test_unshare_errors_say_what_to_fix(monkeypatch: pytest.MonkeyPatch) -> None
     assert "cannot make a user namespace" in msg and "max_user_namespaces" in msg
     einval = str(userns._unshare_error(errno.EINVAL))
     assert einval == "cannot make a user namespace: Invalid argument"
-    monkeypatch.setattr(userns.shutil, "which", lambda _name: None)
+    monkeypatch.setattr("shutil.which", lambda _name: None)
     with pytest.raises(RootlessError, match="apt-get install uidmap"):
         userns._map_tools(userns.Plan("subid", (), ()))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 
 from ocilayers import userns
 from ocilayers.cli.common import AddFn, PickFn
@@ -45,6 +44,8 @@ def add_unshare(add: AddFn, pick: PickFn) -> None:
 
 
 def cmd_unshare(args: argparse.Namespace) -> int:
+    import subprocess
+
     argv = args.command_argv or [os.environ.get("SHELL") or "/bin/sh"]
     env = dict(os.environ)
     env["OCILAYERS_ROOTLESS"] = "1"
