@@ -84,12 +84,11 @@ def mount_container(store: Store, c: Container, target: str | None = None, *,
             rec = store.mounts.add(path, "container", chains, image_id=c.image_id,
                                    container_id=c.id)
             try:
-                rootless = store.layout.overlay_format().xattr_namespace == "user"
                 mount_overlay(OverlayMount(
                     store.layout.overlay, tuple(store.layers.lowers_of(c.init_id)),
                     upper=store.containers.diff_dir(c), work=store.containers.work_dir(c),
-                    userxattr=rootless), path,
-                    fuse=True if fuse else (None if rootless else False))
+                    userxattr=store.layout.overlay_format().xattr_namespace == "user"),
+                    path, fuse=fuse)
             except BaseException:
                 store.mounts.remove(rec)
                 raise

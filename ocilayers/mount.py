@@ -151,14 +151,14 @@ def _check_dirs(m: OverlayMount) -> None:
             raise MountError(f"{what} dir {path} is missing")
 
 
-def mount_overlay(m: OverlayMount, target: str, *, fuse: bool | None = False) -> None:
+def mount_overlay(m: OverlayMount, target: str, *, fuse: bool = False) -> None:
     """Mount `m` on `target`. As dockerd does, when the option string with absolute lowers
     would not fit in a page (the kernel's limit for mount data), mount from inside `base`
     with the short relative names (in a child process: the cwd is per process).
 
     `fuse=True` mounts with fuse-overlayfs instead of the kernel (it shows the owners a
-    rootless store recorded); `fuse=None` tries the kernel first and fuse-overlayfs where
-    the kernel refuses (rootless, on a kernel without `userxattr` overlays)."""
+    rootless store recorded). A `userxattr` (rootless) mount the kernel refuses, as one
+    without `userxattr` overlays would, falls back to fuse-overlayfs where it is installed."""
     if m.upper is None and len(m.lowers) == 1 and not fuse:
         raise ValueError("overlayfs needs two lowers for a read-only mount; bind-mount one")
     path = check_target(target)
@@ -169,7 +169,7 @@ def mount_overlay(m: OverlayMount, target: str, *, fuse: bool | None = False) ->
     try:
         _kernel_overlay(m, path, target)
     except MountError as exc:
-        if fuse is None and shutil.which("fuse-overlayfs"):
+        if m.userxattr and shutil.which("fuse-overlayfs"):
             try:
                 mount_fuse_overlay(m, path)
             except MountError as fexc:

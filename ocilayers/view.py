@@ -31,13 +31,13 @@ def mount_image(store: Store, name: str, target: str, *, fuse: bool = False) -> 
         rec = store.mounts.add(path, "image", [str(r.chain_id) for r in img.layers],
                                image_id=str(img.image_id))
         try:
-            rootless = store.layout.overlay_format().xattr_namespace == "user"
             if len(img.layers) == 1 and not fuse:
                 bind_readonly(store.layers.diff_dir(top), path)
             else:
-                lowers = tuple(store.layers.lowers_of(top.cache_id))
-                mount_overlay(OverlayMount(store.layout.overlay, lowers, userxattr=rootless),
-                              path, fuse=True if fuse else (None if rootless else False))
+                userxattr = store.layout.overlay_format().xattr_namespace == "user"
+                mount_overlay(OverlayMount(store.layout.overlay,
+                                           tuple(store.layers.lowers_of(top.cache_id)),
+                                           userxattr=userxattr), path, fuse=fuse)
         except BaseException:
             store.mounts.remove(rec)
             raise
