@@ -19,8 +19,7 @@ from ocilayers.fsutil import rmtree, write_atomic
 from ocilayers.lifecycle import mount_container, umount_container
 from ocilayers.store import Store
 from ocilayers.store.containers import Container, RunHold
-from ocilayers.userns import read_map
-from ocilayers.whiteout import in_user_namespace
+from ocilayers.userns import is_rootless, read_map
 
 GRACE_SECONDS = 10  # docker stop's default before SIGKILL
 
@@ -67,7 +66,7 @@ def write_bundle(store: Store, c: Container, bundle: str, rootfs: str,
     config = json.loads(store.containers.base_config(c))
     opts = replace(opts, etc_files={**etc_files(store, c, opts.network), **opts.etc_files})
     spec = runtime_spec(config, c.id, rootfs, opts)
-    if store.layout.overlay_format().rootless and (os.geteuid() != 0 or in_user_namespace()):
+    if store.layout.overlay_format().rootless and is_rootless():
         spec = rootless_spec(spec, *_own_ids(), network_namespace=opts.network == "none")
     os.makedirs(bundle, exist_ok=True)
     write_atomic(os.path.join(bundle, "config.json"),
