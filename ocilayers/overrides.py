@@ -183,6 +183,26 @@ class SideRecord:
         return cls(doc["entries"])
 
 
+def take_records(xattrs: dict[str, bytes], side: SideRecord | None,
+                 path: bytes) -> tuple[Override | None, dict[str, bytes]]:
+    """Take an entry's records out of `xattrs` (as read from disk at `path`, the layer's own
+    name for it): its override (the xattr, else the side record's) and the xattrs recorded for
+    it (`user.ocilayers.xattr.*`, then the side record's), under their own names."""
+    ov = None
+    recorded: dict[str, bytes] = {}
+    if xattrs:
+        raw = xattrs.pop(OVERRIDE_XATTR, None)
+        if raw is not None:
+            ov = Override.decode(raw, path.decode("utf-8", "backslashreplace"))
+        for name in [n for n in xattrs if n.startswith(RECORD_PREFIX)]:
+            recorded[name[len(RECORD_PREFIX):]] = xattrs.pop(name)
+    if side:
+        side_ov, side_x = side.lookup(path)
+        ov = ov or side_ov
+        recorded.update(side_x)
+    return ov, recorded
+
+
 def restore(entry: TarEntry, side: SideRecord | None = None,
             made_by: tuple[int, int] | None = None) -> bool:
     """Give `entry` (made from a file on disk, xattrs as read) back what was recorded: owner
@@ -194,17 +214,8 @@ def restore(entry: TarEntry, side: SideRecord | None = None,
     data)."""
     if made_by is None:
         made_by = (os.geteuid(), os.getegid())
-    ov = None
-    if entry.xattrs:
-        raw = entry.xattrs.pop(OVERRIDE_XATTR, None)
-        if raw is not None:
-            ov = Override.decode(raw, entry.display_name)
-        for name in [n for n in entry.xattrs if n.startswith(RECORD_PREFIX)]:
-            entry.xattrs[name[len(RECORD_PREFIX):]] = entry.xattrs.pop(name)
-    if side:
-        side_ov, side_x = side.lookup(entry.name)
-        ov = ov or side_ov
-        entry.xattrs.update(side_x)
+    ov, recorded = take_records(entry.xattrs, side, entry.name)
+    entry.xattrs.update(recorded)
     if CAPABILITY in entry.xattrs:
         entry.xattrs[CAPABILITY] = cap_to_v2(entry.xattrs[CAPABILITY])
     if entry.xattrs:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 import stat
 
-from ocilayers.overrides import OVERRIDE_XATTR, RECORD_PREFIX, Override, SideRecord, record_name
+from ocilayers.overrides import (
+    OVERRIDE_XATTR,
+    RECORD_PREFIX,
+    Override,
+    SideRecord,
+    record_name,
+    take_records,
+)
 from ocilayers.streams import Readable
 from ocilayers.tarstream import BLK, CHR, DIR, FIFO, LNK, PAX_GLOBAL, SYM, TarReader
 from ocilayers.whiteout import classify, escape_xattr, is_whiteout_stat
@@ -212,24 +219,15 @@ def compare_tree(stream: Readable, diff_dir: str, *, records: bool = False,
 def _records(path: bytes, st: os.stat_result, side: SideRecord | None,
              key: bytes) -> tuple[Override | None, dict[str, bytes]]:
     """A rootless entry's override and recorded xattrs (by their own names)."""
-    ov = None
-    recorded: dict[str, bytes] = {}
-    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+    xattrs: dict[str, bytes] = {}
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):  # (others cannot carry one)
         try:
             names = os.listxattr(path, follow_symlinks=False)
         except OSError:
             names = []
-        for n in names:
-            if n == OVERRIDE_XATTR:
-                ov = Override.decode(os.getxattr(path, n, follow_symlinks=False),
-                                     key.decode("utf-8", "backslashreplace"))
-            elif n.startswith(RECORD_PREFIX):
-                recorded[n[len(RECORD_PREFIX):]] = os.getxattr(path, n, follow_symlinks=False)
-    if side:
-        side_ov, side_x = side.lookup(key)
-        ov = ov or side_ov
-        recorded.update(side_x)
-    return ov, recorded
+        xattrs = {n: os.getxattr(path, n, follow_symlinks=False) for n in names
+                  if n == OVERRIDE_XATTR or n.startswith(RECORD_PREFIX)}
+    return take_records(xattrs, side, key)
 
 
 def _extra_xattrs(path: bytes, expected: set[str], may_be_opaque: bool) -> list[str]:
