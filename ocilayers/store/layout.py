@@ -163,14 +163,17 @@ class StoreLayout:
         if doc is None:
             _check_user_xattrs(self.root)
             if not self._is_empty():
-                raise RootlessError(f"{self.root}: a store made by root (overlay metadata in "
-                                    "trusted.* xattrs) cannot be written rootless: use another "
-                                    "--root")
+                raise self._made_by_root()
             write_atomic(os.path.join(self.root, ROOTLESS_RECORD),
                          json.dumps(here, indent=2).encode() + b"\n", 0o644)
             self._fmt = None
             return
         userns.check_record(doc, here, self.root)
+
+    def _made_by_root(self) -> RootlessError:
+        return RootlessError(f"{self.root}: a store made by root (overlay metadata in trusted.* "
+                             "xattrs) cannot be used rootless: use it as root, or another "
+                             "--root")
 
     def _is_empty(self) -> bool:
         return not any(n != "l" for n in os.listdir(self.overlay))
@@ -203,9 +206,7 @@ class StoreLayout:
         if userns.rootless_mode():  # reading too: under another mapping owners would lie
             doc = self.rootless_record()
             if doc is None:
-                raise RootlessError(f"{self.root}: a store made by root (overlay metadata in "
-                                    "trusted.* xattrs) cannot be used rootless: use it as "
-                                    "root, or another --root")
+                raise self._made_by_root()
             userns.check_record(doc, userns.record_of_process(), self.root)
 
     @contextlib.contextmanager
