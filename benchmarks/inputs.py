@@ -76,6 +76,23 @@ def layer_blobs(oci_dir: str) -> list[str]:
     return [blob(layer["digest"]) for layer in manifest["layers"]]
 
 
+def layout_blobs(out: str) -> tuple[str, Callable[[bytes], tuple[str, int]]]:
+    """Make `out/blobs/sha256/` of a new OCI layout; returns it and `put(data)`, which stores a
+    blob there and gives its digest and size."""
+    import hashlib
+
+    blobs = os.path.join(out, "blobs", "sha256")
+    os.makedirs(blobs)
+
+    def put(data: bytes) -> tuple[str, int]:
+        d = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(blobs, d), "wb") as f:
+            f.write(data)
+        return f"sha256:{d}", len(data)
+
+    return blobs, put
+
+
 def log(msg: str) -> None:
     print(f"[build] {msg}", file=sys.stderr, flush=True)
 

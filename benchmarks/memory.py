@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from inputs import build_published, log, remove_tree
+from inputs import build_published, layout_blobs, log, remove_tree
 from measure import run_measured
 
 MEM_RECIPE = "v1"
@@ -144,14 +144,7 @@ def _arch() -> str:
 
 
 def _write_layout(out: str, layers: list[dict[str, Any]], name: str) -> None:
-    blobs = os.path.join(out, "blobs", "sha256")
-    os.makedirs(blobs)
-
-    def put(data: bytes) -> tuple[str, int]:
-        d = hashlib.sha256(data).hexdigest()
-        with open(os.path.join(blobs, d), "wb") as f:
-            f.write(data)
-        return f"sha256:{d}", len(data)
+    blobs, put = layout_blobs(out)
 
     for layer in layers:
         os.link(layer["path"], os.path.join(blobs, layer["digest"].split(":", 1)[1]))

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from inputs import build_published, log, ocilayers_argv
+from inputs import build_published, layout_blobs, log, ocilayers_argv
 
 SMALL_RECIPE = "v1"  # bump when what the input holds changes (the cache dir name carries it)
 DIRS = 1000
@@ -167,14 +167,7 @@ def write_layout(out: str, blob: str, digest: str, size: int, media_type: str,
                  diff_id: str) -> None:
     """An OCI layout at `out` holding one single-layer image tagged TAG; the file `blob` is
     moved into it. Deterministic: the same layer gives the same bytes."""
-    blobs = os.path.join(out, "blobs", "sha256")
-    os.makedirs(blobs)
-
-    def put(data: bytes) -> tuple[str, int]:
-        d = hashlib.sha256(data).hexdigest()
-        with open(os.path.join(blobs, d), "wb") as f:
-            f.write(data)
-        return f"sha256:{d}", len(data)
+    blobs, put = layout_blobs(out)
 
     os.rename(blob, os.path.join(blobs, digest.split(":", 1)[1]))
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(MTIME))
