@@ -243,13 +243,17 @@ class _FullReads:
     def read(self, n: int = -1, /) -> bytes:
         if n < 0:
             return self._raw.read()
-        buf = bytearray()
-        while len(buf) < n:
-            data = self._raw.read(n - len(buf))
+        first = self._raw.read(n)
+        if len(first) >= n or not first:
+            return first  # (a file's read: whole, no copy)
+        parts, have = [first], len(first)
+        while have < n:
+            data = self._raw.read(n - have)
             if not data:
                 break
-            buf += data
-        return bytes(buf)
+            parts.append(data)
+            have += len(data)
+        return b"".join(parts)
 
 
 # A kept blob's media type in the other manifest family (`append --manifest`), as skopeo
