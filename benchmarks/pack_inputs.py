@@ -187,12 +187,16 @@ def fresh_layout(src: str, dst: str) -> None:
                     fo.write(fi.read())
 
 
-def top_layer_size(layout: str, tag: str) -> int:
-    """Size of the top layer blob of the image tagged `tag` in `layout` (what repack wrote)."""
+def top_layer_size(layout: str, tag: str | None) -> int:
+    """Size of the top layer blob of the image tagged `tag` in `layout` (what repack or
+    append wrote); `tag` None: the layout's only image."""
     with open(os.path.join(layout, "index.json")) as f:
         index = json.load(f)
-    desc = next(m for m in index["manifests"]
-                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+    if tag is None:
+        (desc,) = index["manifests"]
+    else:
+        desc = next(m for m in index["manifests"]
+                    if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
 
     def blob(digest: str) -> str:
         algo, h = digest.split(":", 1)

@@ -394,8 +394,20 @@ def pack_cases(pin: PackInput) -> tuple[list[Case], list[str]]:
                                               f"{shlex.quote(os.path.join(rd, name))}")),
                     short=label, output=out_size(name))
 
+    def appended(rd: str) -> int:
+        """The new (top) layer blob of the one image `append` wrote into rd/out."""
+        return top_layer_size(os.path.join(rd, "out"), None)
+
     cases = [ocil("gzip", "layer.tar.gz"),
-             tarpipe("tar-gzip", "tar|gzip -6", "gzip", "gzip -6", "layer.tar.gz")]
+             tarpipe("tar-gzip", "tar|gzip -6", "gzip", "gzip -6", "layer.tar.gz"),
+             # issue 15: the image plumbing around the same pack (read the base image, link
+             # its blobs, config, manifest, index) must cost almost nothing
+             Case("ocilayers-append-gzip", "ocilayers append IMAGE --dir UPPER (--lower x"
+                  f"{len(pin.lowers)}) -o OCI-LAYOUT-DIR", "gzip", True,
+                  prepared(lambda rd: [*oci, "-q", "append", pin.image.gzip_dir, "-o",
+                                       os.path.join(rd, "out"), "--format", "oci", "--dir",
+                                       pin.upper, *lowers, "--compression", "gzip"]),
+                  short="ocilayers append --dir (gzip)", output=appended)]
     if shutil.which("zstd"):
         cases += [ocil("zstd", "layer.tar.zst"),
                   tarpipe("tar-zstd", "tar|zstd -3", "zstd", "zstd -q -3", "layer.tar.zst"),
@@ -426,6 +438,7 @@ def pack_cases(pin: PackInput) -> tuple[list[Case], list[str]]:
 
 PACK_RATIOS: list[tuple[str, str, float | None]] = [
     ("ocilayers-pack-gzip", "tar-gzip", 0.6),
+    ("ocilayers-append-gzip", "ocilayers-pack-gzip", 1.15),
     ("ocilayers-pack-zstd", "tar-zstd", 1.3),
     ("ocilayers-pack-zstd", "tar-zstd-T0", None),
     ("ocilayers-pack-gzip", "umoci-repack", None),
