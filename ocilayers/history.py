@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ocilayers import scancache
 from ocilayers.forking import Forked, can_fork
 from ocilayers.growth import DiveFigures, LayerFigures, Merge, dive_figures
 from ocilayers.layerscan import (
@@ -66,7 +67,8 @@ def scanned(arg: str, store: Store, *, ref: str | None = None,
     if source_or_image(store, arg) == "image":
         img = store.find_image(arg)
         paths = [store.layers.tar_split_path(rec.chain_id) for rec in img.layers]
-        read = _scan_tar_splits(paths, keep_headers)
+        read = (_scan_tar_splits(paths, True) if keep_headers
+                else _read_store_layers(store, paths))
         layers = [ScannedLayer(rec.diff_id, rec.chain_id, None, size, kept(iter(entries)))
                   for rec, (entries, size) in zip(img.layers, read, strict=True)]
         yield ScannedImage(arg, img.image_id, img.config, layers, True)
@@ -148,6 +150,27 @@ def _scan_tar_splits(paths: Sequence[str], keep_raw: bool = False
         for i, (packed, size) in zip(theirs, child.result(), strict=True):
             out[i] = ([Entry(*t) for t in packed], size)
     return [out[i] for i in range(len(paths))]
+
+
+def _read_store_layers(store: Store, paths: Sequence[str]) -> list[tuple[list[Entry], int]]:
+    """Every layer's entries and tar size: from its scan cache where it has a good one, else
+    from its tar-split records, and then cached (when the store lock is free and this process
+    may write the store: a read never waits for a writer, and a cache is never written into a
+    layer being removed)."""
+    got = [scancache.load(p) for p in paths]
+    missing = [i for i, g in enumerate(got) if g is None]
+    if not missing:
+        return [g for g in got if g is not None]
+    fresh = _scan_tar_splits([paths[i] for i in missing])
+    for i, read in zip(missing, fresh, strict=True):
+        got[i] = read
+    with store.layout.lock_if_free() as locked:
+        if locked:
+            for i, (entries, size) in zip(missing, fresh, strict=True):
+                with contextlib.suppress(OSError):  # gone since, or a read-only dir
+                    if os.path.exists(paths[i]):
+                        scancache.save(paths[i], entries, size)
+    return [g for g in got if g is not None]
 
 
 def merge_layers(layers: Sequence[Sequence[Entry]]) -> Merge:

@@ -562,6 +562,10 @@ def _metadata(root: Path) -> dict[str, tuple[str, str]]:
 def test_dockerd_accepts_our_store(env: Env, tmp_path: Path) -> None:
     store = env.base / "b-store"
     unpack_both(store)  # nothing else: whatever dockerd needs must come from `ocilayers unpack`
+    # but `history`, a reader, leaves its scan cache in the layerdb dirs: dockerd must not mind
+    proc = run_module(["--root", str(store), "-q", "history", "committed:latest", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    assert list(store.glob("image/overlay2/layerdb/sha256/*/ocilayers-scan.json"))
     img = env.images["committed"]
     before = _metadata(store)
     b = Daemon(env.base / "b", store)

@@ -57,9 +57,14 @@ class Image:
         return image_history(self.tag, root=str(self.root), **kw)
 
     def both(self, **kw: Any) -> list[HistoryReport]:
+        """From the source, from the store's tar-split records, and again from the store,
+        where the first read left its scan cache (test_scancache.py): all three agree."""
         src, store = self.history("source", **kw), self.history("store", **kw)
         assert summary(src) == summary(store)
-        return [src, store]
+        assert list(self.root.glob("image/overlay2/layerdb/sha256/*/ocilayers-scan.json"))
+        cached = self.history("store", **kw)
+        assert summary(cached) == summary(src)
+        return [src, store, cached]
 
 
 def make(dest: Path, layers: list[list[tb.Member]], **kw: Any) -> Image:

@@ -220,6 +220,26 @@ class StoreLayout:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def lock_if_free(self) -> Iterator[bool]:
+        """The lock if no one holds it and this process may take it (True), else nothing
+        (False): for work a reader may do in passing, or skip (the scan cache)."""
+        try:
+            fd = os.open(os.path.join(self.root, LOCK_NAME),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            yield False  # a read-only store, or another user's
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
 
 def _check_user_xattrs(root: str) -> None:
     """A rootless store keeps overlay markers and records in user.* xattrs."""
