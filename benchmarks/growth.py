@@ -59,6 +59,29 @@ def _build(kind: str, scratch: str, img: BenchImage) -> dict[str, Any]:
             "flat": upper_stats(flat)}
 
 
+SCAN_CACHE = "ocilayers-scan.json"  # (ocilayers/scancache.py: history's copy of a layer's
+# tar-split entries, written after the first read of the records)
+
+
+def scan_caches(store: str) -> list[str]:
+    d = os.path.join(store, "image", "overlay2", "layerdb", "sha256")
+    return [p for p in (os.path.join(d, n, SCAN_CACHE) for n in sorted(os.listdir(d)))
+            if os.path.exists(p)]
+
+
+def set_scan_caches(store: str, present: bool) -> None:
+    """Before a timed `history` from the store (not timed): every layer's scan cache made (one
+    `history` run), or every one deleted (the first read after an unpack)."""
+    if present:
+        subprocess.run([*ocilayers_argv(), "-q", "--root", store, "history", TAG, "--json"],
+                       check=True, stdout=subprocess.DEVNULL)
+        if not scan_caches(store):
+            raise RuntimeError(f"history wrote no {SCAN_CACHE} in {store}")
+    else:
+        for p in scan_caches(store):
+            os.unlink(p)
+
+
 def tar_list_script(img: BenchImage) -> list[str]:
     """`gzip -dc blob | tar -tf - > /dev/null` for every layer blob of the gzip image, one
     after the other (the baseline of `history SOURCE`: read every layer's tar headers)."""

@@ -1003,11 +1003,20 @@ def growth_cases(gin: growth.GrowthInput) -> list[Case]:
     def squash_out(rd: str) -> str:
         return os.path.join(rd, "squashed")
 
+    def history_store(caches: bool) -> Callable[[str, int], Sample]:
+        timed = prepared(lambda rd: [*oci, "-q", *root, "history", growth.TAG, "--json"])
+
+        def measure(rd: str, rnd: int) -> Sample:
+            growth.set_scan_caches(gin.store, caches)  # not timed
+            return timed(rd, rnd)
+        return measure
+
     return [
-        Case("ocilayers-history-store", "ocilayers history IMAGE --json (store)",
-             "none", True, prepared(lambda rd: [*oci, "-q", *root, "history", growth.TAG,
-                                                "--json"]),
-             short="history IMAGE (store)"),
+        Case("ocilayers-history-store", "ocilayers history IMAGE --json (store, scan cache)",
+             "none", True, history_store(True), short="history IMAGE (store)"),
+        Case("ocilayers-history-store-first", "ocilayers history IMAGE --json (store, first "
+             "read: tar-split records)", "none", True, history_store(False),
+             short="history IMAGE (store, first read)"),
         Case("ocilayers-history-source", "ocilayers history LAYOUT --json (gzip OCI layout)",
              "gzip", True, prepared(lambda rd: [*oci, "-q", *root, "history", img.gzip_dir,
                                                 "--json"]),
@@ -1032,6 +1041,7 @@ def growth_cases(gin: growth.GrowthInput) -> list[Case]:
 
 GROWTH_RATIOS: list[tuple[str, str, float | None]] = [
     ("ocilayers-history-store", "ocilayers-history-source", 0.25),
+    ("ocilayers-history-store-first", "ocilayers-history-source", None),
     ("ocilayers-history-source", "gzip-tar-t", 1.2),
     ("ocilayers-squash-all", "ocilayers-pack-flat", 1.2),
     ("ocilayers-history-store", "gzip-tar-t", None),
@@ -1065,8 +1075,11 @@ def group_growth(ctx: Ctx) -> dict[str, Any]:
     cases = growth_cases(gin)
     notes = [
         "history from the store reads the layerdb and each layer's tar-split records only (no "
-        "diff dir walked, no blob); from the layout it streams every gzip blob once (inflate, "
-        "blob digest and DiffID checked, tar headers parsed, nothing written); both print "
+        "diff dir walked, no blob), and keeps the entries it read in each layerdb dir "
+        "(ocilayers-scan.json): the `scan cache` row has them (made before the run, not "
+        "timed), the `first read` row has them deleted before each run; from the layout it "
+        "streams every gzip blob once (inflate, blob digest and DiffID checked, tar headers "
+        "parsed, nothing written); both print "
         "--json (into the run's log); `gzip -dc | tar -t` lists the same blobs, one after the "
         "other, into /dev/null (no digests)",
         "squash --all reads the store's diff dirs and writes an OCI layout with one gzip "

@@ -13,7 +13,6 @@ import contextlib
 import errno
 import os
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -30,6 +29,8 @@ def atomic_output(path: str | Callable[[], str], mode: int = 0o644, *, prefix: s
     `path` may be a callable, asked for the name once the file is written (a blob named by
     its digest); the temp file is then made in `dir`."""
     where = dir if callable(path) else os.path.dirname(os.path.abspath(path))
+    import tempfile  # (lazy: ~9 ms that a read-only command need not pay)
+
     fd, tmp = tempfile.mkstemp(dir=where, prefix=prefix)
     try:
         with os.fdopen(fd, "wb") as f:

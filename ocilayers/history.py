@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ocilayers import scancache
-from ocilayers.forking import Forked, can_fork
 from ocilayers.growth import DiveFigures, LayerFigures, Merge, dive_figures
 from ocilayers.layerscan import (
     HARDLINK_KIND,
@@ -133,6 +132,8 @@ def _scan_tar_splits(paths: Sequence[str], keep_raw: bool = False
     """Every layer's entries and tar size from its tar-split (`keep_raw`: with their header
     bytes); with a second core, a forked child reads about half of the records (by file
     size) while this process reads the rest."""
+    from ocilayers.forking import Forked, can_fork  # (lazy: pickle, for a cache miss only)
+
     if len(paths) < 2 or not can_fork():
         return [_scan_one(p, keep_raw) for p in paths]
     sizes = [os.path.getsize(p) for p in paths]

@@ -12,9 +12,9 @@ import fnmatch
 import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ocilayers.errors import StoreError, TarError
-from ocilayers.tarsplit import FILE, SEGMENT, Record, crc64, open_records
 from ocilayers.tarstream import (
     AREG,
     BLK,
@@ -35,6 +35,10 @@ from ocilayers.tarstream import (
     TarReader,
 )
 from ocilayers.whiteout import classify
+
+if TYPE_CHECKING:  # (tarsplit, with ISA-L and the CRC-64, is imported where records are read:
+    # history from a store's scan cache needs neither)
+    from ocilayers.tarsplit import Record
 
 FILE_KIND = "file"
 DIR_KIND = "dir"
@@ -121,6 +125,8 @@ def scan_tar(stream: object, *, keep_headers: bool = False,
              counts: ScanCounts | None = None) -> Iterator[Entry]:
     """Every entry of the tar `stream`, each regular file's data read once for its CRC-64
     (the same CRC tar-split records). Reads the stream to its end."""
+    from ocilayers.tarsplit import crc64
+
     counted = _Counting(stream)
     reader = TarReader(counted)
     for t in reader:
@@ -173,6 +179,9 @@ class _Segments:
     the file records between them stand for the data, which is not there."""
 
     def __init__(self, records: Iterable[Record]) -> None:
+        from ocilayers.tarsplit import FILE, SEGMENT
+
+        self._segment, self._file = SEGMENT, FILE
         self._records = iter(records)
         self._buf = b""
         self._off = 0
@@ -183,7 +192,7 @@ class _Segments:
             rec = next(self._records, None)
             if rec is None:
                 return b""
-            if rec.type != SEGMENT:
+            if rec.type != self._segment:
                 raise StoreError("tar-split: a file record where a header was expected")
             self._buf, self._off = rec.payload or b"", 0
             self.size += len(self._buf)
@@ -197,7 +206,7 @@ class _Segments:
         if self._off < len(self._buf):
             raise StoreError("tar-split: header bytes where a file record was expected")
         rec = next(self._records, None)
-        if rec is None or rec.type != FILE:
+        if rec is None or rec.type != self._file:
             raise StoreError("tar-split: an entry without its file record")
         if rec.size != data_size and (rec.size or data_size):
             raise StoreError(f"tar-split: file record of {rec.size} bytes for an entry of "
@@ -253,6 +262,8 @@ def scan_tar_split(path: str, counts: ScanCounts | None = None, *,
     try:
         return _fast_tar_split(path, counts, keep_raw)
     except _Unusual:
+        from ocilayers.tarsplit import open_records
+
         return list(scan_records(open_records(path), keep_headers=keep_raw, counts=counts))
 
 

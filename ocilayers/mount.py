@@ -5,16 +5,17 @@ short-`l/`-name rule, read-only and read-write, `userxattr`, and what is mounted
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import shutil
 import stat
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ocilayers.errors import MountError
+
+if TYPE_CHECKING:
+    import ctypes
 
 MS_RDONLY = 1
 MS_REMOUNT = 32
@@ -106,11 +107,15 @@ def mount_namespace(pid: str = "self") -> str:
 
 
 def _libc() -> ctypes.CDLL:
+    import ctypes  # (here: a command that mounts nothing does not pay for it)
+
     return ctypes.CDLL(None, use_errno=True)
 
 
 def _sys_mount(source: str | None, target: str, fstype: str | None, flags: int,
                data: str | None, what: str) -> None:
+    import ctypes
+
     enc = [None if x is None else os.fsencode(x) for x in (source, target, fstype, data)]
     if _libc().mount(enc[0], enc[1], enc[2], ctypes.c_ulong(flags), enc[3]) != 0:
         err = ctypes.get_errno()
@@ -169,6 +174,8 @@ def mount_overlay(m: OverlayMount, target: str, *, fuse: bool = False) -> None:
     try:
         _kernel_overlay(m, path, target)
     except MountError as exc:
+        import shutil
+
         if m.userxattr and shutil.which("fuse-overlayfs"):
             try:
                 mount_fuse_overlay(m, path)
@@ -191,6 +198,9 @@ def _kernel_overlay(m: OverlayMount, path: str, target: str) -> None:
 def mount_fuse_overlay(m: OverlayMount, path: str) -> None:
     """Mount `m` on `path` with fuse-overlayfs (containers/fuse-overlayfs): lowers resolved to
     absolute paths, `squash_to_root` never, its own process serving the mount until unmount."""
+    import shutil
+    import subprocess
+
     tool = shutil.which("fuse-overlayfs")
     if tool is None:
         raise MountError("fuse-overlayfs is not installed (Debian: apt-get install "
@@ -251,6 +261,8 @@ def bind_readonly(source: str, target: str) -> None:
 
 def unmount(target: str, *, detach: bool = False) -> None:
     """umount2(2) the mount on `target`."""
+    import ctypes
+
     if _libc().umount2(os.fsencode(target), ctypes.c_int(MNT_DETACH if detach else 0)) != 0:
         err = ctypes.get_errno()
         hint = {errno.EBUSY: " (a process is using it)",

@@ -48,15 +48,22 @@ def _text(b: bytes) -> str:
 
 
 def dump(tar_split: str, entries: list[Entry], tar_size: int) -> bytes:
-    """The cache document for the entries read from `tar_split` (which must exist)."""
+    """The cache document for the entries read from `tar_split` (which must exist): one list
+    per field, in entry order (loads faster than a list per entry)."""
     doc = {"format": FORMAT, "tar_split": _key(tar_split), "tar_size": tar_size,
-           "entries": [[_text(e.path), e.kind, e.size, e.crc, _text(e.link)] for e in entries]}
+           "paths": [_text(e.path) for e in entries], "kinds": [e.kind for e in entries],
+           "sizes": [e.size for e in entries], "crcs": [e.crc for e in entries],
+           "links": [_text(e.link) for e in entries]}
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def save(tar_split: str, entries: list[Entry], tar_size: int) -> None:
     """Write the cache beside `tar_split` (atomically; the caller holds the store lock)."""
     write_atomic(cache_path(tar_split), dump(tar_split, entries, tar_size))
+
+
+def _all(kind: type, values: object) -> bool:
+    return isinstance(values, list) and all(type(v) is kind for v in values)
 
 
 def load(tar_split: str) -> tuple[list[Entry], int] | None:
@@ -68,17 +75,17 @@ def load(tar_split: str) -> tuple[list[Entry], int] | None:
         if (not isinstance(doc, dict) or doc.get("format") != FORMAT
                 or doc.get("tar_split") != _key(tar_split)):
             return None
-        size = doc["tar_size"]
-        rows = doc["entries"]
-        if type(size) is not int or size < 0 or not isinstance(rows, list):
+        size, paths, kinds = doc["tar_size"], doc["paths"], doc["kinds"]
+        sizes, crcs, links = doc["sizes"], doc["crcs"], doc["links"]
+        if (type(size) is not int or size < 0 or not _all(str, paths) or not _all(str, links)
+                or not _all(int, sizes) or not _all(int, crcs) or not isinstance(kinds, list)
+                or not KINDS.issuperset(kinds)
+                or not len(paths) == len(kinds) == len(sizes) == len(crcs) == len(links)):
             return None
-        out = []
-        for path, kind, n, crc, link in rows:
-            if (type(path) is not str or kind not in KINDS or type(n) is not int or n < 0
-                    or type(crc) is not int or not 0 <= crc < 1 << 64 or type(link) is not str):
-                return None
-            out.append(Entry(path.encode("utf-8", "surrogateescape"), kind, n, crc,
-                             link.encode("utf-8", "surrogateescape")))
-        return out, size
+        if paths and (min(sizes) < 0 or min(crcs) < 0 or max(crcs) >= 1 << 64):
+            return None
+        enc = [p.encode("utf-8", "surrogateescape") for p in paths]
+        lenc = [x.encode("utf-8", "surrogateescape") if x else b"" for x in links]
+        return list(map(Entry, enc, kinds, sizes, crcs, lenc)), size
     except (OSError, ValueError, TypeError, KeyError):
         return None

@@ -58,9 +58,9 @@ def test_a_good_cache_is_what_is_read(img: Image) -> None:
     edited = 0
     for path in caches(img):
         doc = json.loads(path.read_bytes())
-        for row in doc["entries"]:
-            if row[0] == "new":
-                row[2] += 1000
+        for i, name in enumerate(doc["paths"]):
+            if name == "new":
+                doc["sizes"][i] += 1000
                 edited += 1
         path.write_text(json.dumps(doc))
     assert edited == 1
@@ -70,7 +70,7 @@ def test_a_good_cache_is_what_is_read(img: Image) -> None:
 
 @pytest.mark.parametrize("damage", [
     "garbage", "empty", "other-format", "other-tar-split", "bad-kind", "short-row",
-    "negative-size", "huge-crc", "not-a-list",
+    "negative-size", "huge-crc", "not-a-list", "bytes-not-text",
 ])
 def test_a_bad_cache_is_ignored_and_replaced(img: Image, damage: str) -> None:
     want = summary(img.history("store"))
@@ -88,15 +88,17 @@ def test_a_bad_cache_is_ignored_and_replaced(img: Image, damage: str) -> None:
             ts = path.parent / "tar-split.json.gz"
             os.utime(ts, ns=(1, 1))  # the records' file is no longer the one cached
         elif damage == "bad-kind":
-            doc["entries"][0][1] = "symlink-to-etc"
+            doc["kinds"][0] = "symlink-to-etc"
         elif damage == "short-row":
-            doc["entries"][0] = doc["entries"][0][:3]
+            doc["links"] = doc["links"][:-1]
         elif damage == "negative-size":
-            doc["entries"][0][2] = -5
+            doc["sizes"][0] = -5
         elif damage == "huge-crc":
-            doc["entries"][0][3] = 1 << 64
+            doc["crcs"][0] = 1 << 64
         elif damage == "not-a-list":
-            doc["entries"] = {"a": 1}
+            doc["paths"] = {"a": 1}
+        elif damage == "bytes-not-text":
+            doc["paths"][0] = 7
         path.write_text(json.dumps(doc))
     assert summary(img.history("store")) == want
     for path in caches(img):  # rewritten good
@@ -138,7 +140,8 @@ def test_squash_reads_the_records_not_the_cache(img: Image, tmp_path: Path) -> N
     img.history("store")
     for path in caches(img):
         doc = json.loads(path.read_bytes())
-        doc["entries"] = []
+        for field in ("paths", "kinds", "sizes", "crcs", "links"):
+            doc[field] = []
         path.write_text(json.dumps(doc))
     p2 = run_module([*base, "-o", str(out2)])
     assert p2.returncode == 0, p2.stderr

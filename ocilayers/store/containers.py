@@ -15,7 +15,6 @@ import json
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -232,6 +231,8 @@ class ContainerStore:
                       now_rfc3339(), tuple(command), name)
         # 1. ocilayers' records (stale until step 3; prune removes them)
         os.makedirs(self.meta, mode=0o700, exist_ok=True)
+        import tempfile
+
         tmp = tempfile.mkdtemp(dir=self.meta, prefix=".new-")
         write_new(os.path.join(tmp, "image-config.json"), base_config, 0o600)
         write_new(os.path.join(tmp, "container.json"),
@@ -253,6 +254,8 @@ class ContainerStore:
         layers.attach(rw, c.mount_id, c.init_id, what=f"container {c.short_id}",
                       max_lowers=MAX_DEPTH + 1)
         # 3. layerdb/mounts/<id>: from here on it is a container
+        import tempfile
+
         ws = tempfile.mkdtemp(dir=self.layout.layerdb_tmp, prefix="mount-")
         write_new(os.path.join(ws, "mount-id"), c.mount_id.encode(), 0o644)
         write_new(os.path.join(ws, "init-id"), c.init_id.encode(), 0o644)

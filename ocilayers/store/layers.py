@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -155,6 +154,8 @@ class LayerStore:
     def claim(self, chains: list[Digest]) -> Iterator[None]:
         """Mark `chains` as needed while the block runs (a flock-held file: a crash drops it).
         Enter it under the store lock: a half-written claim must not look stale to a prune."""
+        import tempfile
+
         fd, path = tempfile.mkstemp(dir=self.layout.overlay, prefix=CLAIM_PREFIX)
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, "\n".join(str(c) for c in chains).encode())
@@ -341,6 +342,8 @@ class LayerStore:
         os.rename(staging.path, final)
         os.close(staging.fd)
         # layerdb: staged in tmp/ and renamed into place, as dockerd's fileMetadataTransaction.
+        import tempfile
+
         ws = tempfile.mkdtemp(dir=self.layout.layerdb_tmp, prefix="write-set-")
         write_new(os.path.join(ws, "diff"), str(diff_id).encode(), 0o644)
         write_new(os.path.join(ws, "size"), str(size).encode(), 0o644)
