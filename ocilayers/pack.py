@@ -137,15 +137,18 @@ class _TarPipe:
 
     def stop(self) -> BaseException | None:
         """Stop reading (the writer sees a broken pipe), wait for the writer, and return
-        its error, if any."""
+        its error, if any (again on a second call)."""
         self.reader.close()
         if self._thread is not None:
             self._thread.join()
             return self.error
-        assert self._child is not None
+        if self._child is None:
+            return self.error
+        child, self._child = self._child, None
         try:
-            said = self._child.result()
+            said = child.result()
         except BaseException as exc:
+            self.error = exc
             return exc
         for line in said:
             assert self._warn is not None

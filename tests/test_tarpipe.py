@@ -109,3 +109,17 @@ def test_reader_stops_first(tmp_path: Path, writer: str) -> None:
         assert tar.read(512)
         raise KeyError("stop")
     assert threading.active_count() == threads
+
+
+def test_stop_twice(tmp_path: Path, writer: str) -> None:
+    """A second stop (or close) neither waits again nor loses the writer's error."""
+    up = _upper(tmp_path)
+    (up / ".wh.y").write_bytes(b"")  # a regular file no layer can carry under that name
+    with pytest.raises(UpperDirError), open_layer_tar(str(up)) as tar:
+        pipe = tar
+        while tar.read(1 << 16):
+            pass
+    assert isinstance(pipe.stop(), UpperDirError)
+    with pytest.raises(UpperDirError):
+        pipe.close()
+
