@@ -19,8 +19,17 @@ import tarbuilder as tb
 from conftest import assert_one_line_error, run_cli, run_module
 from test_containers import write_image
 
+from ocilayers import forking, history
 from ocilayers.growth import DiveFigures, LayerFigures
 from ocilayers.history import HistoryReport, image_history
+from ocilayers.layerscan import (
+    DIR_KIND,
+    FILE_KIND,
+    HARDLINK_KIND,
+    OPAQUE_KIND,
+    WHITEOUT_KIND,
+    Entry,
+)
 
 LF = LayerFigures
 BIG = 50_000_000
@@ -639,3 +648,51 @@ def test_unchanged_rewrite_is_credited_to_the_rewriting_layer(tmp_path: Path) ->
         assert r.layers[2].figures.rewrote_unchanged_bytes == 0
         assert [(t.path, t.size, t.layer, t.hidden_by, t.unchanged) for t in r.top] == [
             ("/data", 400, 0, 1, True)]
+
+
+# --- merge and dive's figures side by side ---
+
+def _many_entries() -> list[list[Entry]]:
+    """Three layers, 4,500 entries: dirs, files, rewrites, file and dir whiteouts, an opaque
+    dir, hardlinks."""
+    base = [Entry(b"d%d" % i, DIR_KIND) for i in range(30)]
+    base += [Entry(b"d%d/f%d" % (i % 30, i), FILE_KIND, 100 + i) for i in range(1470)]
+    mid = [Entry(b"d%d/f%d" % (i % 30, i), FILE_KIND, 7) for i in range(0, 1470, 3)]
+    mid += [Entry(b"d%d" % i, WHITEOUT_KIND) for i in range(5)]
+    mid += [Entry(b"n/%d" % i, FILE_KIND, i) for i in range(1000)]
+    top = [Entry(b"d6", OPAQUE_KIND), Entry(b"d7/f7", WHITEOUT_KIND)]
+    top += [Entry(b"n/%d" % i, FILE_KIND, 1) for i in range(0, 1000, 2)]
+    top += [Entry(b"h/%d" % i, HARDLINK_KIND, 0, 0, b"n/%d" % (i * 2)) for i in range(498)]
+    return [base, mid, top]
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_merge_and_dive_side_by_side(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                     fork: bool) -> None:
+    """With enough entries dive's figures come from a forked child while the merge runs
+    here: the same figures as one after the other, and really from another process."""
+    monkeypatch.setattr(forking, "can_fork", lambda: fork)  # (the suite may hold threads)
+    layers = _many_entries()
+    assert sum(map(len, layers)) >= history.DIVE_FORK_MIN_ENTRIES
+    pids = tmp_path / "pids"
+    real = history.dive_figures
+
+    def spy(x: Any) -> DiveFigures:
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(x)
+
+    monkeypatch.setattr(history, "dive_figures", spy)
+    merge, dive = history.merge_and_dive(layers)
+    assert dive == real(layers)
+    alone = history.merge_layers(layers)
+    assert merge.layers == alone.layers
+
+    def wasted(m: Any) -> list[tuple[Any, ...]]:
+        return [(g.entry.path, g.size, g.layer, g.hidden_by, g.unchanged) for g in m.wasted()]
+    assert wasted(merge) == wasted(alone)
+    assert wasted(merge)  # the layers do hide files
+    assert (int(pids.read_text()) != os.getpid()) is fork
+    pids.unlink()
+    history.merge_and_dive([layers[0][:100]])  # too few entries to pay for a fork
+    assert int(pids.read_text()) == os.getpid()
