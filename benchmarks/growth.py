@@ -15,6 +15,8 @@ from typing import Any
 from inputs import BenchImage, ensure_derived, layer_blobs, log, ocilayers_argv
 from pack_inputs import upper_stats
 
+from ocilayers import scancache
+
 GROWTH_RECIPE = "v1"  # bump when what the input holds changes
 TAG = "ocilayers-bench:latest"
 
@@ -59,8 +61,8 @@ def _build(kind: str, scratch: str, img: BenchImage) -> dict[str, Any]:
             "flat": upper_stats(flat)}
 
 
-SCAN_CACHE = "ocilayers-scan.json"  # (ocilayers/scancache.py: history's copy of a layer's
-# tar-split entries, written after the first read of the records)
+SCAN_CACHE = scancache.NAME  # history's copy of a layer's tar-split entries, written after
+# the first read of the records
 
 
 def scan_caches(store: str) -> list[str]:

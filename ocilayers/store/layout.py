@@ -209,11 +209,14 @@ class StoreLayout:
                 raise self._made_by_root()
             userns.check_record(doc, userns.record_of_process(), self.root)
 
+    def _open_lock(self) -> int:
+        return os.open(os.path.join(self.root, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                       0o600)
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Serialise registration and removal across processes (flock on a file in the root)."""
-        fd = os.open(os.path.join(self.root, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
+        fd = self._open_lock()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -225,8 +228,7 @@ class StoreLayout:
         """The lock if no one holds it and this process may take it (True), else nothing
         (False): for work a reader may do in passing, or skip (the scan cache)."""
         try:
-            fd = os.open(os.path.join(self.root, LOCK_NAME),
-                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = self._open_lock()
         except OSError:
             yield False  # a read-only store, or another user's
             return
