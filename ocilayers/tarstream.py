@@ -536,9 +536,28 @@ def _split_ustar_path(name: bytes) -> tuple[bytes, bytes] | None:
     return name[:i], name[i + 1:]
 
 
+_MAGIC_TO_DEV = b"ustar\x0000" + b"\0" * 64  # magic, version, empty uname and gname
+_AFTER_DEV = b"\0" * 167  # prefix and the block's padding
+_CHKSUM_BLANK = 8 * ord(" ")
+
+
 def _block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, typeflag: bytes,
            linkname: bytes = b"", devmajor: int = 0, devminor: int = 0, prefix: bytes = b"",
            dev_fields: bool = True) -> bytes:
+    if (len(name) <= 100 and len(linkname) <= 100 and not prefix and dev_fields
+            and 0 <= mode < 0o10000000 and 0 <= uid < 0o10000000 and 0 <= gid < 0o10000000
+            and 0 <= size < 0o100000000000 and 0 <= mtime < 0o100000000000
+            and 0 <= devmajor < 0o10000000 and 0 <= devminor < 0o10000000):
+        # Every field as it is (nearly every header): one format each side of the checksum,
+        # the same bytes as the general way below.
+        head = b"%s%07o\0%07o\0%07o\0%011o\0%011o\0" % (name.ljust(100, b"\0"), mode, uid,
+                                                        gid, size, mtime)
+        tail = b"%s%s%s%07o\0%07o\0%s" % (typeflag, linkname.ljust(100, b"\0"), _MAGIC_TO_DEV,
+                                          devmajor, devminor, _AFTER_DEV)
+        # adler32's low half is 1 + the byte sum mod 65521, in C: exact here, as neither
+        # side can sum to 65521 (head: 148 bytes; tail: at most 101 bytes above 0x7f).
+        chksum = (adler32(head) & 0xFFFF) + (adler32(tail) & 0xFFFF) - 2 + _CHKSUM_BLANK
+        return b"%s%06o\0 %s" % (head, chksum, tail)
     b = bytearray(BLOCK)
     b[0:100] = _fmt_str(100, name)
     b[100:108] = _fmt_octal(8, mode)
@@ -569,6 +588,15 @@ def encode_header(entry: TarEntry, *, pax_format: bool = True, type_bits: int = 
     extended header is named `<dir>/PaxHeaders.0/<base>`. mtime is whole seconds, unless
     `exact_mtime` (a PAX `mtime` record keeps the nanoseconds)."""
     mtime = entry.mtime_ns // 1_000_000_000  # floor, as Go's Time.Truncate(time.Second)
+    path, link = entry.name, entry.linkname
+    if (not entry.xattrs and len(path) <= _NAME_SIZE and len(link) <= _NAME_SIZE
+            and path.isascii() and link.isascii() and 0 <= entry.uid < 0o10000000
+            and 0 <= entry.gid < 0o10000000 and 0 <= entry.size < 0o100000000000
+            and 0 <= mtime < 0o100000000000
+            and not (exact_mtime and entry.mtime_ns % 1_000_000_000)):
+        # No PAX record needed (nearly every entry): the checks below, all at once.
+        return _block(path, entry.mode | type_bits, entry.uid, entry.gid, entry.size, mtime,
+                      entry.type, link, entry.devmajor, entry.devminor)
     pax: dict[bytes, bytes] = {}
     ustar_ok = True  # Go picks USTAR whenever the header fits it (moby's FormatPAX allows it)
 

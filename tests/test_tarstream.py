@@ -642,3 +642,60 @@ def test_chain_of_empty_extension_headers_capped() -> None:
     stream = tb.LazyStream([tb.pax_header(b"")] * 40000 + [tb.entry(tb.header("f")), tb.END])
     with pytest.raises(TarError, match="extension headers too large"):
         read_all(stream)
+
+
+# -- writing: the one-format header block against the field-by-field one --
+
+def _reference_block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
+                     typeflag: bytes, linkname: bytes, devmajor: int, devminor: int) -> bytes:
+    """A USTAR block as Go's archive/tar formats it, field by field (values that do not fit
+    are written as 0: they travel in PAX records)."""
+    def octal(width: int, value: int) -> bytes:
+        if not 0 <= value < 1 << (3 * (width - 1)):
+            value = 0
+        return b"%0*o\0" % (width - 1, value)
+
+    def string(width: int, s: bytes) -> bytes:
+        return s[:width].ljust(width, b"\0")
+
+    b = bytearray(BLOCK)
+    b[0:100] = string(100, name)
+    b[100:108], b[108:116], b[116:124] = octal(8, mode), octal(8, uid), octal(8, gid)
+    b[124:136], b[136:148] = octal(12, size), octal(12, mtime)
+    b[156:157] = typeflag
+    b[157:257] = string(100, linkname)
+    b[257:265] = b"ustar\x0000"
+    b[329:337], b[337:345] = octal(8, devmajor), octal(8, devminor)
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def test_header_block_matches_field_by_field() -> None:
+    import random
+
+    from ocilayers.tarstream import _block
+
+    r = random.Random(7)
+    for _ in range(20000):
+        name = bytes(r.choice(b"ab/.\xff\x7f") for _ in range(r.choice([0, 1, 9, 99, 100])))
+        link = bytes(r.choice(b"xy/\xe9") for _ in range(r.choice([0, 3, 100])))
+        big = r.choice([0, 1, 0o7777777, 0o10000000, r.randrange(1 << 24)])
+        args = (name, r.choice([0o644, 0o104755, big]), r.choice([0, 1000, big]),
+                r.choice([0, 65534, big]), r.choice([0, 1, 0o77777777777, r.randrange(1 << 36)]),
+                r.choice([0, 1_700_000_000, 0o77777777777]), r.choice([b"0", b"5", b"2", b"x"]),
+                link, r.choice([0, 259, big]), r.choice([0, 5, big]))
+        assert _block(*args) == _reference_block(*args), args
+
+
+def test_encoded_header_reads_back() -> None:
+    from ocilayers.tarstream import encode_header
+
+    e = TarEntry(name=b"usr/bin/tool", type=b"0", mode=0o4755, uid=1000, gid=50, size=1234,
+                 mtime_ns=1_700_000_000_900_000_000)
+    block = encode_header(e, type_bits=0o100000)
+    assert block == _reference_block(b"usr/bin/tool", 0o104755, 1000, 50, 1234, 1_700_000_000,
+                                     b"0", b"", 0, 0)
+    info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    assert (info.name, info.mode, info.uid, info.gid, info.size, info.mtime) == (
+        "usr/bin/tool", 0o104755, 1000, 50, 1234, 1_700_000_000)  # (Docker's type bits)
