@@ -81,6 +81,13 @@ def _is_opaque(path: bytes, ns: str) -> bool:
     return _overlay_xattr(path, "opaque", ns) == b"y"
 
 
+def _listxattr(path: bytes) -> list[str]:
+    try:
+        return os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return []
+
+
 def _lstat(path: bytes) -> os.stat_result | None:
     try:
         return os.lstat(path)
@@ -173,6 +180,7 @@ class _Writer:
                  side: SideRecord | None = None) -> None:
         self.out = out
         self.ns = ns
+        self.overlay_prefix = f"{ns}.overlay."
         self.xattr_policy = xattrs
         self.opaque_policy = opaque
         self.lowers = lowers
@@ -194,10 +202,10 @@ class _Writer:
             secs = self.sde
         return secs * 1_000_000_000
 
-    def _xattrs(self, path: bytes) -> dict[str, bytes]:
-        try:
-            names = os.listxattr(path, follow_symlinks=False)
-        except OSError:
+    def _xattrs(self, path: bytes, names: list[str] | None = None) -> dict[str, bytes]:
+        if names is None:
+            names = _listxattr(path)
+        if not names:
             return {}
         out: dict[str, bytes] = {}
         for name in sorted(names):
@@ -243,8 +251,9 @@ class _Writer:
     # -- entries --
 
     def entry(self, rel: bytes, path: bytes, st: os.stat_result,
-              data_from: bytes | None = None) -> None:
-        """One filesystem entry (not a whiteout); `data_from` overrides where data is read."""
+              data_from: bytes | None = None, xattr_names: list[str] | None = None) -> None:
+        """One filesystem entry (not a whiteout); `data_from` overrides where data is read;
+        `xattr_names`: its listxattr, where the caller has it."""
         if rel.rpartition(b"/")[2].startswith(WHITEOUT_PREFIX):
             # Every reader would take it for a whiteout or an opaque marker: the layer would
             # delete what the container still sees. (`docker commit` writes it all the same.)
@@ -259,7 +268,7 @@ class _Writer:
         typeflag, bits = _TYPE_BITS[fmt]
         e = TarEntry(name=rel + (b"/" if fmt == stat.S_IFDIR else b""), type=typeflag,
                      mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
-                     mtime_ns=self._mtime_ns(st), xattrs=self._xattrs(path))
+                     mtime_ns=self._mtime_ns(st), xattrs=self._xattrs(path, xattr_names))
         if fmt in (stat.S_IFCHR, stat.S_IFBLK):  # kept on a link to a device too, as moby does
             e.devmajor, e.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
         if self.records:
@@ -428,22 +437,28 @@ def _upper_entry(w: _Writer, d: _UpperDir, name: bytes, crel: bytes) -> _UpperDi
     if is_whiteout_stat(st):
         w.whiteout(crel, st)
         return None
+    # One listxattr: most entries carry no overlay xattr, and then none is asked for.
+    names = _listxattr(path)
+    prefix = w.overlay_prefix
+    marked = any(n.startswith(prefix) for n in names) if names else False
     if stat.S_ISDIR(st.st_mode):
-        redirect = _overlay_xattr(path, "redirect", w.ns)
+        redirect = _overlay_xattr(path, "redirect", w.ns) if marked else None
         if redirect is not None:
             _redirected_dir(w, crel, path, st, redirect, d.child(name, st, crel))
             return None
-        w.entry(crel, path, st)
-        if _is_opaque(path, w.ns) and (
+        w.entry(crel, path, st, xattr_names=names)
+        if marked and _is_opaque(path, w.ns) and (
             w.opaque_policy == "docker"
             or (w.lowers is not None and w.lowers.has_dir(_parts(crel)))
         ):
             w.opaque_marker(crel, st)
         return d.child(name, st, crel)
-    if stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy", w.ns) is not None:
-        w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path, _parts(crel)))
+    if marked and stat.S_ISREG(st.st_mode) and _overlay_xattr(path, "metacopy",
+                                                              w.ns) is not None:
+        w.entry(crel, path, st, data_from=_metacopy_source(w, crel, path, _parts(crel)),
+                xattr_names=names)
         return None
-    w.entry(crel, path, st)
+    w.entry(crel, path, st, xattr_names=names)
     return None
 
 
