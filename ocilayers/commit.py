@@ -24,7 +24,6 @@ from ocilayers.store import LayerRecord, Store
 from ocilayers.store.containers import Container
 from ocilayers.store.layers import fill_staging
 from ocilayers.store.layout import held_interrupt
-from ocilayers.streams import HashingReader
 from ocilayers.whiteout import TRUSTED, OverlayFormat
 
 # Docker-only fields about the container and daemon that made an image: host details, not
@@ -74,7 +73,7 @@ def _ingest_upper(store: Store, upper: str, chain: list[LayerRecord], opts: Comm
         with open_layer_tar(upper, lowers=lowers, xattrs=opts.xattrs, opaque=opts.opaque,
                             source_date_epoch=opts.source_date_epoch, warn=opts.warn,
                             fmt=opts.fmt) as tar:
-            built = fill_staging(staging, HashingReader(tar))
+            built = fill_staging(staging, tar)  # (the walker hashes the tar)
         empty = str(built.diff_id) == EMPTY_LAYER_DIFF_ID
         config = prepare(None if empty else built.diff_id)
         with held_interrupt(), store.lock():

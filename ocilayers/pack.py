@@ -4,6 +4,7 @@ layer blob out, to a stream or atomically to a file."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -69,13 +70,31 @@ def pack(upper: str, out: Any, *, base: str | None = None, lowers: Sequence[str]
     return PackResult(made.diff_id, made.digest, made.size, made.media_type, stats)
 
 
+class _HashingWriter:
+    """Writes through `out`, hashing and counting the bytes on the way."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.count += len(data)
+        return int(self.out.write(data))
+
+
 class _TarPipe:
     """The layer tar of an upper dir (or a tree against a base tree) as a readable stream,
     written into a pipe while the caller reads, so nothing is spooled. The writer is a forked
     child where the process can fork (one thread, two cores): the walk, the tar headers and
     the reads of the files then run on the second core beside the caller's hashing,
     compressing or applying (a thread shares one GIL with it: commit ran at about the sum of
-    the two). Else a thread. The child's warnings are passed on when it is done."""
+    the two). Else a thread. The child's warnings are passed on when it is done.
+
+    The writer also hashes the tar: `finish()` reads to the end and returns that DiffID,
+    once the bytes read here are as many as the writer wrote. The reader (commit's applier)
+    is the busier side; the walker had the time to spare."""
 
     def __init__(self, upper: str, kwargs: dict[str, Any]) -> None:
         import fcntl
@@ -84,8 +103,10 @@ class _TarPipe:
 
         self.upper, self.kwargs = upper, kwargs
         self.error: BaseException | None = None
+        self.count = 0  # bytes read here
+        self._made: tuple[str, int] | None = None  # the writer's (sha256 hex, bytes written)
         self._warn: Callable[[str], None] | None = kwargs.get("warn")
-        self._child: forking.Forked[list[str]] | None = None
+        self._child: forking.Forked[tuple[list[str], tuple[str, int] | None]] | None = None
         self._thread: threading.Thread | None = None
         rfd, wfd = os.pipe()
         with contextlib.suppress(OSError):
@@ -97,11 +118,11 @@ class _TarPipe:
             self._thread.start()
             return
 
-        def in_child() -> list[str]:
+        def in_child() -> tuple[list[str], tuple[str, int] | None]:
             os.close(rfd)  # (so that the caller's close is the pipe's last reader going)
             said: list[str] = []
-            self._write(wfd, said.append if self._warn else None)
-            return said
+            made = self._write(wfd, said.append if self._warn else None)
+            return said, made
 
         try:
             self._child = forking.Forked(in_child)
@@ -111,12 +132,14 @@ class _TarPipe:
         finally:
             os.close(wfd)
 
-    def _write(self, wfd: int, warn: Callable[[str], None] | None) -> None:
+    def _write(self, wfd: int, warn: Callable[[str], None] | None) -> tuple[str, int] | None:
+        """Write the tar into `wfd`; its sha256 and size, or None if the reader stopped."""
         from ocilayers.differ import write_layer, write_tree_diff
 
         kw = dict(self.kwargs, warn=warn)
         try:
-            with open(wfd, "wb", buffering=1 << 20) as out:
+            with open(wfd, "wb", buffering=1 << 20) as raw:
+                out = _HashingWriter(raw)
                 if kw.get("base") is not None:
                     base = kw.pop("base")
                     write_tree_diff(self.upper, base, out, **kw)
@@ -124,16 +147,30 @@ class _TarPipe:
                     kw.pop("base", None)
                     write_layer(self.upper, out, **kw)
         except BrokenPipeError:
-            pass  # the reader stopped first: its error is the one to report
+            return None  # the reader stopped first: its error is the one to report
+        return out.hash.hexdigest(), out.count
 
     def _in_thread(self, wfd: int) -> None:
         try:
-            self._write(wfd, self._warn)
+            self._made = self._write(wfd, self._warn)
         except BaseException as exc:
             self.error = exc
 
     def read(self, n: int = -1, /) -> bytes:
-        return self.reader.read(n)
+        data = self.reader.read(n)
+        self.count += len(data)
+        return data
+
+    def finish(self) -> Digest:
+        """Read to the end, wait for the writer; the DiffID of the tar it wrote."""
+        while self.read(1 << 20):
+            pass
+        if (error := self.stop()) is not None:
+            raise error
+        if self._made is None or self._made[1] != self.count:
+            raise OCILayersError(f"layer tar: read {self.count} bytes, the walk wrote "
+                                 f"{self._made[1] if self._made else 'fewer'}")
+        return Digest("sha256", self._made[0])
 
     def stop(self) -> BaseException | None:
         """Stop reading (the writer sees a broken pipe), wait for the writer, and return
@@ -146,7 +183,7 @@ class _TarPipe:
             return self.error
         child, self._child = self._child, None
         try:
-            said = child.result()
+            said, self._made = child.result()
         except BaseException as exc:
             self.error = exc
             return exc

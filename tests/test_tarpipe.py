@@ -1,7 +1,7 @@
 """`pack.open_layer_tar`: the layer tar of an upper dir as a stream, written by a forked child
 (or a thread where the process cannot fork). Both writers must give the bytes `pack` writes,
 pass on the walk's warnings, raise the walk's error ahead of the reader's, and stop cleanly
-when the reader stops first."""
+when the reader stops first. The writer also hashes the tar: `finish()` gives its DiffID."""
 
 from __future__ import annotations
 
@@ -123,3 +123,24 @@ def test_stop_twice(tmp_path: Path, writer: str) -> None:
     with pytest.raises(UpperDirError):
         pipe.close()
 
+
+
+def test_finish_gives_the_writers_diff_id(tmp_path: Path, writer: str) -> None:
+    """The walker hashes what it writes; finish() reads the rest and hands that DiffID on:
+    pack's, and the hash of every byte this side read."""
+    up = _upper(tmp_path)
+    whole = io.BytesIO()
+    made = pack(str(up), whole, compression="none")
+    with open_layer_tar(str(up)) as tar:
+        tar.read(1000)  # part read by the caller, the rest by finish()
+        diff_id = tar.finish()
+    assert diff_id == made.diff_id
+    assert tar.count == len(whole.getvalue())
+    assert str(diff_id) == f"sha256:{hashlib.sha256(whole.getvalue()).hexdigest()}"
+
+
+def test_finish_raises_the_walks_error(tmp_path: Path, writer: str) -> None:
+    up = _upper(tmp_path)
+    (up / ".wh.bad").write_bytes(b"x")  # a name no layer can carry: the walk fails
+    with pytest.raises(UpperDirError, match="cannot be stored"), open_layer_tar(str(up)) as tar:
+        tar.finish()
