@@ -4,7 +4,6 @@ layer blob out, to a stream or atomically to a file."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ocilayers.errors import OCILayersError
 from ocilayers.fsutil import atomic_output
 from ocilayers.spec import Digest
-from ocilayers.streams import LayerBlobWriter
+from ocilayers.streams import HashingWriter, LayerBlobWriter
 from ocilayers.whiteout import TRUSTED, OverlayFormat
 
 if TYPE_CHECKING:
@@ -68,20 +67,6 @@ def pack(upper: str, out: Any, *, base: str | None = None, lowers: Sequence[str]
                             fmt=fmt)
     made = blob.close()
     return PackResult(made.diff_id, made.digest, made.size, made.media_type, stats)
-
-
-class _HashingWriter:
-    """Writes through `out`, hashing and counting the bytes on the way."""
-
-    def __init__(self, out: Any) -> None:
-        self.out = out
-        self.hash = hashlib.sha256()
-        self.count = 0
-
-    def write(self, data: bytes) -> int:
-        self.hash.update(data)
-        self.count += len(data)
-        return int(self.out.write(data))
 
 
 class _TarPipe:
@@ -139,7 +124,7 @@ class _TarPipe:
         kw = dict(self.kwargs, warn=warn)
         try:
             with open(wfd, "wb", buffering=1 << 20) as raw:
-                out = _HashingWriter(raw)
+                out = HashingWriter(raw)
                 if kw.get("base") is not None:
                     base = kw.pop("base")
                     write_tree_diff(self.upper, base, out, **kw)
