@@ -293,7 +293,9 @@ def _write_layer(blobs: ContentWriter, layer: LayerInput, compression: str,
                  progress: Callable[[int], None] | None) -> tuple[Descriptor, Digest]:
     with blobs.blob_writer() as w:
         with layer.open() as src:  # (a source's own digest checks come first, on close)
-            made = write_layer_blob(_FullReads(src), w, compression, progress=progress)
+            # A walk's tar (append --dir/--diff) comes hashed by the process that wrote it.
+            made = write_layer_blob(_FullReads(src), w, compression, progress=progress,
+                                    diff_id=getattr(src, "written_diff_id", None))
         if layer.diff_id is not None and made.diff_id != layer.diff_id:
             raise DigestMismatchError(f"layer {layer.diff_id}: diff_id mismatch: "
                                       f"expected {layer.diff_id}, got {made.diff_id}")

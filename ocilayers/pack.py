@@ -77,7 +77,8 @@ class _TarPipe:
     compressing or applying (a thread shares one GIL with it: commit ran at about the sum of
     the two). Else a thread. The child's warnings are passed on when it is done.
 
-    The writer also hashes the tar: `finish()` reads to the end and returns that DiffID,
+    The writer also hashes the tar: `finish()` (`written_diff_id()`, for the image
+    builder) reads to the end and returns that DiffID,
     once the bytes read here are as many as the writer wrote. The reader (commit's applier)
     is the busier side; the walker had the time to spare."""
 
@@ -146,7 +147,7 @@ class _TarPipe:
         self.count += len(data)
         return data
 
-    def finish(self) -> Digest:
+    def written_diff_id(self) -> Digest:
         """Read to the end, wait for the writer; the DiffID of the tar it wrote."""
         while self.read(1 << 20):
             pass
@@ -156,6 +157,8 @@ class _TarPipe:
             raise OCILayersError(f"layer tar: read {self.count} bytes, the walk wrote "
                                  f"{self._made[1] if self._made else 'fewer'}")
         return Digest("sha256", self._made[0])
+
+    finish = written_diff_id  # (the store's TarSource)
 
     def stop(self) -> BaseException | None:
         """Stop reading (the writer sees a broken pipe), wait for the writer, and return

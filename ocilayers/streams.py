@@ -493,30 +493,40 @@ class LayerBlobWriter:
     """The compress-and-hash chain: uncompressed tar bytes in through `write()`, the
     compressed blob out to `out`; `close()` returns the LayerBlob. `out` is not closed."""
 
-    def __init__(self, out: Any, compression: str, *, threads: int = 0) -> None:
+    def __init__(self, out: Any, compression: str, *, threads: int = 0,
+                 hash_tar: bool = True) -> None:
         self._blob = HashingWriter(out)
         self._compressor = Compressor(self._blob, compression, threads=threads)
-        self._plain = HashingWriter(self._compressor)
+        # (hash_tar=False: the caller has the DiffID from elsewhere and gives it to close())
+        self._plain: HashingWriter | None = HashingWriter(self._compressor) if hash_tar else None
+        self._in = self._plain if self._plain is not None else self._compressor
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        return self._plain.write(data)
+        return int(self._in.write(data))
 
-    def close(self) -> LayerBlob:
+    def close(self, diff_id: Digest | None = None) -> LayerBlob:
         from ocilayers.spec import oci_layer_media_type
 
         self._compressor.close()
-        return LayerBlob(self._plain.digest, self._blob.digest, self._blob.count,
+        if self._plain is not None:
+            diff_id = self._plain.digest
+        if diff_id is None:
+            raise ValueError("a LayerBlobWriter that does not hash its tar needs the DiffID")
+        return LayerBlob(diff_id, self._blob.digest, self._blob.count,
                          oci_layer_media_type(self._compressor.compression))
 
 
 def write_layer_blob(tar: Readable, out: Any, compression: str, *,
                      progress: Callable[[int], None] | None = None,
-                     threads: int = 0) -> LayerBlob:
+                     threads: int = 0,
+                     diff_id: Callable[[], Digest] | None = None) -> LayerBlob:
     """Tar in, blob out: compress the uncompressed layer `tar` into `out`, streaming, and
-    return its DiffID, digest, size and media type. `progress(n)` hears of every n tar bytes."""
-    w = LayerBlobWriter(out, compression, threads=threads)
+    return its DiffID, digest, size and media type. `progress(n)` hears of every n tar bytes.
+    `diff_id`: called once `tar` is read to the end, the tar's DiffID as the process that
+    wrote it computed it (not hashed again here)."""
+    w = LayerBlobWriter(out, compression, threads=threads, hash_tar=diff_id is None)
     while data := tar.read(CHUNK):
         w.write(data)
         if progress is not None:
             progress(len(data))
-    return w.close()
+    return w.close(diff_id() if diff_id is not None else None)

@@ -488,6 +488,8 @@ def test_dir_with_lower_turns_overlay_markers_into_whiteouts(tmp_path: Path,
     append(str(oci_base), "-o", str(out), "--format", "oci", "--dir", str(upper),
            "--lower", str(lower))
     img = Out(out)
+    # (the walk's child hashed the tar it wrote: the DiffID is that of the blob's tar)
+    assert img.config["rootfs"]["diff_ids"][-1] == sha256(img.layer_tar(-1))
     names = set(entries(img.layer_tar(-1)))
     assert names == {"etc", "etc/.wh.passwd", "etc/new", "opt", "opt/x",
                      "opt/x/.wh..wh..opq", "opt/x/newfile", "brand-new", "brand-new/f"}

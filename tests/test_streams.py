@@ -339,3 +339,25 @@ def test_readahead_error_reaches_the_reader_and_ends_the_thread() -> None:
     assert reader.read(10) == b""  # the stream is over, not hung
     reader.close()
     assert _readahead_threads() == []
+
+
+def test_layer_blob_with_the_diff_id_from_elsewhere() -> None:
+    """A tar hashed by the process that wrote it (a walk's child) is not hashed again: the
+    DiffID given is the one returned, asked for only once the tar is read to the end."""
+    from ocilayers.spec import Digest
+    from ocilayers.streams import LayerBlobWriter, write_layer_blob
+
+    tar = os.urandom(3 << 20)
+    src = io.BytesIO(tar)
+    asked: list[int] = []
+
+    def known() -> Digest:
+        asked.append(src.tell())
+        return Digest("sha256", hashlib.sha256(tar).hexdigest())
+
+    given = write_layer_blob(src, io.BytesIO(), "gzip", diff_id=known)
+    hashed = write_layer_blob(io.BytesIO(tar), io.BytesIO(), "gzip")
+    assert asked == [len(tar)]
+    assert given == hashed  # same DiffID, and the same blob
+    with pytest.raises(ValueError, match="needs the DiffID"):
+        LayerBlobWriter(io.BytesIO(), "none", hash_tar=False).close()
