@@ -97,7 +97,9 @@ class _TarPipe:
         rfd, wfd = os.pipe()
         with contextlib.suppress(OSError):
             fcntl.fcntl(wfd, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer switches between the two
-        self.reader = open(rfd, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        # Buffered: a tar header or a small file's data comes out of 64 KiB read at once, not
+        # a read(2) of its own (commit of the benchmark's dir: 1.6k reads instead of 17.8k).
+        self.reader = open(rfd, "rb", buffering=1 << 16)  # noqa: SIM115 - closed in close()
         if not forking.can_fork():
             self._thread = threading.Thread(target=self._in_thread, args=(wfd,),
                                             name="ocilayers-pack", daemon=True)
