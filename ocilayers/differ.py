@@ -440,7 +440,7 @@ def _upper_entry(w: _Writer, d: _UpperDir, name: bytes, crel: bytes) -> _UpperDi
     # One listxattr: most entries carry no overlay xattr, and then none is asked for.
     names = _listxattr(path)
     prefix = w.overlay_prefix
-    marked = any(n.startswith(prefix) for n in names) if names else False
+    marked = any(n.startswith(prefix) for n in names)
     if stat.S_ISDIR(st.st_mode):
         redirect = _overlay_xattr(path, "redirect", w.ns) if marked else None
         if redirect is not None:

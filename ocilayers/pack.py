@@ -90,9 +90,9 @@ class _TarPipe:
         self.upper, self.kwargs = upper, kwargs
         self.error: BaseException | None = None
         self.count = 0  # bytes read here
-        self._made: tuple[str, int] | None = None  # the writer's (sha256 hex, bytes written)
+        self._made: tuple[Digest, int] | None = None  # the writer's (DiffID, bytes written)
         self._warn: Callable[[str], None] | None = kwargs.get("warn")
-        self._child: forking.Forked[tuple[list[str], tuple[str, int] | None]] | None = None
+        self._child: forking.Forked[tuple[list[str], tuple[Digest, int] | None]] | None = None
         self._thread: threading.Thread | None = None
         rfd, wfd = os.pipe()
         with contextlib.suppress(OSError):
@@ -106,7 +106,7 @@ class _TarPipe:
             self._thread.start()
             return
 
-        def in_child() -> tuple[list[str], tuple[str, int] | None]:
+        def in_child() -> tuple[list[str], tuple[Digest, int] | None]:
             os.close(rfd)  # (so that the caller's close is the pipe's last reader going)
             said: list[str] = []
             made = self._write(wfd, said.append if self._warn else None)
@@ -120,8 +120,9 @@ class _TarPipe:
         finally:
             os.close(wfd)
 
-    def _write(self, wfd: int, warn: Callable[[str], None] | None) -> tuple[str, int] | None:
-        """Write the tar into `wfd`; its sha256 and size, or None if the reader stopped."""
+    def _write(self, wfd: int, warn: Callable[[str], None] | None
+               ) -> tuple[Digest, int] | None:
+        """Write the tar into `wfd`; its DiffID and size, or None if the reader stopped."""
         from ocilayers.differ import write_layer, write_tree_diff
 
         kw = dict(self.kwargs, warn=warn)
@@ -136,7 +137,7 @@ class _TarPipe:
                     write_layer(self.upper, out, **kw)
         except BrokenPipeError:
             return None  # the reader stopped first: its error is the one to report
-        return out.hash.hexdigest(), out.count
+        return out.digest, out.count
 
     def _in_thread(self, wfd: int) -> None:
         try:
@@ -158,7 +159,7 @@ class _TarPipe:
         if self._made is None or self._made[1] != self.count:
             raise OCILayersError(f"layer tar: read {self.count} bytes, the walk wrote "
                                  f"{self._made[1] if self._made else 'fewer'}")
-        return Digest("sha256", self._made[0])
+        return self._made[0]
 
     finish = written_diff_id  # (the store's TarSource)
 

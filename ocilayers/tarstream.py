@@ -474,6 +474,10 @@ def _fits_octal(width: int, value: int) -> bool:
     return 0 <= value < 1 << (3 * (width - 1))
 
 
+_OCT8 = 1 << 21  # the first value _fits_octal(8, ...) refuses (mode, ids, devices)
+_OCT12 = 1 << 33  # the same for a 12-byte field (size, mtime)
+
+
 def _fmt_octal(width: int, value: int) -> bytes:
     """Go's formatter.formatOctal: zero-padded octal leaving room for a NUL; 0 if it won't fit
     (the value then travels in a PAX record)."""
@@ -545,9 +549,9 @@ def _block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, ty
            linkname: bytes = b"", devmajor: int = 0, devminor: int = 0, prefix: bytes = b"",
            dev_fields: bool = True) -> bytes:
     if (len(name) <= 100 and len(linkname) <= 100 and not prefix and dev_fields
-            and 0 <= mode < 0o10000000 and 0 <= uid < 0o10000000 and 0 <= gid < 0o10000000
-            and 0 <= size < 0o100000000000 and 0 <= mtime < 0o100000000000
-            and 0 <= devmajor < 0o10000000 and 0 <= devminor < 0o10000000):
+            and 0 <= mode < _OCT8 and 0 <= uid < _OCT8 and 0 <= gid < _OCT8
+            and 0 <= size < _OCT12 and 0 <= mtime < _OCT12
+            and 0 <= devmajor < _OCT8 and 0 <= devminor < _OCT8):
         # Every field as it is (nearly every header): one format each side of the checksum,
         # the same bytes as the general way below.
         head = b"%s%07o\0%07o\0%07o\0%011o\0%011o\0" % (name.ljust(100, b"\0"), mode, uid,
@@ -590,9 +594,8 @@ def encode_header(entry: TarEntry, *, pax_format: bool = True, type_bits: int = 
     mtime = entry.mtime_ns // 1_000_000_000  # floor, as Go's Time.Truncate(time.Second)
     path, link = entry.name, entry.linkname
     if (not entry.xattrs and len(path) <= _NAME_SIZE and len(link) <= _NAME_SIZE
-            and path.isascii() and link.isascii() and 0 <= entry.uid < 0o10000000
-            and 0 <= entry.gid < 0o10000000 and 0 <= entry.size < 0o100000000000
-            and 0 <= mtime < 0o100000000000
+            and path.isascii() and link.isascii() and 0 <= entry.uid < _OCT8
+            and 0 <= entry.gid < _OCT8 and 0 <= entry.size < _OCT12 and 0 <= mtime < _OCT12
             and not (exact_mtime and entry.mtime_ns % 1_000_000_000)):
         # No PAX record needed (nearly every entry): the checks below, all at once.
         return _block(path, entry.mode | type_bits, entry.uid, entry.gid, entry.size, mtime,
