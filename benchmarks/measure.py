@@ -4,6 +4,7 @@ a description of the machine the numbers come from."""
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import platform
 import shutil
@@ -25,6 +26,34 @@ class Sample:
     error: str = ""
     sys: float = 0.0    # the system part of `cpu`
     other: float = 0.0  # CPU the rest of the machine used meanwhile (noise indicator)
+    touch_us: float = 0.0  # memory_probe() just before the run (noise indicator)
+
+
+PROBE_MIB = 32
+# What a first touch of a page costs when the guest's memory is resident: ~1-3 us here
+# (the Python loop included). A page the host took back costs ~40 us.
+PROBE_SLOW_US = 10.0
+
+
+def memory_probe(mib: int = PROBE_MIB) -> float:
+    """Microseconds per page to touch `mib` MiB of new anonymous memory, then free it.
+
+    Why: on a VM whose freed guest pages are handed back to the host (virtio-balloon free page
+    reporting; here /sys/module/page_reporting), the first write to such a page faults into
+    the host and costs ~40 us instead of ~1. Every tool writing new files then pays it for
+    each page of page cache it fills: for the commit benchmark's 152 MB that is seconds, the
+    same for every tool, which pulls every ratio towards 1. The probe is not timed; it shows
+    which runs ran in that state."""
+    n = mib << 20
+    m = mmap.mmap(-1, n)
+    try:
+        t0 = time.perf_counter()
+        for off in range(0, n, mmap.PAGESIZE):
+            m[off] = 1
+        dt = time.perf_counter() - t0
+    finally:
+        m.close()
+    return dt / (n // mmap.PAGESIZE) * 1e6
 
 
 TIME = "/usr/bin/time"
@@ -46,6 +75,7 @@ def run_measured(argv: list[str], *, cwd: str | None = None, env: dict[str, str]
         argv = [TIME, "-f", "%M", "-o", rss_file, *argv]
     log = open(log_path or os.devnull, "wb")  # noqa: SIM115 - closed below
     try:
+        touch = memory_probe()
         busy0 = machine_busy()
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
@@ -70,7 +100,7 @@ def run_measured(argv: list[str], *, cwd: str | None = None, env: dict[str, str]
         if log_path:
             error += ": " + tail(log_path)
     cpu = ru.ru_utime + ru.ru_stime
-    return Sample(wall, cpu, rss, ok, error, ru.ru_stime, max(0.0, busy - cpu))
+    return Sample(wall, cpu, rss, ok, error, ru.ru_stime, max(0.0, busy - cpu), touch)
 
 
 def machine_busy() -> float:
@@ -108,6 +138,27 @@ def mount_of(path: str) -> tuple[str, str, str]:
             if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
                 best = (mnt, fstype, opts)
     return best
+
+
+def ext4_without_journal(path: str) -> bool:
+    """Is `path` on an ext4 that has no journal? Such an ext4 does not reuse an inode freed in
+    the last 60 s, or 360 s while its inode-table block is dirty (fs/ext4/ialloc.c,
+    recently_deleted), and skipping each one costs a buffer lookup: after a big deletion,
+    every file created in those block groups pays for the scan (perf of a commit run 2 min
+    after the previous run's clean-up: most of its time in recently_deleted)."""
+    st = os.stat(path)
+    try:
+        dev = os.path.basename(os.path.realpath(
+            f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"))
+        with open(f"/proc/fs/ext4/{dev}/options") as f:
+            opts = f.read().split()
+    except OSError:
+        return False  # not ext4 (or not a block device we can name)
+    return not any(o.startswith("data=") for o in opts)  # a journal has a data= mode
+
+
+# fs/ext4/ialloc.c: RECENTCY_MIN + RECENTCY_DIRTY
+EXT4_RECENTLY_DELETED_S = 360.0
 
 
 def _first_line(argv: list[str]) -> str:

@@ -54,7 +54,16 @@ from inputs import (  # noqa: E402
     ocilayers_python,
     remove_tree,
 )
-from measure import Sample, git_describe, loadavg, machine_info, run_measured  # noqa: E402
+from measure import (  # noqa: E402
+    EXT4_RECENTLY_DELETED_S,
+    PROBE_SLOW_US,
+    Sample,
+    ext4_without_journal,
+    git_describe,
+    loadavg,
+    machine_info,
+    run_measured,
+)
 from pack_inputs import (  # noqa: E402
     PackInput,
     ensure_pack_input,
@@ -69,8 +78,24 @@ GROUPS = ("unpack", "pack", "tarsplit", "commit", "growth", "registry", "smallfi
 # minute. smallfiles has no quick variant: with --quick it runs its one input when named.
 QUICK_GROUPS = ("unpack", "pack", "tarsplit")
 DEFAULT_CACHE = "/var/tmp/ocilayers-bench"
-SETTLE_NOTE = ("ext4 here (no journal) creates files several times slower for ~60 s after "
-               "many deletions")
+SETTLE_NOTE = ("an ext4 without a journal (the VM's disk here) creates files several times "
+               "slower for up to 6 min after many deletions, in the block groups they freed "
+               "(measure.ext4_without_journal)")
+CLEANED = ".cleaned"  # in the cache dir: when a run last deleted its outputs
+
+
+def mark_cleanup(cache: str) -> None:
+    with open(os.path.join(cache, CLEANED), "w") as f:
+        f.write(f"{time.time():.0f}\n")
+
+
+def last_cleanup(cache: str) -> float:
+    """When a run last deleted its outputs in `cache` (0 if none is on record)."""
+    try:
+        with open(os.path.join(cache, CLEANED)) as f:
+            return float(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0.0
 MIB = 1 << 20
 RESULTS_FORMAT = 2
 exec_roots: list[str] = []  # throwaway dockerds' scratch dirs in /tmp, deleted after all timings
@@ -319,7 +344,7 @@ def daemon_measured(d: dockerd.Dockerd, argv: list[str], log_path: str) -> Sampl
     cpu1, sys1 = d.cpu_split()
     cpu = cpu1 - cpu0
     return Sample(s.wall, s.cpu + cpu, max(s.rss_kib, d.peak_rss_kib()), s.ok, s.error,
-                  s.sys + sys1 - sys0, max(0.0, s.other - cpu))
+                  s.sys + sys1 - sys0, max(0.0, s.other - cpu), s.touch_us)
 
 
 def rss_split(img: BenchImage, work: str) -> dict[str, object]:
@@ -1156,7 +1181,8 @@ def with_registry(setup: RegistrySetup, key: str, reg: registry.Registry,
     s = timed()
     cpu = reg.cpu_seconds() - c0
     setup.registry_cpu.setdefault(key, []).append(cpu)
-    return Sample(s.wall, s.cpu, s.rss_kib, s.ok, s.error, s.sys, max(0.0, s.other - cpu))
+    return Sample(s.wall, s.cpu, s.rss_kib, s.ok, s.error, s.sys, max(0.0, s.other - cpu),
+                  s.touch_us)
 
 
 def registry_cases(ctx: Ctx, setup: RegistrySetup) -> tuple[list[Case], list[str]]:
@@ -1550,6 +1576,7 @@ def timed_group(ctx: Ctx, group: str, cases: list[Case], notes: list[str], data_
             if case.output is not None and s.ok:
                 case.out_bytes.append(case.output(rd))
             log(f"{group} round {rnd + 1}/{runs}  {case.label:<52} {s.wall:7.2f} s"
+                f"  (memory probe {s.touch_us:.1f} us/page)"
                 + ("" if s.ok else f"  FAILED {s.error[:200]}"))
     load_after = loadavg()
     git_after = git_describe(REPO)
@@ -1563,6 +1590,11 @@ def timed_group(ctx: Ctx, group: str, cases: list[Case], notes: list[str], data_
         notes.append(f"the machine was not idle: the rest of it used {busy:.2f} CPUs on "
                      f"average during the timed runs (see the other-CPU column and the "
                      f"min-max spread)")
+    if slow := [x for x in samples if x.touch_us >= PROBE_SLOW_US]:
+        notes.append(f"{len(slow)} of {len(samples)} runs started while new memory was slow to "
+                     f"touch (memory probe >= {PROBE_SLOW_US:.0f} us/page; resident memory "
+                     f"takes ~1-3): the host was handing the guest's pages back in, which every "
+                     f"tool pays per page of page cache it fills (see measure.memory_probe)")
     rows = [summarize(c, data_bytes) for c in cases]
     version = subprocess.run([*ocilayers_argv(), "--version"], capture_output=True,
                              text=True).stdout.strip()
@@ -1604,6 +1636,7 @@ def summarize(case: Case, data_bytes: int) -> dict[str, Any]:
         "median_cpu_s": round(statistics.median(s.cpu for s in ok), 3),
         "median_sys_s": round(statistics.median(s.sys for s in ok), 3),
         "median_other_cpu_s": round(statistics.median(s.other for s in ok), 3),
+        "memory_probe_us": [round(s.touch_us, 1) for s in ok],
         "peak_rss_mib": round(max(s.rss_kib for s in ok) / 1024, 1),
         "mb_per_s": round(data_bytes / 1e6 / med, 1) if med else None,
     })
@@ -1744,15 +1777,19 @@ def main(argv: list[str] | None = None) -> int:
                         "the gzip layout and one `squash --all`")
     p.add_argument("--keep", action="store_true", help="keep the unpacked trees and outputs")
     p.add_argument("--settle", type=float,
-                   help=f"seconds to pause after deletions (default 60; 0 with --quick): "
-                        f"{SETTLE_NOTE}")
+                   help=f"seconds to pause after deletions, this run's or the previous "
+                        f"run's clean-up (default: 360 on an ext4 without a journal, else 60; "
+                        f"0 with --quick): {SETTLE_NOTE}")
     p.add_argument("--base", choices=("auto", "debootstrap", "host-copy"), default="auto",
                    help="how layer 1 of the full image is made (default: debootstrap, else a "
                         "copy of host files)")
     args = p.parse_args(argv)
     runs = args.runs or (2 if args.quick else 5)
-    settle = args.settle if args.settle is not None else (0.0 if args.quick else 60.0)
     cache = os.path.abspath(args.cache)
+    os.makedirs(cache, exist_ok=True)
+    no_journal = ext4_without_journal(cache)
+    settle = args.settle if args.settle is not None else (
+        0.0 if args.quick else EXT4_RECENTLY_DELETED_S if no_journal else 60.0)
     json_path = args.json or (os.path.join(cache, "results-quick.json") if args.quick
                               else os.path.join(HERE, "results", "latest.json"))
     if args.only:
@@ -1766,7 +1803,6 @@ def main(argv: list[str] | None = None) -> int:
         log("run.py needs root (owners, mounts, umoci and dockerd as root)")
         return 2
     t_start = time.monotonic()
-    os.makedirs(cache, exist_ok=True)
     lock = open(os.path.join(cache, ".lock"), "w")  # noqa: SIM115 - held until exit
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1804,11 +1840,15 @@ def main(argv: list[str] | None = None) -> int:
         remove_tree(work_root)
         deleted = True
     timed = [g for g in groups if g != "memory"]
-    if deleted and settle and timed:
-        log(f"pausing {settle:.0f} s before timing: {SETTLE_NOTE}")
-        time.sleep(settle)
-        common_notes.append(f"paused {settle:.0f} s after the input build / clean-up before "
-                            "timing")
+    # A previous run's clean-up counts too: it deleted as many files as this run will make.
+    since = time.time() - last_cleanup(cache)
+    pause = settle if deleted else max(0.0, min(settle, settle - since))
+    if pause and timed:
+        why = "the input build / clean-up" if deleted else f"the previous run's clean-up " \
+            f"{since:.0f} s ago"
+        log(f"pausing {pause:.0f} s after {why} before timing: {SETTLE_NOTE}")
+        time.sleep(pause)
+        common_notes.append(f"paused {pause:.0f} s after {why} before timing")
     elif deleted and timed:
         common_notes.append("no settling pause after the input build / clean-up (--quick or "
                             "--settle 0): the first runs may be slower")
@@ -1857,6 +1897,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"cleaning up {work}")
             remove_tree(work)
+            mark_cleanup(cache)
         for d in exec_roots:
             remove_tree(d)
         if not args.keep and os.path.isdir(work_root) and not os.listdir(work_root):

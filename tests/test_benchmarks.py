@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from types import ModuleType
 from typing import Any
 
@@ -85,6 +86,10 @@ def test_quick_benchmark_prints_table(tmp_path: object) -> None:
     assert sorted(groups) == ["commit", "pack", "tarsplit", "unpack"]
     for name in ("unpack", "pack", "tarsplit", "commit"):
         assert all("median_wall_s" in r for r in groups[name]["results"]), groups[name]
+        # a memory probe before every timed run (a noise indicator, not a timing)
+        assert all(len(r["memory_probe_us"]) == r["runs"] and min(r["memory_probe_us"]) > 0
+                   for r in groups[name]["results"]), groups[name]
+    assert "(memory probe " in proc.stderr
     assert all("output_bytes" in r for r in groups["pack"]["results"])
     floor = groups["unpack"]["floor"]
     assert floor["floor_cpu_s"] == pytest.approx(
@@ -98,8 +103,10 @@ def test_quick_benchmark_prints_table(tmp_path: object) -> None:
     assert len({x["diff_id"] for x in made}) == 2, made
     assert "docker commit skipped: --no-docker" in groups["commit"]["notes"]
     # nothing left behind but the cached inputs, the profile and the results
-    assert sorted(os.listdir(cache)) == [".lock", "pack-quick-v1", "quick-v1",
+    assert sorted(os.listdir(cache)) == [".cleaned", ".lock", "pack-quick-v1", "quick-v1",
                                          "unpack-jobs1.prof"]
+    with open(os.path.join(cache, ".cleaned")) as f:  # when the outputs were deleted
+        assert abs(float(f.read()) - time.time()) < 600
 
 
 @pytest.mark.slow
@@ -145,7 +152,7 @@ def test_quick_growth_group(tmp_path: object) -> None:
                     for k in ("ocilayers-squash-all", "ocilayers-pack-flat"))
     # the same merged rootfs, gzip both: layer blobs of about the same size
     assert 0.8 < squash["output_bytes"] / pack["output_bytes"] < 1.25, (squash, pack)
-    assert sorted(os.listdir(cache)) == [".lock", "growth-quick-v1", "quick-v1"]
+    assert sorted(os.listdir(cache)) == [".cleaned", ".lock", "growth-quick-v1", "quick-v1"]
 
 
 @pytest.mark.slow
@@ -209,7 +216,7 @@ def test_quick_registry_group(tmp_path: object) -> None:
             except OSError:
                 continue
             assert os.fsencode(cache) not in cmdline, cmdline
-    assert sorted(os.listdir(cache)) == [".lock", "quick-v1"]
+    assert sorted(os.listdir(cache)) == [".cleaned", ".lock", "quick-v1"]
 
 
 @pytest.mark.slow
