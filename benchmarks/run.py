@@ -96,6 +96,8 @@ def last_cleanup(cache: str) -> float:
             return float(f.read().strip() or 0)
     except (OSError, ValueError):
         return 0.0
+
+
 MIB = 1 << 20
 RESULTS_FORMAT = 2
 exec_roots: list[str] = []  # throwaway dockerds' scratch dirs in /tmp, deleted after all timings
