@@ -326,3 +326,26 @@ def test_smallfiles_input_tiny(tmp_path: Any) -> None:
                 data = tf.extractfile(x)
                 assert data is not None
                 assert data.read() == rng.randbytes(300).hex().encode()
+
+
+def test_ext4_without_journal_matches_jbd2(tmp_path: Any) -> None:
+    """The harness's settle rule: an ext4 without a journal is told apart by its mount options
+    (no data= mode); checked against the kernel's own sign of a journal, a jbd2 entry."""
+    measure = _benchmarks_module("measure")
+    assert measure.ext4_without_journal("/proc") is False  # not a block device's fs
+    if os.path.isdir("/dev/shm"):
+        assert measure.ext4_without_journal("/dev/shm") is False  # tmpfs
+    st = os.stat(tmp_path)
+    dev = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(st.st_dev)}:"
+                                            f"{os.minor(st.st_dev)}"))
+    if not os.path.isdir(f"/proc/fs/ext4/{dev}"):
+        pytest.skip(f"{tmp_path} is not on an ext4 with a /proc/fs/ext4 entry")
+    journaled = os.path.isdir("/proc/fs/jbd2") and any(
+        name.startswith(f"{dev}-") for name in os.listdir("/proc/fs/jbd2"))
+    assert measure.ext4_without_journal(str(tmp_path)) is (not journaled)
+
+
+def test_memory_probe_times_new_pages() -> None:
+    measure = _benchmarks_module("measure")
+    us = measure.memory_probe(4)
+    assert isinstance(us, float) and us > 0  # microseconds per page (no bound: not a goal)
