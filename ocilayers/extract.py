@@ -19,11 +19,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ocilayers.dirfds import DirFds
 from ocilayers.errors import ImageError, UnsafeEntryError
 from ocilayers.filewriters import (
     FILE_FLAGS,
@@ -213,7 +213,7 @@ class _Applier:
         # unless by then a non-directory of the layer stands in their path.
         self.blocked_markers: list[tuple[list[bytes], _SymlinkParent]] = []
         self.root_opaque = False
-        self._fds: OrderedDict[bytes, int] = OrderedDict()  # dir path -> fd, LRU
+        self.dirs = DirFds(self.root_fd, _FD_CACHE)
         # New entries already have our ids, and (umask allowing) their mode: skip the syscalls.
         self.ids = (os.geteuid(), os.getegid())
         umask = os.umask(0)
@@ -232,81 +232,18 @@ class _Applier:
         self.recorded = False  # rootless: some owner went into user.containers.override_stat
 
     def close(self) -> None:
-        self._drop_cache()
+        self.dirs.drop()
         os.close(self.root_fd)
 
     # -- confined path resolution --
 
-    def _drop_cache(self, under: bytes | None = None) -> None:
-        """Forget cached dir fds: all, or those at `under` and below (a dir being removed)."""
-        if under is None:
-            doomed = list(self._fds)
-        else:
-            prefix = under + b"/"
-            doomed = [k for k in self._fds if k == under or k.startswith(prefix)]
-        for key in doomed:
-            os.close(self._fds.pop(key))
-
-    def _cache_put(self, key: bytes, fd: int) -> None:
-        old = self._fds.pop(key, None)
-        if old is not None:
-            os.close(old)
-        self._fds[key] = fd
-        while len(self._fds) > _FD_CACHE:
-            os.close(self._fds.popitem(last=False)[1])
-
     def _dirfd(self, parts: Sequence[bytes], display: str, create: bool,
                cache: bool = True) -> int:
-        """fd of the directory `parts` inside the root, never following a symlink.
-
-        With `cache`, the fd is owned by the cache (do not close it; it stays valid until the
-        next few dozen lookups). Without, it is the caller's to close."""
-        key = _join(parts)
-        hit = self._fds.get(key)
-        if hit is not None:
-            self._fds.move_to_end(key)
-            return hit if cache else os.dup(hit)
-        # Walk from the deepest cached ancestor (tar order is depth first: usually the parent).
-        # Ancestor keys are prefixes of `key` (no list slicing and joining per level: paths
-        # may be 2000 levels deep), and the dirs passed on the way are cached too.
-        start = 0
-        fd = self.root_fd
-        end = len(key)
-        for i in range(len(parts) - 1, 0, -1):
-            end = key.rfind(b"/", 0, end)
-            anc = self._fds.get(key[:end])
-            if anc is not None:
-                fd = os.dup(anc)
-                start = i
-                break
-        try:
-            for i in range(start, len(parts)):
-                if i > start and i >= len(parts) - _FD_CACHE // 2:
-                    # (the deepest ones only: one lookup must not evict an fd a caller holds)
-                    self._cache_put(_join(parts[:i]), os.dup(fd))
-                comp = parts[i]
-                try:
-                    nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    nfd = self._make_parent(fd, parts[: i + 1])
-                except OSError as exc:
-                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                        raise
-                    nfd = self._replace_parent(fd, parts[: i + 1], display, create)
-                if fd != self.root_fd:
-                    os.close(fd)
-                fd = nfd
-        except BaseException:
-            if fd != self.root_fd:
-                os.close(fd)
-            raise
-        if fd == self.root_fd:
-            fd = os.dup(self.root_fd)
-        if cache:
-            self._cache_put(key, fd)
-        return fd
+        """fd of the directory `parts` inside the root, never following a symlink (see
+        DirFds.get): missing parents are made when `create`; a symlink or non-directory in
+        the way is refused, or (a whiteout of this layer) replaced by a new dir."""
+        return self.dirs.get(parts, self._make_parent if create else None,
+                             lambda fd, p: self._replace_parent(fd, p, display, create), cache)
 
     def _make_parent(self, fd: int, parts: Sequence[bytes]) -> int:
         comp = parts[-1]
@@ -564,7 +501,7 @@ class _Applier:
         except BaseException:
             os.close(fd)
             raise
-        self._cache_put(path, fd)  # its children come next
+        self.dirs.put(path, fd)  # its children come next
         if self.mode == "overlay" and path in self.whited:
             self._set_opaque_at(pfd, base, path)
 
@@ -646,7 +583,7 @@ class _Applier:
             # whiteouts made in it are gone with it (the path may be a symlink next)
             for p in [p for p in self.whiteout_devs if p == path or p.startswith(prefix)]:
                 del self.whiteout_devs[p]
-            self._drop_cache(under=path)
+            self.dirs.drop(under=path)
         remove_at(pfd, base, st)
 
     # -- hardlinks --
@@ -847,14 +784,14 @@ class _Applier:
         self._settle_markers()
         if self.root_opaque:
             if self.lowers is not None:
-                self._drop_cache()
+                self.dirs.drop()
                 expand_root_opaque(self.root_fd, self.lowers, self.fmt)
             elif self.defer_root_opaque:
                 self.stats.root_opaque = True
             else:
                 raise ImageError("opaque marker on the layer root ('.wh..wh..opq'): overlayfs "
                                  "ignores it there; the lower layers are needed to expand it")
-        self._drop_cache()
+        self.dirs.drop()
         # Directory modes and times last: making children changes a dir's mtime. Deepest
         # first, through the fd cache: the one walk down also caches the parents to come.
         for path, entry in sorted(self.dir_meta.items(), key=lambda kv: -kv[0].count(b"/")):
@@ -862,7 +799,7 @@ class _Applier:
             fd = self._dirfd(parts, path.decode("utf-8", "backslashreplace"), create=False)
             os.fchmod(fd, entry.mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-        self._drop_cache()
+        self.dirs.drop()
 
 
 def expand_root_opaque(diff: int | str | bytes, lowers: Sequence[str | bytes],

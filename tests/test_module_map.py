@@ -14,7 +14,7 @@ LEVELS: dict[str, int] = {
     "errors": 0, "spec": 0, "whiteout": 0,
     "changes": 0,
     "streams": 1, "tarstream": 1, "tarsplit": 1, "fsutil": 1, "forking": 1,
-    "httpclient": 1, "credentials": 1, "userns": 1, "overrides": 1,
+    "httpclient": 1, "credentials": 1, "userns": 1, "overrides": 1, "dirfds": 1,
     "extract": 2, "initlayer": 2, "differ": 2, "verify": 2, "cas": 2, "sources": 2, "mount": 2,
     "layerscan": 2, "scancache": 2, "growth": 2, "squashtar": 2, "registry": 2, "remote": 2,
     "filewriters": 2,
