@@ -48,6 +48,16 @@ class DirFds:
         while len(self._fds) > self.limit:
             os.close(self._fds.popitem(last=False)[1])
 
+    def cached(self, parts: Sequence[bytes], cache: bool = True) -> int | None:
+        """`get`'s fast path alone: the fd of `parts` if it is cached, else None (a caller
+        that would build its callbacks for each call can look here first)."""
+        key = b"/".join(parts)
+        hit = self._fds.get(key)
+        if hit is None:
+            return None
+        self._fds.move_to_end(key)
+        return hit if cache else os.dup(hit)
+
     def get(self, parts: Sequence[bytes], missing: Resolve | None, not_dir: Resolve,
             cache: bool = True) -> int:
         """fd of the directory `parts` inside the root, never following a symlink.

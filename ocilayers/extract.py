@@ -242,6 +242,9 @@ class _Applier:
         """fd of the directory `parts` inside the root, never following a symlink (see
         DirFds.get): missing parents are made when `create`; a symlink or non-directory in
         the way is refused, or (a whiteout of this layer) replaced by a new dir."""
+        fd = self.dirs.cached(parts, cache)  # (the usual case: no callbacks to build)
+        if fd is not None:
+            return fd
         return self.dirs.get(parts, self._make_parent if create else None,
                              lambda fd, p: self._replace_parent(fd, p, display, create), cache)
 

@@ -35,6 +35,11 @@ def test_get_opens_caches_and_makes_missing_dirs(tmp_path: Path) -> None:
     assert made == [b"a/b/c", b"a/b/c/d"]
     assert os.path.samestat(os.fstat(fd), os.stat(tmp_path / "a/b/c/d"))
     assert fds.get([b"a", b"b", b"c", b"d"], None, _refuse) == fd  # cached: the same fd
+    assert fds.cached([b"a", b"b", b"c", b"d"]) == fd
+    assert fds.cached([b"nowhere"]) is None
+    dup = fds.cached([b"a", b"b", b"c", b"d"], cache=False)
+    assert dup is not None and dup != fd and os.path.samestat(os.fstat(dup), os.fstat(fd))
+    os.close(dup)
     own = fds.get([b"a", b"b"], None, _refuse, cache=False)  # the caller's own fd
     assert own != fd and os.path.samestat(os.fstat(own), os.stat(tmp_path / "a/b"))
     os.close(own)
