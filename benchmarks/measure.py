@@ -30,7 +30,7 @@ class Sample:
 
 
 PROBE_MIB = 32
-# What a first touch of a page costs when the guest's memory is resident: ~1-3 us here
+# What a first touch of a page costs when the guest's memory is resident: ~3-5 us here
 # (the Python loop included). A page the host took back costs ~40 us.
 PROBE_SLOW_US = 10.0
 

@@ -1595,7 +1595,7 @@ def timed_group(ctx: Ctx, group: str, cases: list[Case], notes: list[str], data_
     if slow := [x for x in samples if x.touch_us >= PROBE_SLOW_US]:
         notes.append(f"{len(slow)} of {len(samples)} runs started while new memory was slow to "
                      f"touch (memory probe >= {PROBE_SLOW_US:.0f} us/page; resident memory "
-                     f"takes ~1-3): the host was handing the guest's pages back in, which every "
+                     f"takes ~3-5): the host was handing the guest's pages back in, which every "
                      f"tool pays per page of page cache it fills (see measure.memory_probe)")
     rows = [summarize(c, data_bytes) for c in cases]
     version = subprocess.run([*ocilayers_argv(), "--version"], capture_output=True,

@@ -44,7 +44,12 @@ def make(target: str, gib: int, source: str, image: str) -> None:
     # 3.5M files of 600 bytes, each in a 4 KiB block.
     run("mkfs.ext4", "-q", "-F", "-i", "8192", image)
     loop = run("losetup", "--direct-io=on", "-f", "--show", image)
-    run("mount", loop, target)
+    try:
+        run("mount", loop, target)
+    except subprocess.CalledProcessError:
+        run("losetup", "-d", loop)  # leave nothing attached to a file about to be removed
+        os.unlink(image)
+        raise
     names = sorted(n for n in os.listdir(source) if n not in SKIP) if os.path.isdir(source) \
         else []
     if names:
