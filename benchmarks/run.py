@@ -1788,10 +1788,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     runs = args.runs or (2 if args.quick else 5)
     cache = os.path.abspath(args.cache)
-    os.makedirs(cache, exist_ok=True)
-    no_journal = ext4_without_journal(cache)
-    settle = args.settle if args.settle is not None else (
-        0.0 if args.quick else EXT4_RECENTLY_DELETED_S if no_journal else 60.0)
     json_path = args.json or (os.path.join(cache, "results-quick.json") if args.quick
                               else os.path.join(HERE, "results", "latest.json"))
     if args.only:
@@ -1805,6 +1801,9 @@ def main(argv: list[str] | None = None) -> int:
         log("run.py needs root (owners, mounts, umoci and dockerd as root)")
         return 2
     t_start = time.monotonic()
+    os.makedirs(cache, exist_ok=True)
+    settle = args.settle if args.settle is not None else (
+        0.0 if args.quick else EXT4_RECENTLY_DELETED_S if ext4_without_journal(cache) else 60.0)
     lock = open(os.path.join(cache, ".lock"), "w")  # noqa: SIM115 - held until exit
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
