@@ -1853,8 +1853,9 @@ def main(argv: list[str] | None = None) -> int:
     elif deleted and timed:
         common_notes.append("no settling pause after the input build / clean-up (--quick or "
                             "--settle 0): the first runs may be slower")
-    common_notes.append(f"each run writes into a fresh dir; nothing is deleted between timed "
-                        f"runs; the outputs are deleted after all groups ({SETTLE_NOTE})")
+    common_notes.append("each run writes into a fresh dir; nothing is deleted between timed "
+                        "runs; " + ("the outputs are kept (--keep)" if args.keep else
+                                    f"the outputs are deleted after all groups ({SETTLE_NOTE})"))
     work = os.path.join(work_root, datetime.datetime.now().strftime("%Y%m%dT%H%M%S"))
     os.makedirs(work)
     ctx = Ctx(args, kind, runs, cache, work, img, pin, mem, gin, sfi)
