@@ -49,8 +49,9 @@ class DirFds:
             os.close(self._fds.popitem(last=False)[1])
 
     def cached(self, parts: Sequence[bytes], cache: bool = True) -> int | None:
-        """`get`'s fast path alone: the fd of `parts` if it is cached, else None (a caller
-        that would build its callbacks for each call can look here first)."""
+        """The fd of `parts` if it is cached (owned by the cache with `cache`, else a dup of
+        it the caller owns), else None. `get` looks here first; so can a caller that would
+        build its callbacks for each call, and then `walk` on a miss."""
         key = b"/".join(parts)
         hit = self._fds.get(key)
         if hit is None:
@@ -66,11 +67,13 @@ class DirFds:
         one that is a symlink or not a directory (ELOOP, ENOTDIR) goes to `not_dir`, which
         returns a dir fd or raises. With `cache`, the fd is owned by the cache (do not close
         it; it stays valid until the next few dozen lookups). Without, it is the caller's."""
+        hit = self.cached(parts, cache)
+        return hit if hit is not None else self.walk(parts, missing, not_dir, cache)
+
+    def walk(self, parts: Sequence[bytes], missing: Resolve | None, not_dir: Resolve,
+             cache: bool = True) -> int:
+        """`get` for a `parts` not cached itself (see `cached`)."""
         key = b"/".join(parts)
-        hit = self._fds.get(key)
-        if hit is not None:
-            self._fds.move_to_end(key)
-            return hit if cache else os.dup(hit)
         # Walk from the deepest cached ancestor (tar order is depth first: usually the parent).
         # Ancestor keys are prefixes of `key` (no list slicing and joining per level: paths
         # may be 2000 levels deep), and the dirs passed on the way are cached too.

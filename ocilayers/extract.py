@@ -245,8 +245,8 @@ class _Applier:
         fd = self.dirs.cached(parts, cache)  # (the usual case: no callbacks to build)
         if fd is not None:
             return fd
-        return self.dirs.get(parts, self._make_parent if create else None,
-                             lambda fd, p: self._replace_parent(fd, p, display, create), cache)
+        return self.dirs.walk(parts, self._make_parent if create else None,
+                              lambda fd, p: self._replace_parent(fd, p, display, create), cache)
 
     def _make_parent(self, fd: int, parts: Sequence[bytes]) -> int:
         comp = parts[-1]
