@@ -52,6 +52,7 @@ def test_quick_benchmark_prints_table(tmp_path: object) -> None:
         pytest.skip("the harness needs root (owners, umoci, mounts)")
     cache = os.path.join(str(tmp_path), "cache")
     out = os.path.join(str(tmp_path), "quick.json")
+    started = int(time.time())  # (the harness records whole seconds)
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--quick", "--no-docker",
          "--cache", cache, "--json", out,
@@ -105,8 +106,8 @@ def test_quick_benchmark_prints_table(tmp_path: object) -> None:
     # nothing left behind but the cached inputs, the profile and the results
     assert sorted(os.listdir(cache)) == [".cleaned", ".lock", "pack-quick-v1", "quick-v1",
                                          "unpack-jobs1.prof"]
-    with open(os.path.join(cache, ".cleaned")) as f:  # when the outputs were deleted
-        assert abs(float(f.read()) - time.time()) < 600
+    with open(os.path.join(cache, ".cleaned")) as f:  # when the outputs were deleted: in this run
+        assert started <= float(f.read()) <= time.time() + 1
 
 
 @pytest.mark.slow
