@@ -9,6 +9,7 @@ in `ocilayers.shapes`."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -82,12 +83,15 @@ def unpack(source: str, *, root: str | None = None, ref: str | None = None,
 
     Tags: `tags`, else the source's RepoTags / full-reference ref names (a bare-tag ref name,
     as skopeo writes, names no repository and gives no tag)."""
-    from ocilayers.remote import RegistrySource
     from ocilayers.unpack import unpack_image
 
     store = open_store(root, must_exist=False)
     with open_source(source) as src:
-        remote = src if isinstance(src, RegistrySource) else None
+        # (open_source imports the registry modules for a docker:// source only: none loaded,
+        # no registry source, and a local unpack does not pay for their import)
+        remote_mod = sys.modules.get("ocilayers.remote")
+        remote = src if remote_mod is not None and isinstance(src, remote_mod.RegistrySource) \
+            else None
         if remote is not None and store.exists():  # a config the store has: no request
             remote.config_cache = lambda d: (
                 store.images.config_bytes(d)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ocilayers.errors import OCILayersError
-from ocilayers.forking import can_fork, pickled_error, start_child, write_all
+from ocilayers.forking import can_fork, pickled_error, prepare_children, start_child, write_all
 from ocilayers.fsutil import DIR_FLAGS
 from ocilayers.overrides import OVERRIDE_XATTR, Override, is_reserved, record_name
 from ocilayers.whiteout import escape_xattr
@@ -252,6 +252,7 @@ class FileWriters:
             import fcntl
 
             fcntl.fcntl(to_w, 1031, 1 << 20)  # F_SETPIPE_SZ: a whole batch in flight
+        prepare_children()
         parent = os.getpid()
         try:
             pid = os.fork()

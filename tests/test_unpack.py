@@ -740,3 +740,33 @@ def test_unpack_without_json_reports_on_stderr(tmp_path: Path, capsys: Capsys) -
     assert code == 0 and out == read_source(DEMO).image_id + "\n"
     code, out, err = ol(capsys, root, "-q", "unpack", str(DEMO))
     assert code == 0 and err == ""
+
+
+# What a local unpack loads in the parent process (start-up is on every unpack's critical path).
+
+_MODULES_AFTER_UNPACK = """
+import sys
+from ocilayers import api, forking
+api.unpack(sys.argv[1], root=sys.argv[2], jobs=int(sys.argv[3]))
+print(sorted(m for m in sys.modules if m.startswith(("ocilayers", "isal", "zstandard"))))
+print(forking._prctl is not None)
+"""
+
+
+@pytest.mark.parametrize("jobs", ["1", "4"])
+def test_local_unpack_loads_no_registry_or_container_modules(tmp_path: Path, jobs: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", _MODULES_AFTER_UNPACK, str(DEMO),
+                           str(tmp_path / "store"), jobs],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    modules_line, prctl_line = proc.stdout.splitlines()
+    modules = set(eval(modules_line))  # a printed list of str
+    assert not modules & {"ocilayers.remote", "ocilayers.registry", "ocilayers.httpclient",
+                          "ocilayers.credentials", "ocilayers.store.containers",
+                          "ocilayers.store.mounts", "ocilayers.mount", "zstandard"}, modules
+    if jobs == "4":
+        # Forked workers: the parent loaded their modules once (gzip layers: ISA-L, not
+        # zstandard) and libc's prctl, so that no worker loads them again.
+        assert {"ocilayers.extract", "ocilayers.tarsplit", "ocilayers.filewriters",
+                "isal.igzip"} <= modules, modules
+        assert prctl_line == "True"

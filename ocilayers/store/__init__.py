@@ -14,14 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 from ocilayers.spec import Digest
-from ocilayers.store.containers import ContainerStore
 from ocilayers.store.distribution import Distribution
 from ocilayers.store.images import ImageStore, StoreImage
 from ocilayers.store.layers import MAX_DEPTH, LayerRecord, LayerStore, Staging, diff_size
 from ocilayers.store.layout import StoreLayout, default_root
-from ocilayers.store.mounts import MountStore
+
+if TYPE_CHECKING:
+    from ocilayers.store.containers import ContainerStore
+    from ocilayers.store.mounts import MountStore
 
 __all__ = ["MAX_DEPTH", "LayerRecord", "Staging", "Store", "StoreImage", "default_root",
            "diff_size"]
@@ -35,9 +39,20 @@ class Store:
         self.root = self.layout.root
         self.layers = LayerStore(self.layout)
         self.images = ImageStore(self.layout)
-        self.containers = ContainerStore(self.layout)
-        self.mounts = MountStore(self.layout)
         self.distribution = Distribution(self.layout)
+
+    # (made on first use: an unpack or a pack imports neither room)
+    @cached_property
+    def containers(self) -> ContainerStore:
+        from ocilayers.store.containers import ContainerStore
+
+        return ContainerStore(self.layout)
+
+    @cached_property
+    def mounts(self) -> MountStore:
+        from ocilayers.store.mounts import MountStore
+
+        return MountStore(self.layout)
 
     def init(self) -> None:
         self.layout.init()
