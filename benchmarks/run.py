@@ -134,6 +134,10 @@ class Ctx:
     mem_input: memory.MemoryInputs | None
     growth_input: growth.GrowthInput | None = None
     small_input: smallfiles.SmallFilesInput | None = None
+    # Delete each round's outputs once the round is done (where deleting costs the next round
+    # nothing: see main), so the page cache stays the size of one round instead of growing
+    # by every run's output.
+    delete_rounds: bool = False
 
 
 def log(msg: str) -> None:
@@ -1556,7 +1560,8 @@ def group_smallfiles(ctx: Ctx) -> dict[str, Any]:
 def timed_group(ctx: Ctx, group: str, cases: list[Case], notes: list[str], data_bytes: int,
                 ratio_pairs: list[tuple[str, str, float | None]]) -> dict[str, Any]:
     """Run every case `ctx.runs` times, alternating (A B C ... A B C ...), each run into a new
-    dir under `work/group/`; nothing is deleted in between. Returns the group's results."""
+    dir under `work/group/`; a round's dirs are deleted after it with `ctx.delete_rounds`
+    (not timed), else nothing is deleted in between. Returns the group's results."""
     t0 = time.monotonic()
     load_before = loadavg()
     git_before = git_describe(REPO)
@@ -1580,6 +1585,10 @@ def timed_group(ctx: Ctx, group: str, cases: list[Case], notes: list[str], data_
             log(f"{group} round {rnd + 1}/{runs}  {case.label:<52} {s.wall:7.2f} s"
                 f"  (memory probe {s.touch_us:.1f} us/page)"
                 + ("" if s.ok else f"  FAILED {s.error[:200]}"))
+        if ctx.delete_rounds:
+            for case in cases:
+                remove_tree(os.path.join(ctx.work, group, case.key, f"r{rnd}"))
+            log(f"{group} round {rnd + 1}/{runs}: its outputs deleted (not timed)")
     load_after = loadavg()
     git_after = git_describe(REPO)
     if git_after != git_before:
@@ -1853,12 +1862,22 @@ def main(argv: list[str] | None = None) -> int:
     elif deleted and timed:
         common_notes.append("no settling pause after the input build / clean-up (--quick or "
                             "--settle 0): the first runs may be slower")
-    common_notes.append("each run writes into a fresh dir; nothing is deleted between timed "
-                        "runs; " + ("the outputs are kept (--keep)" if args.keep else
-                                    f"the outputs are deleted after all groups ({SETTLE_NOTE})"))
+    # On an ext4 without a journal a deletion slows the file creation after it (SETTLE_NOTE):
+    # there the outputs stay until the end. Elsewhere each round's go after it, so the page
+    # cache does not grow run by run into memory this VM has handed back to its host (every
+    # tool slowed alike from the third round on in runs that kept everything; see
+    # measure.memory_probe).
+    delete_rounds = not args.keep and not ext4_without_journal(cache)
+    common_notes.append("each run writes into a fresh dir; " + (
+        "the outputs are kept (--keep)" if args.keep else
+        "each round's outputs are deleted after the round (not timed; the cache dir's file "
+        "system is not an ext4 without a journal, so a deletion does not slow the next "
+        "round)" if delete_rounds else
+        f"nothing is deleted between timed runs; the outputs are deleted after all groups "
+        f"({SETTLE_NOTE})"))
     work = os.path.join(work_root, datetime.datetime.now().strftime("%Y%m%dT%H%M%S"))
     os.makedirs(work)
-    ctx = Ctx(args, kind, runs, cache, work, img, pin, mem, gin, sfi)
+    ctx = Ctx(args, kind, runs, cache, work, img, pin, mem, gin, sfi, delete_rounds)
 
     mach = machine_info(cache)
     print(f"ocilayers benchmarks ({kind}): {', '.join(groups)}")
