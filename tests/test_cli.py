@@ -200,3 +200,56 @@ def test_every_option_with_a_default_says_it() -> None:
             if "default" not in (action.help or ""):
                 missing.append(f"{name} {action.option_strings[-1]} (default {default!r})")
     assert not missing, "options whose help does not state the default: " + ", ".join(missing)
+
+
+# The parser of the command on the command line alone (cli._parser_for): the same parse as the
+# whole parser's, and the whole parser wherever the command is not plain to see.
+
+_SAME_PARSE = [
+    ("inspect", ["inspect", TINY]),
+    ("unpack", ["--root", "/r", "-q", "unpack", TINY, "--jobs", "2", "--tag", "a:b"]),
+    ("unpack", ["--cert", "/c", "unpack", TINY]),  # --cert-dir abbreviated, its value apart
+    ("images", ["--root=/r", "--deb", "images", "--json"]),
+    ("push", ["--insecure", "h1:5000", "--insecure", "h2", "--tls-verify", "false", "push",
+              TINY, "docker://h1:5000/x"]),
+    ("tag", ["--root", "images", "tag", "a", "b:c"]),  # a root dir named as a command
+    ("create", ["create", TINY, "--name", "c1"]),
+    ("commit", ["commit", "c1", "out:tag", "--root", "/r"]),
+    ("history", ["history", TINY, "--json"]),
+    ("unpack", ["unpack", TINY, "--root", "/r", "-q", "--debug"]),
+]
+
+
+@pytest.mark.parametrize(("command", "argv"), _SAME_PARSE, ids=lambda a: " ".join(a)[:40])
+def test_one_command_parser_parses_as_the_whole_one(command: str, argv: list[str]) -> None:
+    import argparse
+
+    from ocilayers.cli import _parser_for, command_in
+
+    assert command_in(argv) == command
+    parser = _parser_for(argv)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == [command]  # the others' parsers were not built
+    one = vars(parser.parse_args(argv))
+    whole = vars(build_parser().parse_args(argv))
+    assert {k: v for k, v in one.items() if k != "func"} == \
+        {k: v for k, v in whole.items() if k != "func"}
+    assert one["func"] is whole["func"]
+
+
+@pytest.mark.parametrize("argv", [[], ["-h"], ["--version"], ["--help", "unpack"],
+                                  ["nosuch", "x"], ["--root"], ["-qh", "unpack"],
+                                  ["--ro", "/x", "unpack"]])  # --ro: --root or --rootless?
+def test_whole_parser_where_the_command_is_not_plain(argv: list[str]) -> None:
+    import argparse
+
+    from ocilayers.cli import _parser_for
+
+    parser = _parser_for(argv)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert "unpack" in sub.choices and "commit" in sub.choices
+
+
+def test_unknown_command_is_refused_with_every_command_known(capsys: Capsys) -> None:
+    code, out, err = run_cli(["nosuch"], capsys)
+    assert code == 2 and "invalid choice: 'nosuch'" in err and "'unpack'" in err, err
