@@ -7,6 +7,7 @@ import pstats
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import FIXTURES, assert_one_line_error, run_cli, run_module
@@ -251,5 +252,27 @@ def test_whole_parser_where_the_command_is_not_plain(argv: list[str]) -> None:
 
 
 def test_unknown_command_is_refused_with_every_command_known(capsys: Capsys) -> None:
-    code, out, err = run_cli(["nosuch"], capsys)
+    code, _out, err = run_cli(["nosuch"], capsys)
     assert code == 2 and "invalid choice: 'nosuch'" in err and "'unpack'" in err, err
+
+
+def test_every_command_alone_has_the_whole_parsers_options() -> None:
+    """build_parser(only=NAME) gives each command the same options (strings, dests, defaults,
+    choices, nargs) as the whole parser does: no registrar depends on another's parser."""
+    import argparse
+
+    def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return dict(sub.choices)
+
+    def shape(p: argparse.ArgumentParser) -> list[tuple[Any, ...]]:
+        return [(tuple(a.option_strings), a.dest, repr(a.default), a.choices, a.nargs,
+                 type(a).__name__) for a in p._actions]
+
+    whole = subparsers(build_parser())
+    assert len(whole) > 20
+    for name, p in whole.items():
+        alone = subparsers(build_parser(only=name))
+        assert list(alone) == [name]
+        assert shape(alone[name]) == shape(p), name
+        assert alone[name].get_default("func") is p.get_default("func"), name
