@@ -188,12 +188,10 @@ def test_every_option_with_a_default_says_it() -> None:
     oci-archive, `--compression` gzip, ...)."""
     import argparse
 
-    from ocilayers.cli import build_parser
+    from ocilayers.cli import build_parser, commands
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     missing = []
-    for name, p in sub.choices.items():
+    for name, p in commands(build_parser()).items():
         for action in p._actions:
             default = action.default
             if default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
@@ -223,14 +221,11 @@ _SAME_PARSE = [
 
 @pytest.mark.parametrize(("command", "argv"), _SAME_PARSE, ids=lambda a: " ".join(a)[:40])
 def test_one_command_parser_parses_as_the_whole_one(command: str, argv: list[str]) -> None:
-    import argparse
-
-    from ocilayers.cli import _parser_for, command_in
+    from ocilayers.cli import _parser_for, command_in, commands
 
     assert command_in(argv) == command
     parser = _parser_for(argv)
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == [command]  # the others' parsers were not built
+    assert list(commands(parser)) == [command]  # the others' parsers were not built
     one = vars(parser.parse_args(argv))
     whole = vars(build_parser().parse_args(argv))
     assert {k: v for k, v in one.items() if k != "func"} == \
@@ -242,13 +237,10 @@ def test_one_command_parser_parses_as_the_whole_one(command: str, argv: list[str
                                   ["nosuch", "x"], ["--root"], ["-qh", "unpack"],
                                   ["--ro", "/x", "unpack"]])  # --ro: --root or --rootless?
 def test_whole_parser_where_the_command_is_not_plain(argv: list[str]) -> None:
-    import argparse
+    from ocilayers.cli import _parser_for, commands
 
-    from ocilayers.cli import _parser_for
-
-    parser = _parser_for(argv)
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert "unpack" in sub.choices and "commit" in sub.choices
+    known = commands(_parser_for(argv))
+    assert "unpack" in known and "commit" in known
 
 
 def test_unknown_command_is_refused_with_every_command_known(capsys: Capsys) -> None:
@@ -261,18 +253,16 @@ def test_every_command_alone_has_the_whole_parsers_options() -> None:
     choices, nargs) as the whole parser does: no registrar depends on another's parser."""
     import argparse
 
-    def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        return dict(sub.choices)
+    from ocilayers.cli import commands
 
     def shape(p: argparse.ArgumentParser) -> list[tuple[Any, ...]]:
         return [(tuple(a.option_strings), a.dest, repr(a.default), a.choices, a.nargs,
                  type(a).__name__) for a in p._actions]
 
-    whole = subparsers(build_parser())
+    whole = commands(build_parser())
     assert len(whole) > 20
     for name, p in whole.items():
-        alone = subparsers(build_parser(only=name))
+        alone = commands(build_parser(only=name))
         assert list(alone) == [name]
         assert shape(alone[name]) == shape(p), name
         assert alone[name].get_default("func") is p.get_default("func"), name

@@ -382,10 +382,9 @@ def test_convert_without_a_tag_notes_it(fmt: str, tmp_path: Path, capsys: Capsys
 def test_help_states_every_default(command: str, capsys: Capsys) -> None:
     import argparse
 
-    from ocilayers.cli import build_parser
+    from ocilayers.cli import build_parser, commands
 
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    parser = sub.choices[command]
+    parser = commands(build_parser())[command]
     checked = 0
     for action in parser._actions:
         if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:

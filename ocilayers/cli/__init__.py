@@ -99,14 +99,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The command parsers `parser` has, by name."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The parser of the command `argv` names alone, else (no command, help, a name that is
     no command) the whole one, whose messages list every command."""
     command = command_in(argv)
     if command is not None:
         parser = build_parser(only=command)
-        if any(isinstance(a, argparse._SubParsersAction) and a.choices
-               for a in parser._actions):
+        if commands(parser):
             return parser
     return build_parser()
 
