@@ -59,6 +59,7 @@ from test_store import (
     unpack,
     verify_ok,
 )
+from throwaway_dockerd import wait_group_gone
 
 from ocilayers import api, errors, lifecycle
 
@@ -979,7 +980,7 @@ def test_kill_9_during_commit(tmp_path: Path, capsys: Capsys, wait_for: str) -> 
     baseline = listing(root)
     proc = subprocess.Popen([sys.executable, "-m", "ocilayers", "--root", str(root), "commit",
                              "ctr", "big:1"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 60
     if wait_for == "staging":
         def staging_started() -> bool:
@@ -993,6 +994,10 @@ def test_kill_9_during_commit(tmp_path: Path, capsys: Capsys, wait_for: str) -> 
     rc = proc.wait()
     if rc != -signal.SIGKILL:
         pytest.fail(f"the commit finished ({rc}) before it was killed: make the upper bigger")
+    # its forked file writers die with it (PR_SET_PDEATHSIG), a moment later; until then they
+    # hold the staging dir's lock, and prune rightly leaves a dir a live process holds
+    left = wait_group_gone(proc.pid)
+    assert not left, f"processes left behind after kill -9: {left}"
     ok(capsys, root, "prune")
     assert listing(root) == baseline
     verify_ok(capsys, root)

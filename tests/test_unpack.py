@@ -59,7 +59,7 @@ from test_store import (
     verify_ok,
     write_oci,
 )
-from throwaway_dockerd import pids_referencing
+from throwaway_dockerd import pids_referencing, wait_gone, wait_group_gone
 
 # fixture -> the tags `unpack` must give it (RepoTags / full-reference ref names, normalised;
 # a bare-tag ref name such as skopeo's and umoci's `latest` names no repository).
@@ -387,7 +387,7 @@ def test_bad_blob_registers_nothing_for_it(tmp_path: Path, capsys: Capsys, jobs:
     proc = run_module(["--root", str(root), "unpack", str(layout.root), "--jobs", jobs])
     assert_one_line_error(proc.returncode, proc.stderr, desc["digest"][:19])
     assert proc.stdout == ""
-    assert not _wait_gone(str(root), 5), "worker processes outlived the failed unpack"
+    assert not wait_gone(root, timeout=5), "worker processes outlived the failed unpack"
     layers = read_layers(root)
     assert not set(src.chain_ids[bad:]) & set(layers), "a layer at or above the bad blob"
     assert set(layers) <= set(src.chain_ids[:bad])
@@ -500,15 +500,6 @@ def big_image() -> Path:
     return cached("big-2-layers", build)
 
 
-def _wait_gone(marker: str, timeout: float = 10.0) -> list[int]:
-    """Live processes (a zombie's cmdline is empty) still naming `marker`, after waiting for
-    them to go for up to `timeout`."""
-    deadline = time.monotonic() + timeout
-    while (left := pids_referencing(marker)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
-
-
 @pytest.fixture
 def big_run(tmp_path: Path) -> Iterator[Any]:
     """Start an unpack of the big image; yields a function that waits until the big layer is
@@ -563,7 +554,7 @@ def test_kill_9_mid_layer(big_run: Any, capsys: Capsys, jobs: str) -> None:
     os.kill(proc.pid, signal.SIGKILL)  # the main process only: workers must die with it
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    left = _wait_gone(str(root))
+    left = wait_group_gone(proc.pid)
     assert not left, f"processes left behind after kill -9: {left}"
     stale = staging_dirs(root)
     assert stale, "the kill left no staging dir: it did not hit mid-layer"
@@ -609,7 +600,7 @@ def test_ctrl_c_mid_layer(big_run: Any, jobs: str, debug: bool) -> None:
     assert err.splitlines()[-1].startswith(ERROR_PREFIX), err
     if not debug:
         assert len(err.splitlines()) == 1, err
-    assert not _wait_gone(str(root))
+    assert not wait_group_gone(proc.pid)
     assert staging_dirs(root) == [], "Ctrl-C left a staging dir"
     layers = read_layers(root)
     assert chains[1] not in layers and image_ids(root) == set()

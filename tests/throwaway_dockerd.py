@@ -82,6 +82,42 @@ def pids_referencing(*dirs: Path | str) -> list[int]:
     return out
 
 
+def wait_gone(*dirs: Path | str, timeout: float = 10.0) -> list[int]:
+    """`pids_referencing(*dirs)` after waiting up to `timeout` for them to go (a zombie's
+    cmdline is empty)."""
+    deadline = time.monotonic() + timeout
+    while (left := pids_referencing(*dirs)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return left
+
+
+def group_alive(pgid: int) -> list[int]:
+    """Processes of process group `pgid` not yet dead. A zombie is dead: a killed process
+    closes its files (and so drops its flocks) before it turns zombie, and its cmdline is
+    empty a moment before that, so only the state tells when it is truly gone."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            out.append(int(name))
+    return out
+
+
+def wait_group_gone(pgid: int, timeout: float = 10.0) -> list[int]:
+    """`group_alive(pgid)` after waiting up to `timeout` for it to empty: a killed process's
+    forked children die a moment after it (PR_SET_PDEATHSIG)."""
+    deadline = time.monotonic() + timeout
+    while (left := group_alive(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return left
+
+
 # --- the daemon ---
 
 class DaemonError(Exception):
