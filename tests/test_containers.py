@@ -795,11 +795,14 @@ CRASH_OS = ("mkdir", "rename", "replace", "symlink", "unlink", "rmdir", "chmod",
 def run_crashing(fn: Callable[[], object], n: int, *, after: bool) -> bool:
     """Run `fn` in a forked child that dies with os._exit (no cleanup, no finally) at its
     n-th call (from the main thread) of one of CRASH_OS: before the call, or right after it
-    with `after`. True if it died there, False if `fn` finished first."""
+    with `after`. True if it died there, False if `fn` finished first. Returns once every
+    process the child forked (file writers, a second-core worker) is dead too: until then
+    they hold its staging dir's lock, and prune rightly leaves what a live process holds."""
     pid = os.fork()
     if pid == 0:  # the child
         code = 3
         try:
+            os.setpgid(0, 0)  # a process group of its own, and of all it forks
             main = threading.current_thread()
             count = [0]
 
@@ -826,6 +829,8 @@ def run_crashing(fn: Callable[[], object], n: int, *, after: bool) -> bool:
         finally:
             os._exit(code)
     _pid, status = os.waitpid(pid, 0)
+    left = wait_group_gone(pid)
+    assert not left, f"processes left behind by a crash at step {n}: {left}"
     rc = os.waitstatus_to_exitcode(status)
     assert rc in (0, CRASHED), f"the child failed ({rc}) before step {n}"
     return rc == CRASHED
