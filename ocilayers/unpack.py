@@ -319,15 +319,19 @@ def _build_in_pool(src: ImageSource, image: Image, todo: list[int],
     order.reverse()  # popped from the end
     running: dict[int, _Worker] = {}
     poller = select.poll()
+
+    def start_more() -> None:
+        while order and len(running) < jobs:
+            i = order.pop()
+            # (builds running from now on, this one included: its file writers get the
+            # cores the others leave)
+            busy = min(jobs, len(running) + 1 + len(order))
+            worker = _start_worker(src, image, i, stagings[i], counters, running, busy)
+            poller.register(worker.rfd, select.POLLIN)
+
     try:
         while order or running:
-            while order and len(running) < jobs:
-                i = order.pop()
-                # (builds running from now on, this one included: its file writers get the
-                # cores the others leave)
-                busy = min(jobs, len(running) + 1 + len(order))
-                worker = _start_worker(src, image, i, stagings[i], counters, running, busy)
-                poller.register(worker.rfd, select.POLLIN)
+            start_more()
             for fd, _events in poller.poll(100):
                 chunk = os.read(fd, 1 << 20)
                 if chunk:
@@ -338,6 +342,7 @@ def _build_in_pool(src: ImageSource, image: Image, todo: list[int],
                 os.close(fd)
                 _, status = os.waitpid(worker.pid, 0)
                 built[worker.index] = _worker_result(image.layers[worker.index], worker, status)
+            start_more()  # a freed core takes the next layer now, not after the registrations
             if progress is not None:
                 for i in todo:
                     progress(i, counters[i], image.layers[i].descriptor.size)

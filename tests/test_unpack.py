@@ -733,6 +733,47 @@ def test_unpack_without_json_reports_on_stderr(tmp_path: Path, capsys: Capsys) -
     assert code == 0 and err == ""
 
 
+_ORDER_OF_EVENTS = """
+import sys
+from ocilayers import api, unpack
+from ocilayers.store.layers import LayerStore
+events = []
+start, register = unpack._start_worker, LayerStore.register_built
+def logged_start(src, image, index, *args, **kw):
+    events.append(("start", index))
+    return start(src, image, index, *args, **kw)
+def logged_register(self, staging, built, parent):
+    events.append(("register", str(built.diff_id)))
+    return register(self, staging, built, parent)
+unpack._start_worker = logged_start
+LayerStore.register_built = logged_register
+api.unpack(sys.argv[1], root=sys.argv[2], jobs=2)
+print(events)
+"""
+
+
+def test_a_freed_worker_slot_takes_the_next_layer_before_registrations(tmp_path: Path) -> None:
+    """A worker that finishes frees its core for the next layer at once: the parent forks
+    the next worker first, then registers what is ready (renames, layerdb files)."""
+    rnd = random.Random(3)
+    tars = [make_tar([("a", rnd.randbytes(200_000), 0o644)]),  # done first, registered first
+            make_tar([("b", rnd.randbytes(6_000_000), 0o644)]),  # the biggest: started first
+            make_tar([("c", b"c", 0o644)]),
+            make_tar([("d", b"d", 0o644)])]
+    image = tmp_path / "img"
+    write_oci(image, tars)
+    proc = subprocess.run([sys.executable, "-c", _ORDER_OF_EVENTS, str(image),
+                           str(tmp_path / "store")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    events = eval(proc.stdout)  # a printed list of tuples of str and int
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("start") == 4 and kinds.count("register") == 4, events
+    assert [i for kind, i in events if kind == "start"][:2] == [1, 0]  # biggest first
+    # the third worker was forked before the first registration, whichever finished first
+    assert kinds.index("register") > [n for n, k in enumerate(kinds) if k == "start"][2], events
+
+
 # What a local unpack loads in the parent process (start-up is on every unpack's critical path).
 
 _MODULES_AFTER_UNPACK = """
