@@ -65,7 +65,7 @@ _PATH_MAX = 4095  # Linux PATH_MAX (4096) less the NUL
 _FILE_TYPES = (REG, AREG, CONT)
 
 # on_entry(entry) may return a callable that then receives each chunk of the entry's data.
-DataSink = Callable[[bytes], None]
+DataSink = Callable[[bytes | memoryview], None]  # a chunk of entry data: bytes or a read-only view
 EntryHook = Callable[[TarEntry], DataSink | None]
 
 
@@ -519,7 +519,7 @@ class _Applier:
               sink: DataSink | None) -> None:
         fd = os.open(base, FILE_FLAGS, entry.mode & 0o777, dir_fd=pfd)
         try:
-            while data := reader.read_data():
+            while data := reader.read_data_view():
                 write_all(fd, data)
                 if sink is not None:
                     sink(data)

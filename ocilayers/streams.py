@@ -285,6 +285,7 @@ class LayerReader(io.RawIOBase):
         # Tar headers are read 512 bytes at a time: serve them from one decompressed chunk
         # instead of a trip through the decompressor and both hashes each.
         self._buf = b""
+        self._view = memoryview(self._buf)
         self._pos = 0
         self._end = 0  # len(self._buf)
         self._ahead: _Readahead | None = None
@@ -315,6 +316,23 @@ class LayerReader(io.RawIOBase):
                 return self._buf[pos:end]
         return self._read(size)
 
+    def read_view(self, size: int) -> bytes | memoryview:
+        """`read(size)` for bytes on their way to a write or a checksum: inside the chunk at
+        hand, a view of it instead of a copy."""
+        if self._pos >= self._end and 0 < size < CHUNK:
+            self._next_buf()
+        pos = self._pos
+        if pos < self._end:
+            end = min(pos + size, self._end)
+            self._pos = end
+            return self._view[pos:end]
+        return self._read(size)
+
+    def _next_buf(self) -> None:
+        self._buf, self._pos = self._fill(), 0
+        self._end = len(self._buf)
+        self._view = memoryview(self._buf)
+
     def _read(self, size: int) -> bytes:
         if size is None or size < 0:
             parts = [self._buf[self._pos:]]
@@ -325,8 +343,7 @@ class LayerReader(io.RawIOBase):
         if self._pos >= len(self._buf):
             if size >= CHUNK:
                 return self._fill(size)  # big reads go straight through
-            self._buf, self._pos = self._fill(), 0
-            self._end = len(self._buf)
+            self._next_buf()
         start = self._pos
         end = min(start + size, self._end)
         self._pos = end

@@ -125,7 +125,7 @@ class TarSplitWriter:
             self._lines = []
         self._pending = 0
 
-    def on_entry(self, entry: TarEntry) -> Callable[[bytes], None]:
+    def on_entry(self, entry: TarEntry) -> Callable[[bytes | memoryview], None]:
         e = self._entry
         if e is not None and self._raw and self._pending < _BATCH:
             # (what _flush does, for the usual case: one frame less per entry)
@@ -142,7 +142,7 @@ class TarSplitWriter:
         self._crc = 0
         return self._data
 
-    def _data(self, chunk: bytes) -> None:
+    def _data(self, chunk: bytes | memoryview) -> None:
         self._crc = _CRC.calc(chunk, self._crc)
 
     def end_of_archive(self) -> None:

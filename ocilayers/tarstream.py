@@ -172,6 +172,8 @@ class TarReader:
 
     def __init__(self, stream: object, on_raw: Callable[[bytes], None] | None = None) -> None:
         self._read: Callable[[int], bytes] = stream.read  # type: ignore[attr-defined]
+        self._read_view: Callable[[int], bytes | memoryview] = getattr(
+            stream, "read_view", self._read)
         self._on_raw = on_raw
         # every byte that is not entry data goes here (bound once: no frame per call)
         self._raw: Callable[[bytes], object] = on_raw if on_raw is not None else _ignore
@@ -199,10 +201,18 @@ class TarReader:
 
     def read_data(self, n: int = _CHUNK) -> bytes:
         """Up to `n` bytes of the current entry's data; b"" once it is all read."""
+        return self._take(self._read, n)  # type: ignore[return-value]
+
+    def read_data_view(self, n: int = _CHUNK) -> bytes | memoryview:
+        """`read_data(n)`, but maybe a view of the stream's chunk at hand instead of a copy
+        (it keeps that chunk alive): for data on its way to a write or a checksum."""
+        return self._take(self._read_view, n)
+
+    def _take(self, read: Callable[[int], bytes | memoryview], n: int) -> bytes | memoryview:
         left = self._left
         if left <= 0:
             return b""
-        data = self._read(n if n < left else left)
+        data = read(n if n < left else left)
         if not data:
             raise TarError("archive is truncated (entry data)")
         self._left = left - len(data)

@@ -118,6 +118,63 @@ def test_layer_reader_decompresses_and_verifies(blob: bytes, plain: bytes, kind:
     assert reader.diff_id == sha256(plain)
 
 
+@pytest.mark.parametrize("readahead", [False, True], ids=["inline", "readahead"])
+@pytest.mark.parametrize("sizes", [
+    pytest.param([512, 7, CHUNK - 519, 1, CHUNK, 3000], id="across-chunk-ends"),
+    pytest.param([CHUNK // 3], id="thirds"),
+    pytest.param([1, CHUNK + 5, 512], id="big-and-small"),
+])
+def test_read_view_gives_the_same_bytes_as_read(sizes: list[int], readahead: bool) -> None:
+    """read_view and read, mixed as the tar reader mixes them (headers by read, data by
+    read_view), give every byte once and in order; inside the chunk at hand the view is a
+    read-only view of it, not a copy; the digests still check out."""
+    plain = os.urandom(3 * CHUNK + 4321)
+    blob = gzip_member(plain)
+    reader = LayerReader(io.BytesIO(blob), "layer", sha256(blob), len(blob), sha256(plain),
+                         readahead=readahead)
+    parts: list[bytes] = []
+    views = 0
+    i = 0
+    while True:
+        size = sizes[i % len(sizes)]
+        data = reader.read_view(size) if i % 2 else reader.read(size)
+        i += 1
+        if not data:
+            break
+        assert 0 < len(data) <= size
+        if isinstance(data, memoryview):
+            views += 1
+            assert data.readonly
+        else:
+            assert isinstance(data, bytes)
+        parts.append(bytes(data))
+    reader.finish()
+    assert b"".join(parts) == plain
+    assert reader.diff_id == sha256(plain)
+    if any(s < CHUNK for s in sizes):
+        assert views > 0
+
+
+def test_tar_reader_data_views_fall_back_to_read() -> None:
+    """read_data_view on a stream without read_view is read_data; on a LayerReader it gives
+    views of the same bytes."""
+    from ocilayers.tarstream import TarReader
+
+    data = os.urandom(300_000)
+    tar = make_tar({"a": data, "b": b"x" * 10})
+    for stream, kind in [(io.BytesIO(tar), bytes),
+                         (LayerReader(io.BytesIO(tar), "layer", None, None, None), memoryview)]:
+        got = {}
+        reader = TarReader(stream)
+        for entry in reader:
+            chunks = []
+            while chunk := reader.read_data_view(100_000):
+                assert type(chunk) is kind
+                chunks.append(bytes(chunk))
+            got[entry.name] = b"".join(chunks)
+        assert got == {b"a": data, b"b": b"x" * 10}
+
+
 @pytest.mark.parametrize("compress", [
     pytest.param(gzip_member, id="gzip"),
     pytest.param(zstd_frame, id="zstd"),
