@@ -26,12 +26,15 @@ from typing import Any
 from ocilayers.dirfds import DirFds
 from ocilayers.errors import ImageError, UnsafeEntryError
 from ocilayers.filewriters import (
+    ACL_XATTRS,
     FILE_FLAGS,
     HANDOFF_MAX,
     FileWriters,
+    default_acl,
     set_file_meta,
     set_override,
     set_xattrs,
+    sets_acl,
     try_chown,
 )
 from ocilayers.forking import write_all
@@ -221,6 +224,11 @@ class _Applier:
         self.umask = umask
         # In a fresh dir every parent is ours (0700 until finish: no setgid to inherit a gid).
         self.fresh = not os.listdir(self.root_fd)
+        # Is the mode a new file or node is made with its header's, the umask aside? Not
+        # where a default ACL decides it instead: in a dir we did not make, below a root that
+        # has one, and from the first dir of the layer that brings one (its ACL xattr).
+        # Otherwise the mode is set after the fact, as dockerd always does.
+        self.exact_modes = self.fresh and not default_acl(self.root_fd)
         # Files and symlinks made, by st_size. Hardlinks add nothing (their inode is one of
         # ours: counted already), nodes and whiteouts are 0; exact until something is removed.
         self.size = 0
@@ -335,7 +343,8 @@ class _Applier:
         writers = self.writers
         assert writers is not None
         path = _join(parts)
-        if entry.size > HANDOFF_MAX or path in self.created or path in self.whited:
+        if (entry.size > HANDOFF_MAX or path in self.created or path in self.whited
+                or not self.exact_modes):  # (a writer sets no mode its umask would not take)
             return False
         slash = path.rfind(b"/")
         key = path[:slash] if slash >= 0 else b""
@@ -491,7 +500,7 @@ class _Applier:
         fd = os.open(base, FILE_FLAGS, entry.mode & 0o777, dir_fd=pfd)
         try:
             set_file_meta(fd, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs,
-                          chown=self._needs_chown(entry), umask=self.umask, rootless=True,
+                          chown=self._needs_chown(entry), umask=self._made_mask, rootless=True,
                           kind=Override.of(entry))
             self.recorded = True
         finally:
@@ -511,9 +520,15 @@ class _Applier:
     def _needs_chown(self, entry: TarEntry) -> bool:
         return not self.fresh or (entry.uid, entry.gid) != self.ids
 
-    def _needs_chmod(self, entry: TarEntry, chowned: bool) -> bool:
-        """Was the mode given at creation (less the umask) not the whole story?"""
-        return chowned or entry.mode != (entry.mode & 0o777 & ~self.umask)
+    def _needs_chmod(self, entry: TarEntry) -> bool:
+        """Was the mode given at creation not the whole story? (see exact_modes, set_file_meta)"""
+        return (not self.exact_modes or entry.mode != (entry.mode & 0o777 & ~self.umask)
+                or sets_acl(entry.xattrs))
+
+    @property
+    def _made_mask(self) -> int | None:
+        """What took bits from the mode given at creation: the umask, or (None) not known."""
+        return self.umask if self.exact_modes else None
 
     def _file(self, pfd: int, base: bytes, entry: TarEntry, reader: TarReader,
               sink: DataSink | None) -> None:
@@ -543,7 +558,8 @@ class _Applier:
         if not is_dir:
             skipped, recorded = set_file_meta(
                 fd, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs,
-                chown=self._needs_chown(entry), umask=self.umask, rootless=self.rootless)
+                chown=self._needs_chown(entry), umask=self._made_mask,
+                rootless=self.rootless)
             self.stats.skipped += skipped
             self.recorded = self.recorded or recorded
             return
@@ -553,6 +569,8 @@ class _Applier:
             self.recorded = True
         if entry.xattrs:
             self._xattrs(entry, lambda n, v: os.setxattr(fd, n, v), regular=True, path=path)
+            if ACL_XATTRS[1] in entry.xattrs:
+                self.exact_modes = False  # (and no more handing off: see _handoff)
         self.dir_meta[path] = entry  # mode and times after the children (rootless: 0555)
 
     def _meta_at(self, pfd: int, base: bytes, entry: TarEntry, *, is_link: bool,
@@ -567,7 +585,7 @@ class _Applier:
             proc = f"/proc/self/fd/{pfd}/".encode() + base
             self._xattrs(entry, lambda n, v: os.setxattr(proc, n, v, follow_symlinks=False),
                          regular=False, path=path)
-        if not is_link and self._needs_chmod(entry, chown):
+        if not is_link and self._needs_chmod(entry):
             os.chmod(base, entry.mode, dir_fd=pfd)  # a node we just made: cannot be redirected
         os.utime(base, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=pfd, follow_symlinks=False)
 

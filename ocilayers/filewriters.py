@@ -107,12 +107,31 @@ def set_xattrs(xattrs: dict[str, bytes], setter: Callable[[str, bytes], None], *
     return skipped
 
 
+ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
+
+
+def sets_acl(xattrs: dict[str, bytes] | None) -> bool:
+    """Does the entry carry a POSIX ACL? Setting one rewrites the mode's group and other bits
+    (and a default ACL, not the umask, decides the mode of what is made in the dir later)."""
+    return xattrs is not None and (ACL_XATTRS[0] in xattrs or ACL_XATTRS[1] in xattrs)
+
+
+def default_acl(fd: int) -> bool:
+    """Has the dir `fd` a default ACL (which then decides the mode of what is made in it)?"""
+    try:
+        os.getxattr(fd, ACL_XATTRS[1])
+    except OSError:  # ENODATA: none; EOPNOTSUPP: no ACLs on this file system
+        return False
+    return True
+
+
 def set_file_meta(fd: int, mode: int, uid: int, gid: int, mtime_ns: int,
-                  xattrs: dict[str, bytes] | None, *, chown: bool, umask: int,
+                  xattrs: dict[str, bytes] | None, *, chown: bool, umask: int | None,
                   rootless: bool, kind: Override | None = None) -> tuple[int, bool]:
-    """Owner, xattrs, mode and times of a regular file just made with `mode & 0o777` (less
-    the umask); returns how many settings a rootless run skipped, and whether it recorded an
-    owner. Rootless, an owner that cannot be given is recorded in
+    """Owner, xattrs, mode and times of a regular file just made with `mode & 0o777`, which
+    `umask` alone took bits from (None: not known, a default ACL may have: the mode is set
+    whatever it is); returns how many settings a rootless run skipped, and whether it
+    recorded an owner. Rootless, an owner that cannot be given is recorded in
     `user.containers.override_stat`, as is `kind` (the device a placeholder file stands for)
     always."""
     skipped = 0
@@ -124,8 +143,11 @@ def set_file_meta(fd: int, mode: int, uid: int, gid: int, mtime_ns: int,
                               rootless=rootless)
     if record is not None:
         set_override(fd, record)
-    if chown or mode != (mode & 0o777 & ~umask):
-        os.fchmod(fd, mode)  # after chown, which clears setuid/setgid
+    # The header's mode, as dockerd sets it (after chown, which clears setuid/setgid, and the
+    # xattrs, among them an ACL that rewrites it) where the mode made is not it already.
+    # (Only setuid/setgid can go with a chown, and a mode with them was never the one made.)
+    if umask is None or mode != (mode & 0o777 & ~umask) or sets_acl(xattrs):
+        os.fchmod(fd, mode)
     os.utime(fd, ns=(mtime_ns, mtime_ns))
     return skipped, record is not None
 

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -91,8 +92,24 @@ def capability_xattr(d: Path) -> None:
     os.setxattr(d / "f", "security.capability", CAP_NET_RAW_V2)
 
 
+def _acl(*entries: tuple[int, int]) -> bytes:
+    """A POSIX ACL xattr value (linux/posix_acl_xattr.h: version 2, then tag, perm, id)."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
+                                           for tag, perm in entries)
+
+
+# user::rwx group::r-x other::--- : what is made below such a dir loses every "other" bit
+ACL_NO_OTHER = _acl((0x01, 7), (0x04, 5), (0x20, 0))
+ACL_ALL = _acl((0x01, 7), (0x04, 7), (0x20, 7))  # user::rwx group::rwx other::rwx
+
+
+def posix_acl(d: Path) -> None:
+    (d / "sub").mkdir()
+    os.setxattr(d / "sub", "system.posix_acl_default", ACL_NO_OTHER)
+
+
 PROBES = {f.__name__: f for f in (whiteout_mknod, device_mknod, trusted_xattr, user_xattr,
-                                  foreign_chown, capability_xattr)}
+                                  foreign_chown, capability_xattr, posix_acl)}
 
 
 @pytest.fixture(scope="session")
@@ -637,6 +654,62 @@ def test_hostile(case: Hostile, mode: str, world: World, caps: dict[str, str | N
             case.check(world.root, mode, c)
     finally:
         assert_unchanged(before, world.snap(case.loose))
+
+
+# -- POSIX ACLs: the header's mode, whatever a default ACL would make of it (as dockerd:
+# moby's createTarFile chmods every entry but symlinks, after chown and the xattrs) --
+
+ACL_MODES = {"f": 0o644, "x": 0o755, "sub/g": 0o604, "p": 0o646}
+
+
+def acl_layer(prefix: str) -> list[tb.Member]:
+    return [tb.file(f"{prefix}f", b"f\n", mode=0o644), tb.file(f"{prefix}x", b"#!\n", mode=0o755),
+            tb.file(f"{prefix}sub/g", b"g", mode=0o604), tb.fifo(f"{prefix}p", mode=0o646)]
+
+
+def assert_acl_modes(root: Path, prefix: str) -> None:
+    got = {name: oct(stat.S_IMODE(os.lstat(root / f"{prefix}{name}").st_mode))
+           for name in ACL_MODES}
+    assert got == {name: oct(m) for name, m in ACL_MODES.items()}
+
+
+@pytest.mark.parametrize("mode", ["overlay", "delete"])
+def test_a_default_acl_of_the_layer_does_not_change_the_modes_made(
+        tmp_path: Path, caps: dict[str, str | None], mode: str) -> None:
+    """A dir of the layer brings a default ACL (user::rwx group::r-x other::---); what the
+    layer makes in it later still gets its header's mode, where the ACL would take every
+    "other" bit (and the umask would take none of these)."""
+    need(caps, "posix_acl")
+    root = tmp_path / "root"
+    root.mkdir()
+    apply([tb.dir("d", mode=0o755, xattrs={"system.posix_acl_default": ACL_NO_OTHER}),
+           *acl_layer("d/")], root, mode=mode)
+    assert_acl_modes(root, "d/")
+    assert os.getxattr(root / "d", "system.posix_acl_default") == ACL_NO_OTHER
+
+
+@pytest.mark.parametrize("mode", ["overlay", "delete"])
+def test_a_target_with_a_default_acl_does_not_change_the_modes_made(
+        tmp_path: Path, caps: dict[str, str | None], mode: str) -> None:
+    """The same below a target dir that has a default ACL of its own (a store on a shared
+    dir, say)."""
+    need(caps, "posix_acl")
+    root = tmp_path / "root"
+    root.mkdir()
+    os.setxattr(root, "system.posix_acl_default", ACL_NO_OTHER)
+    apply(acl_layer(""), root, mode=mode)
+    assert_acl_modes(root, "")
+
+
+def test_a_files_own_acl_gives_way_to_its_header_mode(
+        tmp_path: Path, caps: dict[str, str | None]) -> None:
+    """A file's own ACL (rwx for all) rewrites its mode when set; the header's mode (0640)
+    is set after it, as dockerd does."""
+    need(caps, "posix_acl")
+    root = tmp_path / "root"
+    root.mkdir()
+    apply([tb.file("f", b"f", mode=0o640, xattrs={"system.posix_acl_access": ACL_ALL})], root)
+    assert stat.S_IMODE(os.lstat(root / "f").st_mode) == 0o640
 
 
 def test_chardev_0_0_in_delete_mode(tmp_path: Path, caps: dict[str, str | None]) -> None:
