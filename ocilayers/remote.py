@@ -82,7 +82,7 @@ class RegistrySource(ImageSource):
         self._sizes[layer.descriptor.digest] = layer.descriptor.size
 
     def open_layer(self, layer: Layer, progress: Callable[[int], None] | None = None,
-                   readahead: bool = False) -> LayerReader:
+                   readahead: bool | Callable[[], bool] = False) -> LayerReader:
         self._sizes[layer.descriptor.digest] = layer.descriptor.size
         return super().open_layer(layer, progress, readahead)
 

@@ -160,10 +160,11 @@ class ImageSource:
                              f"{layer.descriptor.size} bytes, got {size}")
 
     def open_layer(self, layer: Layer, progress: Callable[[int], None] | None = None,
-                   readahead: bool = False) -> LayerReader:
+                   readahead: bool | Callable[[], bool] = False) -> LayerReader:
         """The decompressed layer; call `.finish()` at the end to verify digest and DiffID.
         `progress(n)` is told of every n compressed bytes read. With `readahead`, a thread
-        decompresses and hashes ahead of the reader (close the reader to stop it)."""
+        decompresses and hashes ahead of the reader (close the reader to stop it); a
+        callable starts it once it says so (see LayerReader)."""
         self.check_layer_present(layer)
         blob = self.blobs.open_blob(layer.descriptor.digest)
         return LayerReader(blob, f"layer {layer.descriptor.digest}", layer.descriptor.digest,

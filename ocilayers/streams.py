@@ -43,7 +43,7 @@ class HashingReader(io.RawIOBase):
     def __init__(self, raw: Readable, algorithm: str = "sha256", limit: int | None = None,
                  what: str = "stream", progress: Callable[[int], None] | None = None) -> None:
         self._raw = raw
-        self._progress = progress
+        self.progress = progress  # told of every n bytes read
         self.hash: Any = hashlib.new(algorithm)
         self.count = 0
         self._limit = limit
@@ -62,8 +62,8 @@ class HashingReader(io.RawIOBase):
                                           f"{self._limit} bytes, got at least {self.count}")
             self.hash.update(data)
             b[:n] = data
-            if self._progress is not None:
-                self._progress(n)
+            if self.progress is not None:
+                self.progress(n)
         return n
 
     def read(self, size: int = -1) -> bytes:
@@ -79,8 +79,8 @@ class HashingReader(io.RawIOBase):
                 raise DigestMismatchError(f"{self._what}: size mismatch: expected "
                                           f"{self._limit} bytes, got at least {self.count}")
             self.hash.update(data)
-            if self._progress is not None:
-                self._progress(len(data))
+            if self.progress is not None:
+                self.progress(len(data))
         return data
 
     def drain(self) -> None:
@@ -196,7 +196,8 @@ class _Readahead:
     _DEPTH = 4  # chunks queued at most: memory stays bounded whatever the layer size
 
     def __init__(self, produce: Callable[[], Iterator[bytes]],
-                 progress: Callable[[int], None] | None, count: Callable[[], int]) -> None:
+                 progress: Callable[[int], None] | None, count: Callable[[], int],
+                 reported: int = 0) -> None:
         import queue
         import threading
 
@@ -205,7 +206,7 @@ class _Readahead:
         self._done = False
         self._progress = progress
         self._count = count
-        self._reported = 0
+        self._reported = reported  # (what `progress` was told before the thread started)
         self._thread = threading.Thread(target=self._run, args=(produce,),
                                         name="ocilayers-readahead", daemon=True)
         self._thread.start()
@@ -269,15 +270,19 @@ class LayerReader(io.RawIOBase):
 
     def __init__(self, blob: Readable, what: str, digest: Digest | None, size: int | None,
                  diff_id: Digest | None, progress: Callable[[int], None] | None = None,
-                 readahead: bool = False) -> None:
+                 readahead: bool | Callable[[], bool] = False) -> None:
+        """`readahead`: True, a thread decompresses and hashes ahead of the reader (one
+        layer on two cores); a callable, asked at each chunk, starts that thread once it
+        says so (a core came free), the reader doing that work itself until then."""
         self.what = what
         self._blob = blob
         self._digest = digest
         self._size = size
         self._diff_id = diff_id
+        self._progress = progress
         self.compressed = HashingReader(blob, digest.algorithm if digest else "sha256",
                                         limit=size, what=what,
-                                        progress=None if readahead else progress)
+                                        progress=None if readahead is True else progress)
         self.compression, plain = decompressor(self.compressed)
         self.plain = HashingReader(plain, diff_id.algorithm if diff_id else "sha256",
                                    what=what)
@@ -289,9 +294,18 @@ class LayerReader(io.RawIOBase):
         self._pos = 0
         self._end = 0  # len(self._buf)
         self._ahead: _Readahead | None = None
-        if readahead:
-            self._ahead = _Readahead(self._read_all, progress,
-                                     lambda: self.compressed.count)
+        self._want_ahead = readahead if callable(readahead) else None
+        if readahead is True:
+            self._start_ahead()
+
+    def _start_ahead(self) -> None:
+        """From here on the thread decompresses and hashes; it reports the progress (in the
+        reader's thread) from what the compressed side reported so far."""
+        self._want_ahead = None
+        told = self.compressed.count if self.compressed.progress is not None else 0
+        self.compressed.progress = None
+        self._ahead = _Readahead(self._read_all, self._progress, lambda: self.compressed.count,
+                                 told)
 
     def _read_all(self) -> Iterator[bytes]:
         """Every decompressed chunk, then the compressed bytes after the stream (readahead)."""
@@ -353,6 +367,8 @@ class LayerReader(io.RawIOBase):
 
     def _fill(self, size: int = CHUNK) -> bytes:
         try:
+            if self._ahead is None and self._want_ahead is not None and self._want_ahead():
+                self._start_ahead()
             if self._ahead is not None:
                 return self._ahead.next()
             return self.plain.read(size)

@@ -38,10 +38,14 @@ class UnpackResult:
 
 
 def build_layer(src: ImageSource, layer: Layer, staging: Staging,
-                progress: Callable[[int], None] | None = None, *, busy: int = 1) -> Built:
+                progress: Callable[[int], None] | None = None, *, busy: int = 1,
+                spare_core: Callable[[], bool] | None = None) -> Built:
     """Decompress, verify and apply one layer into its staging dir, recording tar-split.
     A big layer's small files are written by file writers on the cores the other `busy - 1`
-    layer builds running now leave free (forked before the readahead thread starts)."""
+    layer builds running now leave free (forked before the readahead thread starts).
+    Decompression and hashing go to a thread of their own (a second core for this layer)
+    at once, or with `spare_core` only once it says a core is free: while every core has a
+    build of its own, the thread would only add its hand-overs to the work."""
     from ocilayers import filewriters
     from ocilayers.whiteout import OverlayFormat
 
@@ -49,7 +53,8 @@ def build_layer(src: ImageSource, layer: Layer, staging: Staging,
     writers = filewriters.start(staging.diff, layer.descriptor.size, rootless=fmt.rootless,
                                 busy=busy)
     try:
-        with src.open_layer(layer, progress=progress, readahead=True) as reader:
+        with src.open_layer(layer, progress=progress,
+                            readahead=True if spare_core is None else spare_core) as reader:
             return fill_staging(staging, reader, fmt, writers=writers)
     except (OSError, OCILayersError) as exc:
         exc.add_note(f"unpack layer {layer.descriptor.digest.short}")
@@ -79,7 +84,7 @@ class _RemoteTraceback(Exception):
 
 def _worker_main(src: ImageSource, layer: Layer, staging: Staging, counters: memoryview,
                  index: int, parent_pid: int, wfd: int, close_fds: list[int],
-                 busy: int) -> NoReturn:
+                 busy: int, spare_core: Callable[[], bool]) -> NoReturn:
     """The forked child: build one layer, pickle (True, Built) or (False, error, traceback)
     into `wfd`, and leave with os._exit (never back into the parent's stack)."""
     status = 1
@@ -101,7 +106,7 @@ def _worker_main(src: ImageSource, layer: Layer, staging: Staging, counters: mem
 
         try:
             payload = pickle.dumps((True, build_layer(src, layer, staging, progress,
-                                                      busy=busy)),
+                                                      busy=busy, spare_core=spare_core)),
                                    pickle.HIGHEST_PROTOCOL)
         except BaseException as exc:
             payload = pickled_error(exc)
@@ -120,7 +125,8 @@ class _Worker:
 
 
 def _start_worker(src: ImageSource, image: Image, index: int, staging: Staging,
-                  counters: memoryview, running: dict[int, _Worker], busy: int) -> _Worker:
+                  counters: memoryview, running: dict[int, _Worker], busy: int,
+                  spare_core: Callable[[], bool]) -> _Worker:
     """Fork the worker for layer `index` and add it to `running` (keyed by its pipe's read
     end). Ctrl-C is held meanwhile, so it cannot come between the fork and the bookkeeping
     the clean-up relies on."""
@@ -136,7 +142,7 @@ def _start_worker(src: ImageSource, image: Image, index: int, staging: Staging,
         if pid == 0:  # the child; _worker_main never returns
             _worker_main(src, image.layers[index], Staging(staging.path, staging.cache_id, -1,
                                                             staging.fmt),
-                         counters, index, parent_pid, wfd, [rfd, *running], busy)
+                         counters, index, parent_pid, wfd, [rfd, *running], busy, spare_core)
         os.close(wfd)
         worker = running[rfd] = _Worker(index, pid, rfd, bytearray())
     return worker
@@ -312,8 +318,16 @@ def _build_in_pool(src: ImageSource, image: Image, todo: list[int],
     import select
 
     _preload(image, todo)
-    shared = mmap.mmap(-1, 8 * len(image.layers))  # anonymous and MAP_SHARED: no /dev/shm
+    # One progress counter per layer, and then how many workers run: anonymous and
+    # MAP_SHARED (no /dev/shm), written by the parent, read by the workers.
+    shared = mmap.mmap(-1, 8 * (len(image.layers) + 1))
     counters = memoryview(shared).cast("q")
+    n_running = len(image.layers)
+    cores = os.cpu_count() or 1
+
+    def spare_core() -> bool:  # (asked in the workers)
+        return counters[n_running] < cores
+
     # Biggest layer first: the longest job starts earliest, so the others fill in around it.
     order = sorted(todo, key=lambda i: -image.layers[i].descriptor.size)
     order.reverse()  # popped from the end
@@ -321,13 +335,16 @@ def _build_in_pool(src: ImageSource, image: Image, todo: list[int],
     poller = select.poll()
 
     def start_more() -> None:
+        counters[n_running] = min(jobs, len(running) + len(order))  # (before the forks)
         while order and len(running) < jobs:
             i = order.pop()
             # (builds running from now on, this one included: its file writers get the
             # cores the others leave)
             busy = min(jobs, len(running) + 1 + len(order))
-            worker = _start_worker(src, image, i, stagings[i], counters, running, busy)
+            worker = _start_worker(src, image, i, stagings[i], counters, running, busy,
+                                   spare_core)
             poller.register(worker.rfd, select.POLLIN)
+        counters[n_running] = len(running)
 
     try:
         while order or running:

@@ -388,6 +388,45 @@ def test_readahead_reports_progress_in_the_readers_thread() -> None:
     assert _readahead_threads() == []
 
 
+@pytest.mark.parametrize("switch_at", [3, None], ids=["switches-at-chunk-3", "never"])
+def test_readahead_starts_when_asked(switch_at: int | None) -> None:
+    """A callable readahead: the reader decompresses and hashes itself (no thread) until the
+    callable says a core is free, then the thread takes over mid-stream. Every byte comes
+    once, in order; progress adds up to the blob, told in the reader's thread; the digests
+    check out; the callable is asked no more once the thread runs."""
+    plain = os.urandom(6 * MiB + 123)
+    blob = gzip_member(plain)
+    asked = [0]
+    threads_seen: list[int] = []
+
+    def spare() -> bool:
+        asked[0] += 1
+        return switch_at is not None and asked[0] >= switch_at
+
+    seen: list[tuple[int, int]] = []
+    reader = LayerReader(io.BytesIO(blob), "layer", sha256(blob), len(blob), sha256(plain),
+                         progress=lambda n: seen.append((threading.get_ident(), n)),
+                         readahead=spare)
+    parts = []
+    with reader:
+        while data := reader.read(CHUNK):
+            parts.append(data)
+            threads_seen.append(len(_readahead_threads()))
+        reader.finish()
+    assert b"".join(parts) == plain
+    assert reader.diff_id == sha256(plain)
+    assert {ident for ident, _ in seen} == {threading.get_ident()}
+    assert sum(n for _, n in seen) == len(blob)
+    if switch_at is None:
+        assert threads_seen == [0] * len(parts)
+        assert asked[0] >= len(parts)
+    else:
+        assert asked[0] == switch_at
+        assert threads_seen[:switch_at - 1] == [0] * (switch_at - 1)
+        assert threads_seen[switch_at - 1] == 1
+    assert _readahead_threads() == []
+
+
 def test_readahead_error_reaches_the_reader_and_ends_the_thread() -> None:
     blob = _flip(12)(gzip_member(BIG))
     reader = LayerReader(io.BytesIO(blob), "layer", None, None, None, readahead=True)

@@ -774,6 +774,49 @@ def test_a_freed_worker_slot_takes_the_next_layer_before_registrations(tmp_path:
     assert kinds.index("register") > [n for n, k in enumerate(kinds) if k == "start"][2], events
 
 
+_SPARE_CORE = """
+import os, sys, time
+from ocilayers import api, unpack
+os.cpu_count = lambda: 2  # (read by the parent before the first fork)
+real = unpack.build_layer
+def build_layer(src, layer, staging, progress=None, *, busy=1, spare_core=None):
+    first = spare_core()
+    later = None
+    if str(layer.diff_id) == sys.argv[3]:  # the big one waits for the others to finish
+        deadline = time.monotonic() + 30
+        while not spare_core() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        later = spare_core()
+    with open(sys.argv[4], "a") as f:
+        f.write(f"{layer.diff_id} {first} {later}\\n")
+    return real(src, layer, staging, progress, busy=busy, spare_core=spare_core)
+unpack.build_layer = build_layer
+api.unpack(sys.argv[1], root=sys.argv[2], jobs=2)
+"""
+
+
+def test_a_worker_is_told_when_a_core_comes_free(tmp_path: Path) -> None:
+    """On 2 cores with 2 workers running, a worker has no spare core (it decompresses and
+    hashes itself, without a readahead thread); once the others are done, the one still
+    running is told a core is free (and starts its readahead thread)."""
+    rnd = random.Random(5)
+    tars = [make_tar([("big", rnd.randbytes(3_000_000), 0o644)]),
+            make_tar([("a", b"a", 0o644)]), make_tar([("b", b"b", 0o644)])]
+    image = tmp_path / "img"
+    write_oci(image, tars)
+    big = "sha256:" + hashlib.sha256(tars[0]).hexdigest()
+    log = tmp_path / "log"
+    proc = subprocess.run([sys.executable, "-c", _SPARE_CORE, str(image), str(tmp_path / "s"),
+                           big, str(log)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    seen = {d: (first, later) for d, first, later in
+            (line.split() for line in log.read_text().splitlines())}
+    assert len(seen) == 3
+    assert seen.pop(big) == ("False", "True")
+    assert set(seen.values()) == {("False", "None")}
+
+
 # What a local unpack loads in the parent process (start-up is on every unpack's critical path).
 
 _MODULES_AFTER_UNPACK = """
