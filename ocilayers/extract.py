@@ -31,10 +31,10 @@ from ocilayers.filewriters import (
     HANDOFF_MAX,
     FileWriters,
     default_acl,
+    needs_chmod,
     set_file_meta,
     set_override,
     set_xattrs,
-    sets_acl,
     try_chown,
 )
 from ocilayers.forking import write_all
@@ -520,11 +520,6 @@ class _Applier:
     def _needs_chown(self, entry: TarEntry) -> bool:
         return not self.fresh or (entry.uid, entry.gid) != self.ids
 
-    def _needs_chmod(self, entry: TarEntry) -> bool:
-        """Was the mode given at creation not the whole story? (see exact_modes, set_file_meta)"""
-        return (not self.exact_modes or entry.mode != (entry.mode & 0o777 & ~self.umask)
-                or sets_acl(entry.xattrs))
-
     @property
     def _made_mask(self) -> int | None:
         """What took bits from the mode given at creation: the umask, or (None) not known."""
@@ -585,7 +580,7 @@ class _Applier:
             proc = f"/proc/self/fd/{pfd}/".encode() + base
             self._xattrs(entry, lambda n, v: os.setxattr(proc, n, v, follow_symlinks=False),
                          regular=False, path=path)
-        if not is_link and self._needs_chmod(entry):
+        if not is_link and needs_chmod(entry.mode, entry.xattrs, self._made_mask):
             os.chmod(base, entry.mode, dir_fd=pfd)  # a node we just made: cannot be redirected
         os.utime(base, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=pfd, follow_symlinks=False)
 

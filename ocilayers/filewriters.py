@@ -110,10 +110,13 @@ def set_xattrs(xattrs: dict[str, bytes], setter: Callable[[str, bytes], None], *
 ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
 
 
-def sets_acl(xattrs: dict[str, bytes] | None) -> bool:
-    """Does the entry carry a POSIX ACL? Setting one rewrites the mode's group and other bits
-    (and a default ACL, not the umask, decides the mode of what is made in the dir later)."""
-    return xattrs is not None and (ACL_XATTRS[0] in xattrs or ACL_XATTRS[1] in xattrs)
+def needs_chmod(mode: int, xattrs: dict[str, bytes] | None, umask: int | None) -> bool:
+    """Is `mode` not the mode of a file or node just made with `mode & 0o777`, which `umask`
+    alone took bits from (None: not known, a default ACL may have)? Also when the entry
+    carries a POSIX ACL: setting one rewrites the mode's group and other bits. (A chown
+    clears only setuid/setgid, and a mode with them was never the one made.)"""
+    return (umask is None or mode != (mode & 0o777 & ~umask)
+            or (xattrs is not None and (ACL_XATTRS[0] in xattrs or ACL_XATTRS[1] in xattrs)))
 
 
 def default_acl(fd: int) -> bool:
@@ -145,8 +148,7 @@ def set_file_meta(fd: int, mode: int, uid: int, gid: int, mtime_ns: int,
         set_override(fd, record)
     # The header's mode, as dockerd sets it (after chown, which clears setuid/setgid, and the
     # xattrs, among them an ACL that rewrites it) where the mode made is not it already.
-    # (Only setuid/setgid can go with a chown, and a mode with them was never the one made.)
-    if umask is None or mode != (mode & 0o777 & ~umask) or sets_acl(xattrs):
+    if needs_chmod(mode, xattrs, umask):
         os.fchmod(fd, mode)
     os.utime(fd, ns=(mtime_ns, mtime_ns))
     return skipped, record is not None

@@ -335,7 +335,7 @@ def _build_in_pool(src: ImageSource, image: Image, todo: list[int],
     poller = select.poll()
 
     def start_more() -> None:
-        counters[n_running] = min(jobs, len(running) + len(order))  # (before the forks)
+        counters[n_running] = min(jobs, len(running) + len(order))  # (set before the forks)
         while order and len(running) < jobs:
             i = order.pop()
             # (builds running from now on, this one included: its file writers get the
@@ -344,7 +344,6 @@ def _build_in_pool(src: ImageSource, image: Image, todo: list[int],
             worker = _start_worker(src, image, i, stagings[i], counters, running, busy,
                                    spare_core)
             poller.register(worker.rfd, select.POLLIN)
-        counters[n_running] = len(running)
 
     try:
         while order or running:
