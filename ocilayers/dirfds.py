@@ -3,7 +3,8 @@ with O_NOFOLLOW (never through a symlink), and the last few kept open in an LRU 
 
 The applier (extract) resolves every entry's parent through it: a tar's entries come depth
 first, so the parent, or an ancestor close to it, is almost always cached. What to do when a
-component is missing or is not a directory is the caller's: `get` asks its callbacks.
+component is missing or is not a directory is the caller's: `get` asks its callbacks, which
+may raise `NotDir` or `SymlinkParent`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,28 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from ocilayers.errors import UnsafeEntryError
 from ocilayers.fsutil import DIR_FLAGS
 
 # (parent fd, the path's components up to and including the one to make or replace) -> the
 # new dir's fd, which `get` then owns.
 Resolve = Callable[[int, Sequence[bytes]], int]
+
+
+class NotDir(FileNotFoundError):
+    """A path's parent exists but is not a directory (so the path cannot exist)."""
+
+
+class SymlinkParent(UnsafeEntryError):
+    """A path's parent (or one above it) is a symlink: nothing is written through it."""
+
+
+def lstat_at(name: bytes, dir_fd: int) -> os.stat_result | None:
+    """`name` in `dir_fd`, not followed if a symlink; None if there is nothing."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
 
 
 class DirFds:

@@ -9,7 +9,8 @@ Two strategies share one loop:
 Whiteouts act only on lower content, never on entries of the same layer, whatever the order.
 A whiteout or opaque marker below a non-directory of the same layer (umoci 0.4.7 repack turns a
 dir into a symlink and still writes `.wh.` entries for the old dir's children under it) hides
-nothing the non-directory does not hide already: it is ignored, and counted.
+nothing the non-directory does not hide already: it is ignored, and counted. The markers and
+what the layer has done so far live in `markers`; the rest of the loop is here.
 Every path is resolved component by component from a directory fd with O_NOFOLLOW, so nothing
 is ever created, changed or deleted outside the target, and no symlink is written through.
 """
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ocilayers.dirfds import DirFds
+from ocilayers.dirfds import DirFds, NotDir, SymlinkParent, lstat_at
 from ocilayers.errors import ImageError, UnsafeEntryError
 from ocilayers.filewriters import (
     ACL_XATTRS,
@@ -39,6 +40,7 @@ from ocilayers.filewriters import (
 )
 from ocilayers.forking import write_all
 from ocilayers.fsutil import DIR_FLAGS, remove_at
+from ocilayers.markers import LayerBook, Markers, join
 from ocilayers.overrides import Override, SideRecord, complete_layer
 from ocilayers.tarstream import (
     AREG,
@@ -150,18 +152,6 @@ def apply_layer(stream: Any, target_dir: str | bytes, *, mode: str = "overlay",
     return applier.stats
 
 
-class _NotDir(FileNotFoundError):
-    """A path's parent exists but is not a directory (so the path cannot exist)."""
-
-
-class _SymlinkParent(UnsafeEntryError):
-    """A path's parent (or one above it) is a symlink: nothing is written through it."""
-
-
-def _join(parts: Sequence[bytes]) -> bytes:
-    return b"/".join(parts)
-
-
 def _split(name: bytes, limit: int = _PATH_MAX) -> list[bytes]:
     """Path components; absolute names are taken relative to the root, `..` is refused, and so
     is a name longer than `limit`: the room PATH_MAX leaves below the target dir. Nothing that
@@ -180,14 +170,11 @@ def _split(name: bytes, limit: int = _PATH_MAX) -> list[bytes]:
     return [p for p in split if p != b"" and p != b"."]
 
 
-def _lstat(name: bytes, dir_fd: int) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
 class _Applier:
+    """One layer into one dir: entries made here or handed to the file writers, markers
+    given to `Markers`, hardlinks whose target comes later and dir metadata kept for the end.
+    It is the markers' `Tree`: the confined lookup (`dirfd`) and removal (`remove`)."""
+
     def __init__(self, target: str | bytes, mode: str, fmt: OverlayFormat,
                  lowers: Sequence[str | bytes] | None, defer_root_opaque: bool,
                  writers: FileWriters | None = None) -> None:
@@ -195,27 +182,15 @@ class _Applier:
         self.max_path = _PATH_MAX - len(os.fsencode(os.path.abspath(target))) - 1
         self.mode = mode
         self.fmt = fmt
-        self.opaque_name = fmt.opaque_xattr
         self.lowers = lowers
         self.defer_root_opaque = defer_root_opaque
         self.rootless = fmt.rootless
         self.stats = LayerStats()
-        self.created: set[bytes] = set()  # paths this layer made (entries and implicit parents)
-        self.whited: set[bytes] = set()  # paths this layer whited out (overlay mode)
-        self.opaque_dirs: set[bytes] = set()  # dirs this layer made opaque
-        self.whiteout_devs: dict[bytes, set[bytes]] = {}  # overlay: dir -> whiteouts made in it
+        self.book = LayerBook()  # what this layer made, whited out, and left a non-directory
+        self.markers = Markers(self, self.book, overlay=mode == "overlay",
+                               opaque_name=fmt.opaque_xattr, rootless=fmt.rootless)
         self.dir_meta: dict[bytes, TarEntry] = {}  # dir mode/times, applied after the children
         self.deferred_links: dict[bytes, TarEntry] = {}  # hardlinks whose target comes later
-        # Paths whose latest entry in this layer is a non-directory (symlink, file, node,
-        # hardlink): a whiteout below one that is still there hides nothing more.
-        self.non_dirs: set[bytes] = set()
-        # Whiteouts and opaque markers applied, by the dir holding them: a non-directory of the
-        # layer may still come over that dir (or one above it) later in the tar.
-        self.marker_dirs: dict[bytes, int] = {}
-        # Markers whose path ran into a symlink not (yet) of this layer: refused at the end
-        # unless by then a non-directory of the layer stands in their path.
-        self.blocked_markers: list[tuple[list[bytes], _SymlinkParent]] = []
-        self.root_opaque = False
         self.dirs = DirFds(self.root_fd, _FD_CACHE)
         # New entries already have our ids, and (umask allowing) their mode: skip the syscalls.
         self.ids = (os.geteuid(), os.getegid())
@@ -245,8 +220,8 @@ class _Applier:
 
     # -- confined path resolution --
 
-    def _dirfd(self, parts: Sequence[bytes], display: str, create: bool,
-               cache: bool = True) -> int:
+    def dirfd(self, parts: Sequence[bytes], display: str, create: bool,
+              cache: bool = True) -> int:
         """fd of the directory `parts` inside the root, never following a symlink (see
         DirFds.get): missing parents are made when `create`; a symlink or non-directory in
         the way is refused, or (a whiteout of this layer) replaced by a new dir."""
@@ -260,26 +235,26 @@ class _Applier:
         comp = parts[-1]
         os.mkdir(comp, 0o755, dir_fd=fd)
         os.chmod(comp, 0o755, dir_fd=fd)  # implicit parents are 0755 whatever the umask
-        path = _join(parts)
-        self.created.add(path)
-        if path in self.whited and self.mode == "overlay":
-            self._set_opaque_at(fd, comp, path)
+        path = join(parts)
+        self.book.created.add(path)
+        if path in self.book.whited and self.mode == "overlay":
+            self.markers.set_opaque_at(fd, comp, path)
         return os.open(comp, DIR_FLAGS, dir_fd=fd)
 
     def _replace_parent(self, fd: int, parts: Sequence[bytes], display: str,
                         create: bool) -> int:
         comp = parts[-1]
         st = os.stat(comp, dir_fd=fd, follow_symlinks=False)
-        where = _join(parts).decode("utf-8", "backslashreplace")
+        where = join(parts).decode("utf-8", "backslashreplace")
         if stat.S_ISLNK(st.st_mode):
-            raise _SymlinkParent(f"'{display}': parent '{where}' is a symlink; "
-                                 "refusing to write through it")
-        if create and is_whiteout_stat(st) and _join(parts) in self.whited:
+            raise SymlinkParent(f"'{display}': parent '{where}' is a symlink; "
+                                "refusing to write through it")
+        if create and is_whiteout_stat(st) and join(parts) in self.book.whited:
             # `.wh.X` then `X/child` in one layer: X comes back as a new (opaque) directory.
             os.unlink(comp, dir_fd=fd)
             return self._make_parent(fd, parts)
         if not create:  # a non-directory parent: the path does not exist
-            raise _NotDir(errno.ENOENT, "parent is not a directory", where)
+            raise NotDir(errno.ENOENT, "parent is not a directory", where)
         raise ImageError(f"'{display}': parent '{where}' is not a directory")
 
     # -- the loop body --
@@ -308,7 +283,8 @@ class _Applier:
                 self.stats.opaques += 1
             else:
                 self.stats.whiteouts += 1
-            self._marker(kind, parts[:-1], target, entry, display)
+            if not self.markers.apply(kind, parts[:-1], target, entry, display):
+                self.stats.ignored_whiteouts += 1
         else:
             self._entry(parts, entry, reader, sink, display)
 
@@ -321,9 +297,10 @@ class _Applier:
     def _must_sync(self, path: bytes, entry: TarEntry) -> bool:
         """Could making `entry` at `path` see or touch a handed-off file that is not written
         yet? Only a new dir or symlink away from every pending path cannot."""
-        if entry.type not in (DIR, SYM) or path in self.whited:
+        book = self.book
+        if entry.type not in (DIR, SYM) or path in book.whited:
             return True
-        if path in self.created and not (entry.is_dir and path not in self.non_dirs):
+        if path in book.created and not (entry.is_dir and path not in book.non_dirs):
             return True  # a clash (only dir over dir merges without looking at files)
         return self._pending_above(path)
 
@@ -342,8 +319,9 @@ class _Applier:
         """Hand a new small regular file to the writers; False when it must be made here."""
         writers = self.writers
         assert writers is not None
-        path = _join(parts)
-        if (entry.size > HANDOFF_MAX or path in self.created or path in self.whited
+        path = join(parts)
+        book = self.book
+        if (entry.size > HANDOFF_MAX or path in book.created or path in book.whited
                 or not self.exact_modes):  # (a writer sets no mode its umask would not take)
             return False
         slash = path.rfind(b"/")
@@ -352,13 +330,13 @@ class _Applier:
             # (files of one dir come one after the other: the checks below, once per dir)
             if self._pending_above(key):
                 return False
-            self._mark_parents(parts)
-            self._dirfd(parts[:-1], entry.display_name, create=True)
+            book.mark_parents(parts)
+            self.dirfd(parts[:-1], entry.display_name, create=True)
             self._handoff_dir = key
         if self.deferred_links:
             self.deferred_links.pop(path, None)
-        self.non_dirs.add(path)
-        self.created.add(path)
+        book.non_dirs.add(path)
+        book.created.add(path)
         data = reader.read_data(HANDOFF_MAX)
         if reader.data_left:
             chunks = [data]
@@ -374,70 +352,19 @@ class _Applier:
                     entry.xattrs or None, data, path)
         return True
 
-    def _marker(self, kind: str, parent: list[bytes], target: bytes, entry: TarEntry,
-                display: str) -> None:
-        """A whiteout or opaque marker in the dir `parent`: ignored below a non-directory of
-        this layer, else applied; one whose path runs into a symlink is decided in finish()."""
-        if parent and self._below_own_non_dir(parent, display):
-            self.stats.ignored_whiteouts += 1
-            return
-        try:
-            if kind == "opaque":
-                self._opaque(parent, display)
-            else:
-                self._whiteout(parent, target, entry, display)
-        except _SymlinkParent as exc:
-            # Nothing was written. A later entry of the layer may still put a non-directory
-            # over the symlink (or above it): then this marker hides nothing; if not, refused.
-            self.blocked_markers.append((parent, exc))
-            return
-        if parent:
-            key = _join(parent)
-            self.marker_dirs[key] = self.marker_dirs.get(key, 0) + 1
-
-    def _below_own_non_dir(self, parent: Sequence[bytes], display: str) -> bool:
-        """Is the dir `parent`, or one above it, a non-directory this layer made that is still
-        there? Checked from the top down, never through a symlink: anything else in the way
-        (a lower symlink or file, a missing dir) answers False and is the caller's to handle."""
-        if not self.non_dirs:
-            return False
-        key = _join(parent)
-        end = -1
-        for i, comp in enumerate(parent):
-            end += len(comp) + 1
-            if key[:end] not in self.non_dirs:
-                continue
-            try:
-                pfd = self._dirfd(parent[:i], display, create=False)
-            except (FileNotFoundError, UnsafeEntryError):
-                return False
-            st = _lstat(comp, pfd)
-            if st is not None and not stat.S_ISDIR(st.st_mode):
-                return True
-            # (a dir or nothing there now: the layer's non-directory was removed since)
-        return False
-
-    def _mark_parents(self, parts: Sequence[bytes]) -> None:
-        """Dirs a layer writes into are the layer's too: an opaque marker or whiteout of the
-        same layer must not delete them (overlayfs keeps them in the upper dir)."""
-        for i in range(len(parts) - 1, 0, -1):
-            p = _join(parts[:i])
-            if p in self.created:
-                break
-            self.created.add(p)
-
     def _entry(self, parts: list[bytes], entry: TarEntry, reader: TarReader,
                sink: DataSink | None, display: str) -> None:
-        path = _join(parts)
+        path = join(parts)
         if self.writers is not None and self.writers.pending and self._must_sync(path, entry):
             self._sync()
-        self._mark_parents(parts)
+        book = self.book
+        book.mark_parents(parts)
         base = parts[-1]
         self.deferred_links.pop(path, None)  # a later entry at the same path wins
         if entry.is_dir:
-            self.non_dirs.discard(path)
+            book.non_dirs.discard(path)
         else:
-            self.non_dirs.add(path)
+            book.non_dirs.add(path)
         if entry.type == LNK:
             self.stats.hardlinks += 1  # counted here: LNK is the only kind with its own method
             if not self._link(parts, entry, display):
@@ -445,8 +372,8 @@ class _Applier:
             return
         if not (entry.is_file or entry.type in (DIR, SYM, CHR, BLK, FIFO)):
             raise ImageError(f"'{display}': unsupported entry type {entry.type!r}")
-        pfd = self._dirfd(parts[:-1], display, create=True)
-        self.created.add(path)
+        pfd = self.dirfd(parts[:-1], display, create=True)
+        book.created.add(path)
         # Create first and look only on a clash: in a fresh diff dir nothing is ever there.
         for attempt in (1, 2):
             try:
@@ -459,7 +386,7 @@ class _Applier:
             if entry.is_dir and stat.S_ISDIR(existing.st_mode):
                 self._dir_entry(pfd, base, path, entry)  # dir over dir: merge attributes
                 return
-            self._remove(pfd, base, existing, path)
+            self.remove(pfd, base, existing, path)
 
     def _create(self, pfd: int, base: bytes, path: bytes, entry: TarEntry, reader: TarReader,
                 sink: DataSink | None) -> None:
@@ -514,8 +441,8 @@ class _Applier:
             os.close(fd)
             raise
         self.dirs.put(path, fd)  # its children come next
-        if self.mode == "overlay" and path in self.whited:
-            self._set_opaque_at(pfd, base, path)
+        if self.mode == "overlay" and path in self.book.whited:
+            self.markers.set_opaque_at(pfd, base, path)
 
     def _needs_chown(self, entry: TarEntry) -> bool:
         return not self.fresh or (entry.uid, entry.gid) != self.ids
@@ -586,7 +513,7 @@ class _Applier:
 
     # -- removal --
 
-    def _remove(self, pfd: int, base: bytes, st: os.stat_result, path: bytes) -> None:
+    def remove(self, pfd: int, base: bytes, st: os.stat_result, path: bytes) -> None:
         """Remove `base` (at `path`) from `pfd`; `pfd` itself stays valid."""
         self.size_known = False
         self._handoff_dir = None  # a removed inode may live on through a hardlink
@@ -596,9 +523,7 @@ class _Applier:
             prefix = path + b"/"
             for p in [p for p in self.dir_meta if p == path or p.startswith(prefix)]:
                 del self.dir_meta[p]
-            # whiteouts made in it are gone with it (the path may be a symlink next)
-            for p in [p for p in self.whiteout_devs if p == path or p.startswith(prefix)]:
-                del self.whiteout_devs[p]
+            self.markers.dir_removed(path)  # (the path may be a symlink next)
             self.dirs.drop(under=path)
         remove_at(pfd, base, st)
 
@@ -617,177 +542,30 @@ class _Applier:
         if tparts == parts:
             raise UnsafeEntryError(f"'{display}': hardlink to itself")
         try:
-            tfd = self._dirfd(tparts[:-1], display, create=False, cache=False)
+            tfd = self.dirfd(tparts[:-1], display, create=False, cache=False)
         except FileNotFoundError:
             return False
         try:
-            tst = _lstat(tparts[-1], tfd)
+            tst = lstat_at(tparts[-1], tfd)
             if tst is None:
                 return False
             if stat.S_ISDIR(tst.st_mode):
                 raise UnsafeEntryError(f"'{display}': hardlink to a directory")
             if self.mode == "overlay" and is_whiteout_stat(tst):
                 raise UnsafeEntryError(f"'{display}': hardlink to a whiteout would forge one")
-            pfd = self._dirfd(parts[:-1], display, create=True)
-            existing = _lstat(parts[-1], pfd)
+            pfd = self.dirfd(parts[:-1], display, create=True)
+            existing = lstat_at(parts[-1], pfd)
             if existing is not None:
-                self._remove(pfd, parts[-1], existing, _join(parts))
+                self.remove(pfd, parts[-1], existing, join(parts))
             # follow_symlinks=False: a hardlink to a symlink links the symlink itself.
             os.link(tparts[-1], parts[-1], src_dir_fd=tfd, dst_dir_fd=pfd,
                     follow_symlinks=False)
-            self.created.add(_join(parts))
+            self.book.created.add(join(parts))
             return True
         finally:
             os.close(tfd)
 
-    # -- whiteouts --
-
-    def _inside_opaque(self, parent: Sequence[bytes]) -> bool:
-        if self.root_opaque:
-            return True
-        return any(_join(parent[:i]) in self.opaque_dirs for i in range(len(parent) + 1))
-
-    def _whiteout(self, parent: list[bytes], target: bytes, entry: TarEntry,
-                  display: str) -> None:
-        path = _join([*parent, target])
-        self._mark_parents([*parent, target])
-        if path in self.created:
-            # `.wh.X` beside a same-layer X: X stays; it hides the lower X, so a dir is opaque.
-            self.whited.add(path)
-            self._same_layer_dir_hides_lower(parent, target, path, display)
-            return
-        if self.mode == "overlay":
-            if self._inside_opaque(parent) or self._under_non_dir(parent, display):
-                return  # redundant: something of this layer already hides everything below
-            self.whited.add(path)
-            pfd = self._dirfd(parent, display, create=True)
-            existing = _lstat(target, pfd)
-            if existing is not None:
-                self._remove(pfd, target, existing, path)
-            os.mknod(target, stat.S_IFCHR, os.makedev(0, 0), dir_fd=pfd)
-            try_chown(lambda: os.chown(target, entry.uid, entry.gid, dir_fd=pfd,
-                                       follow_symlinks=False), self.rootless)
-            self.whiteout_devs.setdefault(_join(parent), set()).add(target)
-            return
-        try:
-            pfd = self._dirfd(parent, display, create=False)
-        except FileNotFoundError:
-            return  # nothing below to hide
-        existing = _lstat(target, pfd)
-        if existing is not None:
-            self._remove(pfd, target, existing, path)
-
-    def _same_layer_dir_hides_lower(self, parent: list[bytes], target: bytes, path: bytes,
-                                    display: str) -> None:
-        pfd = self._dirfd(parent, display, create=False)
-        st = _lstat(target, pfd)
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            return
-        if self.mode == "overlay":
-            self._set_opaque_at(pfd, target, path)
-        else:
-            self._clear_lower(list(path.split(b"/")), display)
-
-    def _under_non_dir(self, parent: Sequence[bytes], display: str) -> bool:
-        """Is the dir `parent` (or one above it) a non-directory, such as a file or whiteout
-        this layer made? A symlink there is refused: nothing is written through one."""
-        try:
-            fd = self._dirfd(parent, display, create=False, cache=False)
-        except _NotDir:
-            return True
-        except FileNotFoundError:
-            return False
-        os.close(fd)
-        return False
-
-    def _set_opaque_at(self, pfd: int, base: bytes, path: bytes) -> None:
-        fd = os.open(base, DIR_FLAGS, dir_fd=pfd)
-        try:
-            os.setxattr(fd, self.opaque_name, b"y")
-        finally:
-            os.close(fd)
-        if path not in self.opaque_dirs:
-            self.opaque_dirs.add(path)
-            self._drop_redundant_whiteouts(path)
-
-    def _drop_redundant_whiteouts(self, path: bytes) -> None:
-        """Whiteouts this layer made below a dir it has now made opaque hide nothing more."""
-        prefix = path + b"/"
-        for d in [d for d in self.whiteout_devs
-                  if not path or d == path or d.startswith(prefix)]:
-            names = self.whiteout_devs.pop(d)
-            parts = d.split(b"/") if d else []
-            try:
-                dfd = self._dirfd(parts, d.decode("utf-8", "backslashreplace"), create=False)
-            except FileNotFoundError:
-                continue
-            for name in names:
-                st = _lstat(name, dfd)
-                if st is not None and is_whiteout_stat(st):
-                    os.unlink(name, dir_fd=dfd)
-
-    def _opaque(self, parent: list[bytes], display: str) -> None:
-        path = _join(parent)
-        if not parent:
-            if self.mode == "overlay":
-                self.root_opaque = True  # expanded in finish(), where lowers are known
-                self._drop_redundant_whiteouts(b"")
-            else:
-                self._clear_lower([], display)
-            return
-        if self.mode == "overlay":
-            if self._under_non_dir(parent, display):
-                return  # a marker under a file or whiteout of this layer hides nothing more
-            gfd = self._dirfd(parent[:-1], display, create=True)
-            if _lstat(parent[-1], gfd) is None:
-                self._dirfd(parent, display, create=True)
-                gfd = self._dirfd(parent[:-1], display, create=True)
-            self._set_opaque_at(gfd, parent[-1], path)
-        else:
-            self._clear_lower(parent, display)
-
-    def _clear_lower(self, parts: list[bytes], display: str) -> None:
-        """Delete mode: remove everything under `parts` that this layer did not make (a loop
-        over the dirs the layer made, not recursion: they may be 2000 deep)."""
-        todo = [parts]
-        while todo:
-            parts = todo.pop()
-            try:
-                dfd = self._dirfd(parts, display, create=False, cache=False)
-            except FileNotFoundError:
-                continue
-            try:
-                names = os.listdir(dfd)
-            finally:
-                os.close(dfd)
-            prefix = _join(parts)
-            for name in names:
-                bname = os.fsencode(name)
-                child = prefix + b"/" + bname if prefix else bname
-                dfd = self._dirfd(parts, display, create=False)
-                st = _lstat(bname, dfd)
-                if st is None:
-                    continue
-                if child not in self.created:
-                    self._remove(dfd, bname, st, child)
-                elif stat.S_ISDIR(st.st_mode):
-                    todo.append([*parts, bname])
-
     # -- the end --
-
-    def _settle_markers(self) -> None:
-        """Markers seen before the non-directory of this layer that stands over their dir
-        (whiteouts apply to lower content whatever the order): count them as ignored; refuse
-        those a symlink blocked unless such a non-directory now stands in their path."""
-        for parent, exc in self.blocked_markers:
-            if not self._below_own_non_dir(parent, str(exc)):
-                raise exc
-            self.stats.ignored_whiteouts += 1
-        if not self.non_dirs:
-            return
-        for key, count in self.marker_dirs.items():
-            if self._below_own_non_dir(key.split(b"/"), key.decode("utf-8", "backslashreplace")):
-                self.stats.ignored_whiteouts += count
 
     def finish(self) -> None:
         self._sync()  # hardlinks, markers and dir times look at every file
@@ -797,8 +575,8 @@ class _Applier:
                 raise ImageError(f"'{entry.display_name}': hardlink target "
                                  f"'{entry.linkname.decode('utf-8', 'backslashreplace')}' "
                                  "is not in the layer or below it")
-        self._settle_markers()
-        if self.root_opaque:
+        self.stats.ignored_whiteouts += self.markers.settle()
+        if self.markers.root_opaque:
             if self.lowers is not None:
                 self.dirs.drop()
                 expand_root_opaque(self.root_fd, self.lowers, self.fmt)
@@ -812,7 +590,7 @@ class _Applier:
         # first, through the fd cache: the one walk down also caches the parents to come.
         for path, entry in sorted(self.dir_meta.items(), key=lambda kv: -kv[0].count(b"/")):
             parts = path.split(b"/") if path else []
-            fd = self._dirfd(parts, path.decode("utf-8", "backslashreplace"), create=False)
+            fd = self.dirfd(parts, path.decode("utf-8", "backslashreplace"), create=False)
             os.fchmod(fd, entry.mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         self.dirs.drop()
@@ -829,7 +607,7 @@ def expand_root_opaque(diff: int | str | bytes, lowers: Sequence[str | bytes],
         for lower in lowers:
             names.update(os.listdir(os.fsencode(lower)))
         for name in sorted(names):
-            st = _lstat(name, root_fd)
+            st = lstat_at(name, root_fd)
             if st is None:
                 os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=root_fd)
             elif stat.S_ISDIR(st.st_mode):

@@ -17,7 +17,7 @@ LEVELS: dict[str, int] = {
     "httpclient": 1, "credentials": 1, "userns": 1, "overrides": 1, "dirfds": 1,
     "extract": 2, "initlayer": 2, "differ": 2, "verify": 2, "cas": 2, "sources": 2, "mount": 2,
     "layerscan": 2, "scancache": 2, "growth": 2, "squashtar": 2, "registry": 2, "remote": 2,
-    "filewriters": 2,
+    "filewriters": 2, "markers": 2,
     "transports": 3,
     "builder": 3, "writer": 3, "store": 3, "bundle": 3,
     "unpack": 4, "commit": 4, "run": 4, "append": 4, "lifecycle": 4, "export": 4,
