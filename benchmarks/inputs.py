@@ -666,6 +666,15 @@ def build_published(cache: str, final: str, name: str,
         return dict(json.load(f))
 
 
+def remove_stale_builds(cache: str) -> list[str]:
+    """Remove the scratch dirs (`.build-*`) an interrupted input build left in `cache`, the
+    mounts left inside them first; call it holding the cache's lock. Returns what it removed."""
+    stale = sorted(os.path.join(cache, n) for n in os.listdir(cache) if n.startswith(".build-"))
+    for path in stale:
+        remove_tree(path)
+    return stale
+
+
 def remove_tree(path: str) -> None:
     """rm -rf, but never through a mount point left inside (a bind of /dev, /proc...)."""
     if not os.path.lexists(path):

@@ -30,6 +30,7 @@ import os
 import pstats
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from inputs import (  # noqa: E402
     ensure_image,
     ocilayers_argv,
     ocilayers_python,
+    remove_stale_builds,
     remove_tree,
 )
 from measure import (  # noqa: E402
@@ -1756,6 +1758,15 @@ def merge_results(path: str, new: dict[str, Any], groups: dict[str, Any]) -> dic
 
 # --- main ---
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (`kill`, `pkill`) end the run as Ctrl-C does: by an exception, so that
+    every `finally` runs (a build's overlay mounts are unmounted, its scratch dir removed)."""
+    def terminated(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
 GROUP_RUNNERS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "unpack": group_unpack, "pack": group_pack, "tarsplit": group_tarsplit,
     "commit": group_commit, "growth": group_growth, "registry": group_registry,
@@ -1819,6 +1830,9 @@ def main(argv: list[str] | None = None) -> int:
     except BlockingIOError:
         log(f"another run.py is using {cache}; use --cache for a second one")
         return 2
+    exit_on_sigterm()
+    for path in remove_stale_builds(cache):
+        log(f"removed {path}, left by an interrupted input build")
     pkg = compile_ocilayers()
     common_notes = [f"ocilayers' modules were compiled to .pyc first (`python -m compileall -q "
                     f"{pkg}`), as `pip install` does: PYTHONDONTWRITEBYTECODE=1 here would "

@@ -369,3 +369,47 @@ def test_memory_probe_times_new_pages() -> None:
     measure = _benchmarks_module("measure")
     us = measure.memory_probe(4)
     assert isinstance(us, float) and us > 0  # microseconds per page (no bound: not a goal)
+
+
+def test_stale_build_dirs_are_unmounted_then_removed(tmp_path: Any) -> None:
+    """A build killed mid-way leaves its scratch dir, and an overlay mounted in it: the next
+    run (holding the cache's lock) unmounts what is inside, then deletes it; the cached inputs
+    and a kept run's outputs stay."""
+    inputs = _benchmarks_module("inputs")
+    cache = tmp_path / "cache"
+    merged = cache / ".build-full-x1" / "merged"
+    merged.mkdir(parents=True)
+    (cache / ".build-quick-x2").mkdir()
+    (cache / "full-v1").mkdir()
+    (cache / "runs" / "kept").mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(merged)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs (needs root)")
+    try:
+        (merged / "in-the-mount").write_text("x")
+        removed = inputs.remove_stale_builds(str(cache))
+        assert removed == [str(cache / ".build-full-x1"), str(cache / ".build-quick-x2")]
+        assert not os.path.ismount(merged)
+        assert sorted(os.listdir(cache)) == ["full-v1", "runs"]
+        assert os.listdir(cache / "runs") == ["kept"]
+    finally:
+        while os.path.ismount(merged):
+            subprocess.run(["umount", str(merged)], check=False)
+
+
+def test_sigterm_ends_the_harness_through_its_finally_blocks(tmp_path: Any) -> None:
+    """`kill` of a run ends it as Ctrl-C does, so a build's mounts are unmounted: with
+    exit_on_sigterm, SIGTERM raises SystemExit(143) where the run is, and finally runs."""
+    marker = tmp_path / "finally-ran"
+    code = (f"import os, signal, sys, time; sys.path.insert(0, {BENCHMARKS!r})\n"
+            "import run\n"
+            "run.exit_on_sigterm()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n"
+            "finally:\n"
+            f"    open({str(marker)!r}, 'w').close()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=str(tmp_path))
+    assert proc.returncode == 143, proc.stderr
+    assert marker.exists()
