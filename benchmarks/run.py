@@ -1495,9 +1495,10 @@ def group_memory(ctx: Ctx) -> dict[str, Any]:
     notes = ["one run per operation (memory, not speed); outputs are deleted right after each "
              "operation",
              "parent = RUSAGE_SELF of the ocilayers process (the CLI run in-process by "
-             "ocilayers_rusage.py); workers = RUSAGE_CHILDREN, the largest forked worker (it "
-             "starts with the parent's pages, so it includes what it shares with the parent); "
-             "a one-layer unpack and pack use no workers",
+             "ocilayers_rusage.py); workers = RUSAGE_CHILDREN, the largest forked child (it "
+             "starts with the parent's pages, so it includes what it shares with the parent): "
+             "a layer's build worker, or in a one-layer unpack a file writer process; pack "
+             "forks none",
              f"limit: {memory.LIMIT_BYTES / 1e6:.0f} MB = {memory.LIMIT_BYTES / MIB:.1f} MiB "
              "for any single process (information, not a test)"]
     git_after = git_describe(REPO)
