@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from ocilayers.dirfds import DirFds, NotDir, SymlinkParent, lstat_at
 from ocilayers.fsutil import DIR_FLAGS, remove_at
 from ocilayers.markers import LayerBook, Markers
 from ocilayers.tarstream import TarEntry
-from ocilayers.whiteout import TRUSTED, is_whiteout_stat
+from ocilayers.whiteout import TRUSTED, classify, is_whiteout_stat
 
 
 class _Tree:
@@ -47,15 +48,34 @@ class _Tree:
         os.close(self.root_fd)
 
 
-def _markers(root: Path, overlay: bool = True) -> tuple[Markers, LayerBook, _Tree]:
+@contextlib.contextmanager
+def _opened(root: Path, overlay: bool = True) -> Iterator[tuple[Markers, LayerBook, _Tree]]:
     tree = _Tree(root)
     book = LayerBook()
-    return Markers(tree, book, overlay=overlay, opaque_name=TRUSTED.opaque_xattr,
-                   rootless=False), book, tree
+    try:
+        yield Markers(tree, book, overlay=overlay, opaque_name=TRUSTED.opaque_xattr,
+                      rootless=False), book, tree
+    finally:
+        tree.close()
 
 
-def _entry(name: bytes) -> TarEntry:
-    return TarEntry(name=name, type=b"0", mode=0o644, uid=os.geteuid(), gid=os.getegid())
+def _mark(markers: Markers, name: bytes) -> bool:
+    """Apply the marker entry `name` as the applier does: its kind from `classify`."""
+    *parent, base = name.split(b"/")
+    display = name.decode()
+    kind, target = classify(base, display)
+    entry = TarEntry(name=name, type=b"0", mode=0o644, uid=os.geteuid(), gid=os.getegid())
+    return markers.apply(kind, parent, target, entry, display)
+
+
+def _root_with_link_out(tmp_path: Path) -> tuple[Path, Path]:
+    """A root dir holding `link`, a symlink to a dir outside it; (root, outside)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "link").symlink_to(outside)
+    return root, outside
 
 
 def test_mark_parents_adds_each_dir_up_to_one_already_known() -> None:
@@ -77,95 +97,65 @@ def test_lstat_at_is_none_for_nothing_and_does_not_follow(tmp_path: Path) -> Non
 
 
 def test_overlay_whiteout_is_a_device_and_a_same_layer_dir_goes_opaque(tmp_path: Path) -> None:
-    markers, book, tree = _markers(tmp_path)
-    try:
-        assert markers.apply("whiteout", [b"etc"], b"gone", _entry(b"etc/.wh.gone"),
-                             "etc/.wh.gone")
-        st = os.lstat(tmp_path / "etc" / "gone")
-        assert is_whiteout_stat(st)
+    with _opened(tmp_path) as (markers, book, _):
+        assert _mark(markers, b"etc/.wh.gone")
+        assert is_whiteout_stat(os.lstat(tmp_path / "etc" / "gone"))
         assert b"etc/gone" in book.whited and b"etc" in book.created
 
         (tmp_path / "etc" / "mine").mkdir()  # made by this layer before its whiteout
         book.created.add(b"etc/mine")
-        assert markers.apply("whiteout", [b"etc"], b"mine", _entry(b"etc/.wh.mine"),
-                             "etc/.wh.mine")
+        assert _mark(markers, b"etc/.wh.mine")
         assert (tmp_path / "etc" / "mine").is_dir()  # the layer's own dir stays...
         assert os.getxattr(tmp_path / "etc" / "mine", TRUSTED.opaque_xattr) == b"y"  # opaque
-    finally:
-        tree.close()
 
 
 def test_opaque_dir_drops_the_whiteouts_the_layer_made_below_it(tmp_path: Path) -> None:
-    markers, _book, tree = _markers(tmp_path)
-    try:
-        markers.apply("whiteout", [b"d", b"sub"], b"x", _entry(b"d/sub/.wh.x"), "d/sub/.wh.x")
+    with _opened(tmp_path) as (markers, _, _):
+        _mark(markers, b"d/sub/.wh.x")
         assert is_whiteout_stat(os.lstat(tmp_path / "d" / "sub" / "x"))
-        markers.apply("opaque", [b"d"], b"", _entry(b"d/.wh..wh..opq"), "d/.wh..wh..opq")
+        _mark(markers, b"d/.wh..wh..opq")
         assert os.getxattr(tmp_path / "d", TRUSTED.opaque_xattr) == b"y"
         assert not os.path.lexists(tmp_path / "d" / "sub" / "x")  # hides nothing more
         # and a later whiteout inside the opaque dir is not made at all
-        markers.apply("whiteout", [b"d"], b"y", _entry(b"d/.wh.y"), "d/.wh.y")
+        _mark(markers, b"d/.wh.y")
         assert not os.path.lexists(tmp_path / "d" / "y")
-    finally:
-        tree.close()
 
 
 def test_a_marker_below_a_non_directory_of_the_layer_is_ignored(tmp_path: Path) -> None:
-    markers, book, tree = _markers(tmp_path)
-    try:
+    with _opened(tmp_path) as (markers, book, _):
         (tmp_path / "f").write_text("x")
         book.created.add(b"f")
         book.non_dirs.add(b"f")
-        assert not markers.apply("whiteout", [b"f"], b"x", _entry(b"f/.wh.x"), "f/.wh.x")
+        assert not _mark(markers, b"f/.wh.x")
         assert markers.settle() == 0
-    finally:
-        tree.close()
 
 
 def test_a_marker_through_a_symlink_is_refused_at_the_end(tmp_path: Path) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "link").symlink_to(outside)
-    markers, _book, tree = _markers(root)
-    try:
-        assert markers.apply("whiteout", [b"link"], b"x", _entry(b"link/.wh.x"),
-                             "link/.wh.x")
+    root, outside = _root_with_link_out(tmp_path)
+    with _opened(root) as (markers, _, _):
+        assert _mark(markers, b"link/.wh.x")
         assert os.listdir(outside) == []  # nothing written through it
         with pytest.raises(SymlinkParent):
             markers.settle()
-    finally:
-        tree.close()
 
 
 def test_a_blocked_marker_counts_as_ignored_once_the_layer_puts_a_file_there(
         tmp_path: Path) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "link").symlink_to(outside)
-    markers, book, tree = _markers(root)
-    try:
-        markers.apply("whiteout", [b"link"], b"x", _entry(b"link/.wh.x"), "link/.wh.x")
+    root, _ = _root_with_link_out(tmp_path)
+    with _opened(root) as (markers, book, _):
+        _mark(markers, b"link/.wh.x")
         (root / "link").unlink()  # a later file of the layer replaces the symlink
         (root / "link").write_text("x")
         book.non_dirs.add(b"link")
         assert markers.settle() == 1
-    finally:
-        tree.close()
 
 
 def test_dir_removed_forgets_the_whiteouts_made_in_it(tmp_path: Path) -> None:
-    markers, _book, tree = _markers(tmp_path)
-    try:
-        markers.apply("whiteout", [b"a", b"b"], b"x", _entry(b"a/b/.wh.x"), "a/b/.wh.x")
-        markers.apply("whiteout", [b"ab"], b"y", _entry(b"ab/.wh.y"), "ab/.wh.y")
+    with _opened(tmp_path) as (markers, _, _):
+        _mark(markers, b"a/b/.wh.x")
+        _mark(markers, b"ab/.wh.y")
         markers.dir_removed(b"a")
         assert set(markers.whiteout_devs) == {b"ab"}  # not a sibling sharing the prefix
-    finally:
-        tree.close()
 
 
 def test_delete_mode_clears_lower_content_but_keeps_the_layers_own(tmp_path: Path) -> None:
@@ -175,15 +165,12 @@ def test_delete_mode_clears_lower_content_but_keeps_the_layers_own(tmp_path: Pat
     (tmp_path / "d" / "new").mkdir()
     (tmp_path / "d" / "new" / "g").write_text("ours")
     (tmp_path / "gone").write_text("lower")
-    markers, book, tree = _markers(tmp_path, overlay=False)
-    try:
+    with _opened(tmp_path, overlay=False) as (markers, book, tree):
         book.created.update({b"d", b"d/new", b"d/new/g"})
-        markers.apply("opaque", [b"d"], b"", _entry(b"d/.wh..wh..opq"), "d/.wh..wh..opq")
+        _mark(markers, b"d/.wh..wh..opq")
         assert sorted(os.listdir(tmp_path / "d")) == ["new"]
         assert (tmp_path / "d" / "new" / "g").read_text() == "ours"
-        markers.apply("whiteout", [], b"gone", _entry(b".wh.gone"), ".wh.gone")
+        _mark(markers, b".wh.gone")
         assert not os.path.lexists(tmp_path / "gone")
         assert sorted(tree.removed) == [b"d/lowerfile", b"d/old", b"gone"]
         assert not book.whited  # delete mode leaves nothing to hide
-    finally:
-        tree.close()
